@@ -1,0 +1,334 @@
+"""Run configuration: YAML -> frozen dataclasses, with dotted ``key=value`` overrides.
+
+Why our own loader rather than a config framework: the contract is small (nested frozen
+dataclasses, strict keys and types, overrides), and errors must name the offending key in the
+user's terms (``loss.beta``), which the generic libraries do not do well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (``section.field``)."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Regex over module names: the language model's projections only (for VL models this
+    # leaves the vision tower alone; a plain name list would also wrap Qwen2.5-VL's vision MLP).
+    target_regex: str = (
+        r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A hub id, a local directory, or ``tiny:<name>`` for a tiny offline model built on first use.
+    name_or_path: str = "tiny:text"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str = "sdpa"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # VL only: what besides the language model trains.
+    train_projector: bool = False
+    train_vision_tower: bool = False
+    # Where ``tiny:`` models are built (default: ~/.cache/opsd-mm/tiny).
+    tiny_cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Which dataset column feeds each Example field (None: not present)."""
+
+    id: str | None = None
+    question: str = "problem"
+    privileged: str | None = "solution"
+    answer: str | None = None
+    images: str | None = None
+    teacher_images: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A hub dataset id, a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory,
+    # or ``synthetic:<task>`` (generated in-process; see opsd_mm.tasks).
+    source: str = "synthetic:arithmetic"
+    split: str = "train"
+    subset: str | None = None
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    preset: str | None = None
+    # Base directory for relative image paths.
+    data_dir: str | None = None
+    bad_row_policy: Literal["skip", "raise"] = "skip"
+    require_privileged: bool = True
+    limit: int | None = None
+    shuffle: bool = True
+    synthetic_size: int = 256
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    kind: Literal["auto", "text", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "auto"
+    student_template: str = "opsd_student_v1"
+    teacher_template: str = "opsd_teacher_v1"
+    student_thinking: bool = False
+    teacher_thinking: bool = False
+    max_prompt_tokens: int = 1024
+    # Teacher prompt budget: the privileged text is truncated (and counted) to fit it.
+    max_teacher_prompt_tokens: int = 4096
+    # VL image sizing (qwen_vl_utils semantics) and bad-image policy.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_image_pixels: int = 50_000_000
+    bad_image_policy: Literal["skip", "raise"] = "skip"
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    # Re-sync engine weights every this many optimizer steps (vllm).
+    sync_every: int = 1
+    gpu_memory_utilization: float = 0.3
+    vllm_sleep_mode: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # jsd (generalized, beta), forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher),
+    # sampled_pg = sampled-token reverse-KL policy gradient.
+    divergence: Literal["jsd", "forward_kl", "reverse_kl", "sampled_pg"] = "jsd"
+    beta: float = 0.5
+    # Teacher top-k support (0: full vocabulary); tail bucket keeps the remaining mass as one bin.
+    top_k: int = 0
+    top_k_tail_bucket: bool = False
+    # Point-wise clip of each vocabulary term of the divergence (OPSD v3 uses 0.05); per-token clip.
+    pointwise_clip: float | None = None
+    token_clip: float | None = None
+    skip_first_tokens: int = 0
+    temperature: float = 1.0
+    # Fused chunked path from hidden states (never materialises tokens x vocab).
+    fused: bool = False
+    chunk_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    kind: Literal["fixed", "live", "ema"] = "fixed"
+    ema_decay: float = 0.99
+    ema_update_every: int = 1
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_steps: int = 100
+    # Prompts per optimizer step per process; each is sampled rollout.n times.
+    batch_size: int = 4
+    # Sequences per forward/backward; the step's sequences are split into micro-batches
+    # (gradient accumulation), and the loss is normalised by the step's global token count.
+    micro_batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_every: int = 50
+    keep_last: int = 2
+    max_nonfinite_in_row: int = 3
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    report_to: list[str] = field(default_factory=list)
+    project: str = "opsd-mm"
+    progress: bool = True
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = "runs/default"
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = args[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(
+                f"unknown config key '{where}'; valid keys here: {', '.join(sorted(names))}"
+            )
+    kwargs = {}
+    for k, v in raw.items():
+        where = f"{prefix}.{k}" if prefix else k
+        kwargs[k] = _coerce(v, hints[k], where)
+    return cls(**kwargs)
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted key, or a ConfigError naming it."""
+    cls: Any = RunConfig
+    tp: Any = None
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{key}'")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"unknown config key '{where}'; valid keys here: {', '.join(sorted(hints))}"
+            )
+        tp = hints[part]
+        cls = tp
+    return tp
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, parsed value). Values are YAML scalars (``3``, ``true``,
+    ``null``, ``[a, b]``), except for string fields, which take the raw text."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. trainer.max_steps=3)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    tp = _field_type(key)
+    accepts_str = tp is str or (
+        typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+    )
+    if accepts_str and text not in ("null", "None", "~"):
+        return key, text
+    try:
+        return key, yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {text!r}: {e}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (safe loader), apply dotted overrides, validate into RunConfig."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return _build(RunConfig, raw)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,171 @@
+"""Plain data passed between processors, rollout engines and the trainer.
+
+Shape-suffix legend (used across the code base):
+    B  sequences in a batch (prompts x samples)     P  prompt width (left-padded)
+    C  completion width (right-padded)              T  total width, T = P + C
+    V  vocabulary size                              H  hidden size
+    N  selected (masked-in) completion tokens       G  samples per prompt
+A tensor named ``logits_BCV`` has shape [B, C, V]; a nested list ``rollouts_P_G`` is indexed
+[prompt][sample].
+
+Sequence layout shared by both sides of a pair (the alignment invariant):
+    [pad ... pad | prompt tokens | completion tokens | pad ... pad]
+     <------- width P -------->   <------- width C ------->
+Prompts are left-padded to P and completions right-padded to C, so the completion occupies
+columns P .. P+C-1 on the student side and on the teacher side alike, with no padding
+between a prompt and its completion. The logits that predict completion token j sit at
+column P - 1 + j.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+FinishReason = Literal["eos", "length"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or evaluation item.
+
+    ``privileged`` is what only the teacher sees (a verified trace, a reference solution, or
+    the answer); ``teacher_images`` are extra images only the teacher sees.
+    """
+
+    id: str
+    question: str
+    privileged: str = ""
+    answer: str | None = None
+    images: tuple[Any, ...] = ()
+    teacher_images: tuple[Any, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prompt:
+    """A rendered prompt: token ids from one chat-template application.
+
+    ``mm_inputs`` holds per-prompt tensors the model needs besides the ids (for Qwen-VL:
+    ``pixel_values``, ``image_grid_thw``); ``token_type_ids`` is a per-token list when the model
+    needs one (Qwen-VL's ``mm_token_type_ids``). ``images`` are the (resized) images an engine
+    such as vLLM receives as multimodal data. ``text`` is the rendered text, for logs and
+    prompt snapshots only - it is never re-tokenised.
+    """
+
+    input_ids: list[int]
+    text: str = ""
+    mm_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_type_ids: list[int] | None = None
+    images: list[Any] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings shared by every rollout engine (0 / 1.0 mean 'off')."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+
+
+@dataclass
+class Rollout:
+    """One sampled completion. ``completion_ids`` ends with the EOS token when
+    ``finish_reason == "eos"``; ``logprobs`` (engine-side, per sampled token) when available."""
+
+    completion_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class Pair:
+    """Student and teacher prompts that will both be followed by ``completion_ids``."""
+
+    example_id: str
+    student: Prompt
+    teacher: Prompt
+    completion_ids: list[int]
+
+
+@dataclass
+class SideBatch:
+    """One side (student or teacher) of a collated batch, laid out as in the module docstring.
+
+    ``model_inputs`` is exactly what the model's forward receives (input_ids, attention_mask,
+    position_ids for text models; pixel_values, image_grid_thw, mm_token_type_ids for VL).
+    """
+
+    model_inputs: dict[str, torch.Tensor]
+    prompt_width: int
+
+    @property
+    def input_ids_BT(self) -> torch.Tensor:
+        return self.model_inputs["input_ids"]
+
+    @property
+    def attention_mask_BT(self) -> torch.Tensor:
+        return self.model_inputs["attention_mask"]
+
+    def to(self, device: torch.device | str) -> SideBatch:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.model_inputs.items()}
+        return SideBatch(model_inputs=moved, prompt_width=self.prompt_width)
+
+
+@dataclass
+class PairBatch:
+    """A collated batch of pairs. ``completion_mask_BC`` is 1 on real completion tokens
+    (the loss's own skip-first-N is applied later, by the loss)."""
+
+    student: SideBatch
+    teacher: SideBatch
+    completion_ids_BC: torch.Tensor
+    completion_mask_BC: torch.Tensor
+    example_ids: list[str]
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        return PairBatch(
+            student=self.student.to(device),
+            teacher=self.teacher.to(device),
+            completion_ids_BC=self.completion_ids_BC.to(device),
+            completion_mask_BC=self.completion_mask_BC.to(device),
+            example_ids=self.example_ids,
+        )
+
+
+class Processor(Protocol):
+    """Turns examples into prompts and pairs into model inputs. Only processors know about
+    chat templates, images and model families; the trainer sees this protocol alone."""
+
+    pad_token_id: int
+    eos_token_ids: list[int]
+    suppress_token_ids: list[int]
+
+    def student_prompt(self, ex: Example) -> Prompt: ...
+
+    def teacher_prompt(self, ex: Example) -> Prompt: ...
+
+    def pair(
+        self, ex: Example, completion_ids: Sequence[int], student: Prompt | None = None
+    ) -> Pair: ...
+
+    def collate(self, pairs: Sequence[Pair]) -> PairBatch: ...
+
+
+class RolloutEngine(Protocol):
+    """Samples completions. ``generate`` returns ``rollouts_P_G``: for each prompt, ``n``
+    rollouts. ``sync_weights`` makes the engine sample from the trainer's current weights."""
+
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig
+    ) -> list[list[Rollout]]: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
