@@ -1,0 +1,148 @@
+"""Crash-safe checkpoints: written into a temporary directory, then renamed into place.
+
+A checkpoint directory ``checkpoints/step-000002/`` exists only once complete (``os.replace`` of
+a finished temporary directory is atomic on one filesystem), so a crash mid-write leaves a
+``.tmp-*`` directory that resume ignores and the next save removes. Contents:
+    model/               save_pretrained output (the LoRA adapter, or the full model)
+    optimizer.pt         optimizer state (tensors and plain containers: loads with weights_only)
+    scheduler.pt         LR scheduler state
+    teacher.safetensors  EMA teacher parameters (when the teacher is ``ema``)
+    rng.pt               torch / CUDA / python RNG states
+    state.json           step, data position, counters
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_PREFIX = "step-"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    state["python_version"] = random.getstate()[0]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    teacher_state: dict[str, torch.Tensor] | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"{STEP_PREFIX}{step:06d}"
+    tmp = root / f".tmp-{STEP_PREFIX}{step:06d}-{os.getpid()}"
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    if teacher_state:
+        save_file(teacher_state, str(tmp / "teacher.safetensors"))
+    # state.json last: its presence marks the content complete even before the rename.
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Restore trainable weights saved by ``save_pretrained`` (adapter or full model)."""
+    adapter = model_dir / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(adapter)))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"{adapter}: unexpected adapter keys {unexpected[:5]}")
+        return
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no weights (*.safetensors) in {model_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{model_dir}: checkpoint does not match the model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore model, optimizer, scheduler and RNG; return (state.json, teacher state)."""
+    path = Path(path)
+    load_model_weights(model, path / "model")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    teacher = None
+    if (path / "teacher.safetensors").exists():
+        teacher = load_file(str(path / "teacher.safetensors"))
+    return json.loads((path / "state.json").read_text()), teacher

@@ -1,0 +1,154 @@
+"""Command line: ``opsd-mm train | eval | demo``.
+
+This is the one module that wires processors and evaluation into the modality-agnostic core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+from typing import Any
+
+import torch
+
+from opsd_mm.config import ConfigError, RunConfig, load_config
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, model_path: str, processor: Any) -> Any:
+    """The rollout engine named by ``rollout.engine``."""
+    if cfg.rollout.engine == "vllm":
+        from opsd_mm.rollout_vllm import VLLMEngine
+
+        return VLLMEngine(
+            model_path,
+            cfg.rollout,
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+            seed=cfg.seed,
+            max_model_len=cfg.processor.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            suppress_token_ids=processor.suppress_token_ids,
+            eos_token_ids=processor.eos_token_ids,
+        )
+    from opsd_mm.rollout import HFEngine
+
+    return HFEngine(
+        model,
+        pad_token_id=processor.pad_token_id,
+        eos_token_ids=processor.eos_token_ids,
+        suppress_token_ids=processor.suppress_token_ids,
+    )
+
+
+def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
+    """Everything a run needs, from the config alone: model, processor, data, engine, trainer."""
+    from accelerate import Accelerator
+
+    from opsd_mm.data import load_examples
+    from opsd_mm.models import load_model, model_type_of, resolve_model_path, setup_trainable
+    from opsd_mm.processors import build_processor
+    from opsd_mm.trainer import Trainer
+
+    set_seed(cfg.seed)
+    if accelerator is None:
+        mp = cfg.trainer.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        accelerator = Accelerator(
+            mixed_precision=mp, log_with=cfg.logging.report_to or None, project_dir=cfg.run_dir
+        )
+    path = resolve_model_path(cfg.model)
+    processor = build_processor(cfg.processor, path, model_type_of(path))
+    examples, _report = load_examples(cfg.data, seed=cfg.seed)
+    prepare = getattr(processor, "prepare_examples", None)
+    if prepare is not None:  # e.g. the VL processor drops (and counts) rows with bad images
+        examples = prepare(examples)
+    model = setup_trainable(load_model(path, cfg.model, accelerator.device), cfg.model)
+    engine = build_engine(cfg, model, path, processor)
+    return Trainer(
+        cfg,
+        model=model,
+        processor=processor,
+        engine=engine,
+        examples=examples,
+        accelerator=accelerator,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("trainer.resume=true")
+    cfg = load_config(args.config, overrides)
+    trainer = build_trainer(cfg)
+    history = trainer.train()
+    if history and trainer.accelerator.is_main_process:
+        last = history[-1]
+        print(
+            f"done: step {last['step']} loss {last['loss']:.6g} "
+            f"(run dir {cfg.run_dir}; metrics in metrics.jsonl)"
+        )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from opsd_mm.demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(
+        prog="opsd-mm", description="On-Policy Self-Distillation for text and vision-language models"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train with OPSD from a YAML config",
+        description="Train with OPSD. Overrides are dotted key=value pairs, e.g. "
+        "run_dir=runs/x trainer.max_steps=3 loss.beta=0.5",
+    )
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in run_dir"
+    )
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo: OPSD teaches a tiny model (text and vision)",
+        description="Generate synthetic tasks, warm-start tiny models, train with OPSD and SFT, "
+        "evaluate before/after, print a table and write a plot.",
+    )
+    from opsd_mm.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from opsd_mm.eval.cli import add_eval_parser
+    except ImportError:  # evaluation package incomplete
+        add_eval_parser = None
+    if add_eval_parser is not None:
+        add_eval_parser(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Step metrics: pure summaries of a step's tensors and rollouts, and a JSONL writer.
+
+``metrics.jsonl`` is always written (one object per optimizer step, flushed each time, so a
+crash loses nothing already logged); accelerate trackers get the same dict when configured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def repetition_rate(completions: Sequence[Sequence[int]], n: int = 4) -> float:
+    """Mean over completions of the fraction of n-grams that already occurred earlier in the
+    same completion - a cheap degeneration signal (looping rollouts score near 1)."""
+    rates = []
+    for ids in completions:
+        grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+        if grams:
+            rates.append(1.0 - len(set(grams)) / len(grams))
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+def summarize_tokens(values_N: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Mean, p99 and max of a per-token tensor (empty -> zeros)."""
+    if values_N.numel() == 0:
+        return {f"{prefix}_mean": 0.0, f"{prefix}_p99": 0.0, f"{prefix}_max": 0.0}
+    v = values_N.detach().float().flatten()
+    return {
+        f"{prefix}_mean": v.mean().item(),
+        f"{prefix}_p99": torch.quantile(v, 0.99).item() if v.numel() > 1 else v.item(),
+        f"{prefix}_max": v.max().item(),
+    }
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase (rollout, teacher, student, optimizer...)."""
+
+    def __init__(self, sync_cuda: bool = False) -> None:
+        self.seconds: dict[str, float] = {}
+        self.sync_cuda = sync_cuda
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.sync_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync_cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``path`` and flushes it immediately."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
+        self._fh.write(json.dumps(clean) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

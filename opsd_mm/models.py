@@ -1,0 +1,115 @@
+"""Loading models for training and inference, and making the right parameters trainable.
+
+Text models load with ``AutoModelForCausalLM`` and vision-language models with
+``AutoModelForImageTextToText``, picked from the checkpoint's ``model_type``. ``tiny:<name>``
+resolves to a tiny offline model built by ``opsd_mm.fixtures``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from opsd_mm.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Name fragments of vision-tower and projector modules in the Qwen-VL families.
+VISION_TOWER_PATTERN = re.compile(r"(^|\.)visual\.(?!merger)")
+PROJECTOR_PATTERN = re.compile(r"(^|\.)visual\.(merger|deepstack_merger_list)")
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A local directory or hub id for ``cfg.name_or_path`` (``tiny:`` built on first use)."""
+    if cfg.name_or_path.startswith("tiny:"):
+        from opsd_mm.fixtures import resolve_tiny
+
+        return str(resolve_tiny(cfg.name_or_path.split(":", 1)[1], cfg.tiny_cache_dir))
+    return cfg.name_or_path
+
+
+def model_type_of(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        path, revision=revision, trust_remote_code=trust_remote_code
+    ).model_type
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(
+    path: str, cfg: ModelConfig, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """Load the base model in the configured dtype and attention implementation."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    device = torch.device(device)
+    mtype = model_type_of(path, cfg.revision, cfg.trust_remote_code)
+    cls = AutoModelForImageTextToText if mtype in VL_MODEL_TYPES else AutoModelForCausalLM
+    model = cls.from_pretrained(
+        path,
+        revision=cfg.revision,
+        dtype=torch_dtype(cfg.dtype, device),
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return model.to(device)
+
+
+def setup_trainable(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """LoRA on the language model (default) or full fine-tuning; the vision tower frozen unless
+    ``train_vision_tower``; the projector trainable when ``train_projector``.
+
+    Returns the model to train (a ``PeftModel`` under LoRA).
+    """
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_regex,
+            bias="none",
+        )
+        model = get_peft_model(model, lora)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if VISION_TOWER_PATTERN.search(name):
+            p.requires_grad_(cfg.train_vision_tower)
+        elif PROJECTOR_PATTERN.search(name):
+            p.requires_grad_(cfg.train_projector or (cfg.train_vision_tower and not cfg.lora.enabled))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    if n_train == 0:
+        raise ValueError(
+            "no trainable parameters: model.lora.target_regex matched no module "
+            f"({cfg.lora.target_regex!r})"
+        )
+    log.info("trainable parameters: %d / %d (%.2f%%)", n_train, n_all, 100 * n_train / n_all)
+    return model
+
+
+def load_for_inference(
+    path: str, adapter: str | None = None, device: torch.device | str = "cpu", dtype: str = "auto"
+) -> torch.nn.Module:
+    """A model ready for generation: base weights, with a LoRA adapter merged in if given."""
+    model = load_model(path, ModelConfig(name_or_path=path, dtype=dtype), device)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"--adapter: no adapter_config.json in {adapter}")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()

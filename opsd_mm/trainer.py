@@ -1,0 +1,410 @@
+"""The OPSD training loop: a plain class on accelerate, read top to bottom in ``train_step``.
+
+sample -> pair -> teacher forward -> student forward -> loss -> backward/step -> teacher update
+-> engine sync -> log -> checkpoint.
+
+Loss normalisation: a step's rollouts are split into micro-batches; each micro-batch's per-token
+losses are summed and divided by the number of loss tokens of the WHOLE step across all
+processes (times the process count, since DDP averages gradients). Gradient accumulation and
+several processes therefore give the same gradients as one big batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_mm import checkpoint as ckpt
+from opsd_mm.config import RunConfig, save_config
+from opsd_mm.data import ExampleStream
+from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.metrics import MetricsWriter, PhaseTimer, repetition_rate, summarize_tokens
+from opsd_mm.teacher import Teacher
+from opsd_mm.types import Example, Pair, PairBatch, Processor, RolloutEngine, SamplingConfig, SideBatch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``trainer.max_nonfinite_in_row`` consecutive non-finite steps."""
+
+
+def completion_logits(model: torch.nn.Module, side: SideBatch, width_C: int) -> torch.Tensor:
+    """Logits predicting each completion token: columns P-1 .. P+C-2 only -> [B, C, V]."""
+    P = side.prompt_width
+    keep = torch.arange(P - 1, P - 1 + width_C, device=side.input_ids_BT.device)
+    return model(**side.model_inputs, logits_to_keep=keep, use_cache=False).logits
+
+
+@contextmanager
+def lm_head_bypassed(model: torch.nn.Module):
+    """Make the output projection an identity, so the model's 'logits' are the final hidden
+    states; the fused loss applies the projection chunk by chunk instead. Yields the head."""
+    head = model.get_output_embeddings()
+    head.forward = lambda hidden: hidden  # instance attribute shadows the class method
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def completion_hidden(
+    model: torch.nn.Module, side: SideBatch, width_C: int
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """Final hidden states at the columns predicting the completion -> ([B, C, H], lm_head)."""
+    with lm_head_bypassed(_unwrap(model)) as head:
+        return completion_logits(model, side, width_C), head
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Trainer:
+    """Owns the model, optimizer, teacher, engine and data stream of one run."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        model: torch.nn.Module,
+        processor: Processor,
+        engine: RolloutEngine,
+        examples: Sequence[Example],
+        accelerator: Any = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        tc = cfg.trainer
+        mp = tc.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=mp,
+            log_with=cfg.logging.report_to or None,
+            project_dir=cfg.run_dir,
+        )
+        acc = self.accelerator
+        self.run_dir = Path(cfg.run_dir)
+        self.processor = processor
+        self.engine = engine
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The teacher is built from the initial weights, before any checkpoint is loaded.
+        self.teacher = Teacher(cfg.teacher, model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+        )
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            tc.lr_schedule, self.optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps
+        )
+        self.model = acc.prepare(model)
+        if self.teacher.frozen is not None:
+            self.teacher.frozen.to(acc.device)
+        self.stream = ExampleStream(
+            examples,
+            tc.batch_size,
+            seed=cfg.seed,
+            shuffle=cfg.data.shuffle,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
+        self.step = 0
+        self.counters = {"nonfinite_steps": 0, "rejected_completions": 0, "privileged_truncated": 0}
+        self._nonfinite_in_row = 0
+        self.timer_cuda = acc.device.type == "cuda"
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run until ``trainer.max_steps``; returns the logged metrics of this call."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.trainer.resume:
+            self.resume()
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if cfg.logging.report_to:
+                from opsd_mm.config import config_to_dict
+
+                acc.init_trackers(cfg.logging.project, config=_flat(config_to_dict(cfg)))
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl") if acc.is_main_process else None
+        history = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.trainer.max_steps,
+            initial=self.step,
+            desc="opsd",
+            disable=not (cfg.logging.progress and acc.is_main_process),
+        )
+        try:
+            while self.step < cfg.trainer.max_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                if writer and self.step % cfg.logging.log_every == 0:
+                    writer.write(metrics)
+                    if cfg.logging.report_to:
+                        acc.log(metrics, step=self.step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", len=f"{metrics['completion_len_mean']:.0f}")
+                if cfg.trainer.save_every and (
+                    self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.max_steps
+                ):
+                    self.save()
+        finally:
+            bar.close()
+            if writer:
+                writer.close()
+            if cfg.logging.report_to:
+                acc.end_training()
+        return history
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        timer = PhaseTimer(sync_cuda=self.timer_cuda)
+        t_start = time.perf_counter()
+
+        # 1. sample: the student context only.
+        examples = self.stream.next_batch()
+        with timer.phase("rollout"):
+            prompts = [self.processor.student_prompt(ex) for ex in examples]
+            for ex, p in zip(examples, prompts):
+                p.meta["key"] = ex.id
+            rollouts_P_G = self.engine.generate(prompts, cfg.rollout.n, self._sampling())
+
+        # 2. pair: the teacher context, followed by the same completion ids.
+        pairs: list[Pair] = []
+        finish = []
+        for ex, prompt, rollouts in zip(examples, prompts, rollouts_P_G):
+            teacher_prompt = self.processor.teacher_prompt(ex)
+            self.counters["privileged_truncated"] += int(
+                bool(teacher_prompt.meta.get("privileged_truncated"))
+            )
+            for r in rollouts:
+                finish.append(r.finish_reason)
+                try:
+                    pair = self.processor.pair(ex, r.completion_ids, student=prompt)
+                except ValueError as e:
+                    self.counters["rejected_completions"] += 1
+                    log.warning("rejected completion: %s", e)
+                    continue
+                pair.teacher = teacher_prompt
+                pairs.append(pair)
+
+        # The step's loss-token count over all processes normalises every micro-batch's loss.
+        skip = cfg.loss.skip_first_tokens
+        n_local = sum(max(0, len(p.completion_ids) - skip) for p in pairs)
+        n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum").item()
+
+        # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
+        self.model.train()
+        micro = _chunks(pairs, cfg.trainer.micro_batch_size)
+        loss_total = torch.zeros((), device=acc.device)
+        outs: list[DivergenceOut] = []
+        for i, mb in enumerate(micro):
+            batch = self.processor.collate(mb).to(acc.device)
+            sync = i == len(micro) - 1
+            with acc.no_sync(self.model) if not sync else nullcontext():
+                loss, out = self._micro_step(batch, n_global, timer)
+                with timer.phase("student"):
+                    acc.backward(loss)
+            loss_total += loss.detach()
+            outs.append(out)
+        if not micro:  # every completion rejected: nothing to learn from this step
+            log.warning("step %d: no usable completions", self.step + 1)
+
+        # 6. optimizer step, unless the loss or the gradients are not finite.
+        with timer.phase("optimizer"):
+            loss_value = acc.reduce(loss_total, "sum").item() / acc.num_processes
+            grad_norm = self._clip_grad_norm()
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                self.scheduler.step()
+                self._nonfinite_in_row = 0
+            else:
+                self.counters["nonfinite_steps"] += 1
+                self._nonfinite_in_row += 1
+                log.warning("step %d: non-finite loss/grad norm; step skipped", self.step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+        if self._nonfinite_in_row >= cfg.trainer.max_nonfinite_in_row:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_row} non-finite steps in a row (limit "
+                f"trainer.max_nonfinite_in_row={cfg.trainer.max_nonfinite_in_row}); "
+                f"last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}"
+            )
+        self.step += 1
+
+        # 7-8. teacher update and engine weight sync.
+        if finite:
+            self.teacher.update(_unwrap(self.model), self.step)
+        if self.step % cfg.rollout.sync_every == 0:
+            with timer.phase("sync"):
+                self.engine.sync_weights(_unwrap(self.model))
+
+        # 9. metrics.
+        wall = time.perf_counter() - t_start
+        completions = [p.completion_ids for p in pairs]
+        lengths = [len(c) for c in completions] or [0]
+        div_N = torch.cat([o.div_N for o in outs]) if outs else torch.zeros(0)
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "skipped": not finite,
+            "loss_tokens": n_global,
+            **summarize_tokens(div_N, "divergence"),
+            "clip_fraction": _mean_of(outs, "clipped_N"),
+            "student_entropy": _mean_of(outs, "student_entropy_N"),
+            "teacher_entropy": _mean_of(outs, "teacher_entropy_N"),
+            "completion_len_mean": sum(lengths) / len(lengths),
+            "completion_len_max": max(lengths),
+            "truncation_rate": finish.count("length") / max(len(finish), 1),
+            "repetition_rate": repetition_rate(completions),
+            "tokens_per_s": sum(lengths) / wall,
+            "step_time": wall,
+            **timer.as_metrics(),
+            **self.counters,
+        }
+        return metrics
+
+    def _micro_step(
+        self, batch: PairBatch, n_global: float, timer: PhaseTimer
+    ) -> tuple[torch.Tensor, DivergenceOut]:
+        """Teacher forward (no grad), student forward, per-token divergence -> scaled loss."""
+        cfg, acc = self.cfg, self.accelerator
+        width_C = batch.completion_ids_BC.shape[1]
+        mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
+        ids_N = batch.completion_ids_BC[mask_BC]
+        scale = acc.num_processes / max(n_global, 1.0)
+        step_ctx = getattr(self.processor, "step_context", None)
+        with step_ctx(_unwrap(self.model)) if step_ctx else nullcontext(), acc.autocast():
+            with timer.phase("teacher"), torch.no_grad():
+                with self.teacher.as_teacher(_unwrap(self.model)) as teacher_model:
+                    if cfg.loss.fused:
+                        t_hidden_BCH, t_head = completion_hidden(teacher_model, batch.teacher, width_C)
+                        t_hidden_NH = t_hidden_BCH[mask_BC]
+                        t_weight = t_head.weight.detach().clone() if self.teacher.cfg.kind == "ema" else t_head.weight
+                    else:
+                        t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[mask_BC]
+            with timer.phase("student"):
+                if cfg.loss.fused:
+                    from opsd_mm.fused import fused_divergence
+
+                    s_hidden_BCH, s_head = completion_hidden(self.model, batch.student, width_C)
+                    loss, out = fused_divergence(
+                        s_hidden_BCH[mask_BC],
+                        t_hidden_NH,
+                        s_head.weight,
+                        ids_N,
+                        cfg.loss,
+                        bias_V=s_head.bias,
+                        teacher_weight_VH=t_weight,
+                        teacher_bias_V=t_head.bias,
+                        scale=scale,
+                        chunk_size=cfg.loss.chunk_size,
+                    )
+                else:
+                    s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
+                    out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
+                    loss = out.loss_N.sum() * scale
+        return loss, out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _sampling(self) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            min_p=r.min_p,
+            max_new_tokens=r.max_new_tokens,
+            seed=self.cfg.seed * 1_000_003 + self.step,
+        )
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.cfg.trainer.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return float(norm)
+
+    def save(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                model=_unwrap(self.model),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state={
+                    "data": self.stream.state(),
+                    "counters": self.counters,
+                    "nonfinite_in_row": self._nonfinite_in_row,
+                    "num_processes": acc.num_processes,
+                },
+                teacher_state=self.teacher.state_dict() or None,
+                keep_last=self.cfg.trainer.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self) -> None:
+        """Continue from the latest complete checkpoint in run_dir (none: start fresh)."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            log.warning("trainer.resume: no checkpoint in %s; starting from step 0", self.run_dir)
+            return
+        state, teacher_state = ckpt.load_checkpoint(
+            path, model=_unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        if teacher_state:
+            self.teacher.load_state_dict(teacher_state)
+        self.step = int(state["step"])
+        self.stream.load_state(state["data"])
+        self.counters.update(state.get("counters", {}))
+        self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.engine.sync_weights(_unwrap(self.model))
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _mean_of(outs: Sequence[DivergenceOut], name: str) -> float:
+    vals = [getattr(o, name) for o in outs]
+    vals = [v for v in vals if v.numel()]
+    return torch.cat(vals).float().mean().item() if vals else 0.0
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opsd_mm.config import ConfigError, RunConfig, load_config, save_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["trainer.max_steps=3", "run_dir=/tmp/x", "loss.beta=1"])
+    assert cfg.trainer.max_steps == 3
+    assert cfg.run_dir == "/tmp/x"
+    assert cfg.loss.beta == 1.0 and isinstance(cfg.loss.beta, float)
+    assert cfg.model == RunConfig().model
+
+
+def test_string_fields_take_raw_text_and_null():
+    cfg = load_config(None, ["model.name_or_path=123", "loss.pointwise_clip=null"])
+    assert cfg.model.name_or_path == "123"
+    assert cfg.loss.pointwise_clip is None
+    cfg = load_config(None, ["loss.pointwise_clip=0.05", "logging.report_to=[tensorboard]"])
+    assert cfg.loss.pointwise_clip == 0.05 and cfg.logging.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loss.bta=1", "loss.bta"),
+        ("trainer.max_steps=1.5", "trainer.max_steps"),
+        ("loss.divergence=kl", "loss.divergence"),
+        ("trainer.resume=maybe", "trainer.resume"),
+        ("nosuch.key=1", "nosuch"),
+        ("model.lora.rr=4", "model.lora.rr"),
+    ],
+)
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_unknown_and_wrong_type(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"trainer\.max_stepz"):
+        load_config(p)
+    p.write_text("loss:\n  beta: [1]\n")
+    with pytest.raises(ConfigError, match=r"loss\.beta"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_safe_loader_rejects_python_tags(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(yaml.YAMLError):
+        load_config(p)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["trainer.max_steps=7", "loss.pointwise_clip=0.05"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)

@@ -1,0 +1,175 @@
+"""End-to-end trainer checks on the tiny text model (CPU, fp32)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd_mm.cli import build_trainer, main
+from opsd_mm.config import load_config
+from opsd_mm.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny_text.yaml"
+
+
+def _cfg(tiny_cache, run_dir, *extra):
+    return load_config(
+        TINY,
+        [
+            f"run_dir={run_dir}",
+            f"model.tiny_cache_dir={tiny_cache}",
+            "logging.progress=false",
+            *extra,
+        ],
+    )
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_cli_train_three_steps(tiny_cache, tmp_path, tiny_text_dir):
+    run = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            str(TINY),
+            f"run_dir={run}",
+            "trainer.max_steps=3",
+            f"model.tiny_cache_dir={tiny_cache}",
+            "logging.progress=false",
+        ]
+    )
+    assert rc == 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in rows)
+    for key in ("divergence_p99", "student_entropy", "time/rollout", "time/teacher", "tokens_per_s"):
+        assert key in rows[0]
+    assert (run / "config.yaml").exists()
+    assert load_config(run / "config.yaml").trainer.max_steps == 3
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["train", str(TINY), "loss.bta=1"]) == 2
+    assert "loss.bta" in capsys.readouterr().err
+
+
+def test_lora_changes_and_base_frozen(tiny_cache, tmp_path, tiny_text_dir):
+    trainer = build_trainer(_cfg(tiny_cache, tmp_path, "trainer.max_steps=2", "trainer.save_every=0"))
+    before = _snapshot(trainer.model)
+    trainer.train()
+    after = _snapshot(trainer.model)
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and base
+    assert any(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n]) for n in base)
+
+
+def test_resume_reproduces_uninterrupted_loss(tiny_cache, tmp_path, tiny_text_dir):
+    full = build_trainer(_cfg(tiny_cache, tmp_path / "a", "trainer.max_steps=3", "trainer.save_every=1"))
+    losses = [m["loss"] for m in full.train()]
+    part = build_trainer(_cfg(tiny_cache, tmp_path / "b", "trainer.max_steps=2", "trainer.save_every=1"))
+    part.train()
+    resumed = build_trainer(
+        _cfg(tiny_cache, tmp_path / "b", "trainer.max_steps=3", "trainer.resume=true")
+    )
+    rest = resumed.train()
+    assert [m["step"] for m in rest] == [3]
+    assert rest[0]["loss"] == losses[2]  # exactly, on CPU with the same seed
+
+
+def test_fixed_teacher_unchanged_by_optimizer_step(tiny_cache, tmp_path, tiny_text_dir):
+    trainer = build_trainer(_cfg(tiny_cache, tmp_path, "trainer.max_steps=1", "trainer.save_every=0"))
+    model = trainer.model
+    ids = torch.tensor([[3 + i for i in range(10)]])
+
+    def teacher_logits():
+        with torch.no_grad(), trainer.teacher.as_teacher(model) as t:
+            return t(input_ids=ids).logits
+
+    before = teacher_logits()
+    student_before = model(input_ids=ids).logits.detach()
+    trainer.train()
+    assert torch.equal(before, teacher_logits())
+    assert not torch.allclose(student_before, model(input_ids=ids).logits)
+
+
+def test_ema_teacher_follows_formula(tiny_cache, tmp_path, tiny_text_dir):
+    cfg = _cfg(
+        tiny_cache, tmp_path, "teacher.kind=ema", "teacher.ema_decay=0.5", "trainer.max_steps=2",
+        "trainer.save_every=0",
+    )
+    trainer = build_trainer(cfg)
+    ema0 = {n: v.clone() for n, v in trainer.teacher.ema.items()}
+    trainer.train_step()
+    p1 = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n in ema0}
+    for n in ema0:
+        assert torch.allclose(trainer.teacher.ema[n], 0.5 * ema0[n] + 0.5 * p1[n])
+    ema1 = {n: v.clone() for n, v in trainer.teacher.ema.items()}
+    trainer.train_step()
+    p2 = {n: p.detach() for n, p in trainer.model.named_parameters() if n in ema0}
+    for n in ema0:
+        assert torch.allclose(trainer.teacher.ema[n], 0.5 * ema1[n] + 0.5 * p2[n])
+    # The swap inside as_teacher restores the student's own weights.
+    with trainer.teacher.as_teacher(trainer.model):
+        pass
+    for n, p in trainer.model.named_parameters():
+        if n in p2:
+            assert torch.equal(p.detach(), p2[n])
+
+
+def test_nonfinite_loss_skips_counts_and_aborts(tiny_cache, tmp_path, tiny_text_dir, monkeypatch):
+    from opsd_mm import trainer as trainer_mod
+
+    real = trainer_mod.token_divergence
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss_N = out.loss_N * float("nan")
+        return out
+
+    cfg = _cfg(
+        tiny_cache, tmp_path, "trainer.max_steps=5", "trainer.max_nonfinite_in_row=2",
+        "trainer.save_every=0",
+    )
+    trainer = build_trainer(cfg)
+    before = _snapshot(trainer.model)
+    monkeypatch.setattr(trainer_mod, "token_divergence", poisoned)
+    m = trainer.train_step()
+    assert m["skipped"] and m["nonfinite_steps"] == 1
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    with pytest.raises(trainer_mod.NonFiniteLossError, match="max_nonfinite_in_row=2"):
+        trainer.train_step()
+    monkeypatch.setattr(trainer_mod, "token_divergence", real)
+
+
+def test_accumulation_matches_one_big_batch(tiny_cache, tmp_path, tiny_text_dir):
+    """4 sequences as 4 micro-batches of 1 give the same loss and gradients as 1 batch of 4."""
+    results = []
+    for micro in (1, 4):
+        t = build_trainer(
+            _cfg(
+                tiny_cache, tmp_path / str(micro), "trainer.batch_size=2", "rollout.n=2",
+                f"trainer.micro_batch_size={micro}", "trainer.save_every=0",
+            )
+        )
+        grads = {}
+        real_clip = t._clip_grad_norm
+
+        def capture(t=t, grads=grads, real_clip=real_clip):
+            grads.update({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+            return real_clip()
+
+        t._clip_grad_norm = capture
+        m = t.train_step()
+        results.append((m, grads))
+    (m1, g1), (m4, g4) = results
+    assert m1["loss"] > 0
+    assert m1["loss"] == pytest.approx(m4["loss"], rel=1e-5)
+    assert g1.keys() == g4.keys() and g1
+    for n in g1:
+        assert torch.allclose(g1[n], g4[n], rtol=1e-4, atol=1e-9), n
