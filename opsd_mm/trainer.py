@@ -202,12 +202,13 @@ class Trainer:
             for r in rollouts:
                 finish.append(r.finish_reason)
                 try:
-                    pair = self.processor.pair(ex, r.completion_ids, student=prompt)
+                    pair = self.processor.pair(
+                        ex, r.completion_ids, student=prompt, teacher=teacher_prompt
+                    )
                 except ValueError as e:
                     self.counters["rejected_completions"] += 1
                     log.warning("rejected completion: %s", e)
                     continue
-                pair.teacher = teacher_prompt
                 pairs.append(pair)
 
         # The step's loss-token count over all processes normalises every micro-batch's loss.

@@ -154,8 +154,15 @@ class Processor(Protocol):
     def teacher_prompt(self, ex: Example) -> Prompt: ...
 
     def pair(
-        self, ex: Example, completion_ids: Sequence[int], student: Prompt | None = None
-    ) -> Pair: ...
+        self,
+        ex: Example,
+        completion_ids: Sequence[int],
+        student: Prompt | None = None,
+        teacher: Prompt | None = None,
+    ) -> Pair:
+        """Raises ValueError (naming the example) for a completion that must be rejected,
+        e.g. one holding image tokens; the trainer counts and drops it."""
+        ...
 
     def collate(self, pairs: Sequence[Pair]) -> PairBatch: ...
 

@@ -40,6 +40,13 @@ def test_errors_name_the_key(override, key):
         load_config(None, [override])
 
 
+def test_exponent_floats_without_a_dot(tmp_path):
+    assert load_config(None, ["trainer.lr=1e-3"]).trainer.lr == 1e-3
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  lr: 2e-4\n")
+    assert load_config(p).trainer.lr == 2e-4
+
+
 def test_yaml_unknown_and_wrong_type(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("trainer:\n  max_stepz: 3\n")

@@ -173,3 +173,36 @@ def test_accumulation_matches_one_big_batch(tiny_cache, tmp_path, tiny_text_dir)
     assert g1.keys() == g4.keys() and g1
     for n in g1:
         assert torch.allclose(g1[n], g4[n], rtol=1e-4, atol=1e-9), n
+
+
+def test_full_finetuning_with_frozen_teacher_copy(tiny_cache, tmp_path, tiny_text_dir):
+    cfg = _cfg(
+        tiny_cache, tmp_path, "model.lora.enabled=false", "trainer.max_steps=2",
+        "trainer.save_every=2", "trainer.lr=1e-3",
+    )
+    trainer = build_trainer(cfg)
+    assert trainer.teacher.frozen is not None
+    frozen_before = _snapshot(trainer.teacher.frozen)
+    before = _snapshot(trainer.model)
+    trainer.train()
+    after = _snapshot(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(torch.equal(frozen_before[n], p) for n, p in trainer.teacher.frozen.named_parameters())
+    # The full-model checkpoint reloads into a fresh model.
+    resumed = build_trainer(
+        _cfg(tiny_cache, tmp_path, "model.lora.enabled=false", "trainer.resume=true",
+             "trainer.max_steps=2")
+    )
+    resumed.resume()
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, after[n]), n
+
+
+def test_gradient_checkpointing_and_tensorboard(tiny_cache, tmp_path, tiny_text_dir):
+    cfg = _cfg(
+        tiny_cache, tmp_path, "trainer.gradient_checkpointing=true", "trainer.max_steps=1",
+        "trainer.save_every=0", "logging.report_to=[tensorboard]",
+    )
+    history = build_trainer(cfg).train()
+    assert math.isfinite(history[0]["loss"])
+    assert list(tmp_path.rglob("events.out.tfevents*"))
