@@ -41,9 +41,11 @@ def main() -> None:
         rows = [trainer.train_step() for _ in range(args.steps)]
     total = sum(r["step_time"] for r in rows) / len(rows)
     tokens = sum(r["completion_len_mean"] for r in rows) / len(rows)
-    print(f"OPSD step breakdown: {cfg.model.name_or_path}, {args.steps} steps, "
-          f"batch {cfg.trainer.batch_size} x n {cfg.rollout.n}, "
-          f"mean completion {tokens:.1f} tokens, loss.fused={cfg.loss.fused}")
+    print(
+        f"OPSD step breakdown: {cfg.model.name_or_path}, {args.steps} steps, "
+        f"batch {cfg.trainer.batch_size} x n {cfg.rollout.n}, "
+        f"mean completion {tokens:.1f} tokens, loss.fused={cfg.loss.fused}"
+    )
     print(f"{'phase':<12}{'ms/step':>10}{'share':>9}")
     accounted = 0.0
     for phase in PHASES:

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(
-        prog="opsd-mm", description="On-Policy Self-Distillation for text and vision-language models"
+        prog="opsd-mm",
+        description="On-Policy Self-Distillation for text and vision-language models",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -131,7 +131,8 @@ class LossConfig:
     temperature: float = 1.0
     # Fused chunked path from hidden states (never materialises tokens x vocab).
     fused: bool = False
-    chunk_size: int = 1024
+    # Tokens per chunk of the fused path (0: derived from a memory budget).
+    chunk_size: int = 0
 
 
 @dataclass(frozen=True)

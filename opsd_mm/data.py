@@ -39,7 +39,9 @@ PRESETS: dict[str, ColumnsConfig] = {
         question="question", privileged="response", answer="answer", images="image"
     ),
     # Answers only: the privileged information is the answer itself.
-    "virl39k": ColumnsConfig(question="question", privileged="answer", answer="answer", images="image"),
+    "virl39k": ColumnsConfig(
+        question="question", privileged="answer", answer="answer", images="image"
+    ),
     "jsonl_images": ColumnsConfig(
         id="id", question="question", privileged="solution", answer="answer", images="images"
     ),

@@ -46,9 +46,7 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_model(
-    path: str, cfg: ModelConfig, device: torch.device | str = "cpu"
-) -> torch.nn.Module:
+def load_model(path: str, cfg: ModelConfig, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Load the base model in the configured dtype and attention implementation."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -89,7 +87,9 @@ def setup_trainable(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module
         if VISION_TOWER_PATTERN.search(name):
             p.requires_grad_(cfg.train_vision_tower)
         elif PROJECTOR_PATTERN.search(name):
-            p.requires_grad_(cfg.train_projector or (cfg.train_vision_tower and not cfg.lora.enabled))
+            p.requires_grad_(
+                cfg.train_projector or (cfg.train_vision_tower and not cfg.lora.enabled)
+            )
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     if n_train == 0:

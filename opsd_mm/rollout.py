@@ -143,7 +143,9 @@ class HFEngine:
         processors = []
         if not greedy:
             base = sampling.seed if sampling.seed is not None else torch.seed()
-            seeds = [row_seed(base, str(p.meta.get("key", i)), j) for p, (i, j) in zip(prompts, rows)]
+            seeds = [
+                row_seed(base, str(p.meta.get("key", i)), j) for p, (i, j) in zip(prompts, rows)
+            ]
             from transformers import LogitsProcessorList
 
             processors = LogitsProcessorList([RowSeededSampler(seeds, sampling)])

@@ -27,7 +27,15 @@ from opsd_mm.data import ExampleStream
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
 from opsd_mm.metrics import MetricsWriter, PhaseTimer, repetition_rate, summarize_tokens
 from opsd_mm.teacher import Teacher
-from opsd_mm.types import Example, Pair, PairBatch, Processor, RolloutEngine, SamplingConfig, SideBatch
+from opsd_mm.types import (
+    Example,
+    Pair,
+    PairBatch,
+    Processor,
+    RolloutEngine,
+    SamplingConfig,
+    SideBatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +109,9 @@ class Trainer:
         self.processor = processor
         self.engine = engine
         if tc.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         # The teacher is built from the initial weights, before any checkpoint is loaded.
         self.teacher = Teacher(cfg.teacher, model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +124,10 @@ class Trainer:
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(
-            tc.lr_schedule, self.optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps
+            tc.lr_schedule,
+            self.optimizer,
+            num_warmup_steps=tc.warmup_steps,
+            num_training_steps=tc.max_steps,
         )
         self.model = acc.prepare(model)
         if self.teacher.frozen is not None:
@@ -165,7 +178,9 @@ class Trainer:
                     if cfg.logging.report_to:
                         acc.log(metrics, step=self.step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}", len=f"{metrics['completion_len_mean']:.0f}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4g}", len=f"{metrics['completion_len_mean']:.0f}"
+                )
                 if cfg.trainer.save_every and (
                     self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.max_steps
                 ):
@@ -303,11 +318,19 @@ class Trainer:
             with timer.phase("teacher"), torch.no_grad():
                 with self.teacher.as_teacher(_unwrap(self.model)) as teacher_model:
                     if cfg.loss.fused:
-                        t_hidden_BCH, t_head = completion_hidden(teacher_model, batch.teacher, width_C)
+                        t_hidden_BCH, t_head = completion_hidden(
+                            teacher_model, batch.teacher, width_C
+                        )
                         t_hidden_NH = t_hidden_BCH[mask_BC]
-                        t_weight = t_head.weight.detach().clone() if self.teacher.cfg.kind == "ema" else t_head.weight
+                        t_weight = (
+                            t_head.weight.detach().clone()
+                            if self.teacher.cfg.kind == "ema"
+                            else t_head.weight
+                        )
                     else:
-                        t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[mask_BC]
+                        t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[
+                            mask_BC
+                        ]
             with timer.phase("student"):
                 if cfg.loss.fused:
                     from opsd_mm.fused import fused_divergence
@@ -323,7 +346,7 @@ class Trainer:
                         teacher_weight_VH=t_weight,
                         teacher_bias_V=t_head.bias,
                         scale=scale,
-                        chunk_size=cfg.loss.chunk_size,
+                        chunk_size=cfg.loss.chunk_size or None,
                     )
                 else:
                     s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]

@@ -35,8 +35,13 @@ def test_save_load_round_trip_and_prune(tmp_path):
     model, opt, sched = _parts()
     for step in (1, 2, 3):
         ckpt.save_checkpoint(
-            tmp_path, step, model=model, optimizer=opt, scheduler=sched,
-            state={"data": {"consumed": step}}, keep_last=2,
+            tmp_path,
+            step,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            state={"data": {"consumed": step}},
+            keep_last=2,
         )
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["step-000002", "step-000003"]
@@ -70,14 +75,21 @@ def test_rng_state_restored(tmp_path):
     ckpt.save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched, state={})
     after_save = torch.rand(4)
     torch.manual_seed(99)
-    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model=model, optimizer=opt, scheduler=sched)
+    ckpt.load_checkpoint(
+        ckpt.latest_checkpoint(tmp_path), model=model, optimizer=opt, scheduler=sched
+    )
     assert torch.equal(torch.rand(4), after_save)
 
 
 def test_teacher_state_and_mismatch_errors(tmp_path):
     model, opt, sched = _parts()
     ckpt.save_checkpoint(
-        tmp_path, 1, model=model, optimizer=opt, scheduler=sched, state={},
+        tmp_path,
+        1,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        state={},
         teacher_state={"w": torch.ones(2)},
     )
     path = ckpt.latest_checkpoint(tmp_path)

@@ -13,7 +13,9 @@ def _write_jsonl(path, rows):
 
 def test_jsonl_default_columns(tmp_path):
     p = tmp_path / "d.jsonl"
-    _write_jsonl(p, [{"problem": "1+1?", "solution": "1+1=2"}, {"problem": "2+2?", "solution": "4"}])
+    _write_jsonl(
+        p, [{"problem": "1+1?", "solution": "1+1=2"}, {"problem": "2+2?", "solution": "4"}]
+    )
     exs, report = load_examples(DataConfig(source=str(p)))
     assert [e.question for e in exs] == ["1+1?", "2+2?"]
     assert exs[0].privileged == "1+1=2" and report.kept == 2

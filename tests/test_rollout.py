@@ -47,9 +47,8 @@ def test_left_pad_and_split():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_text_dir):
-    from opsd_mm.config import ProcessorConfig
+    from opsd_mm.config import ModelConfig, ProcessorConfig
     from opsd_mm.models import load_model
-    from opsd_mm.config import ModelConfig
     from opsd_mm.processors.text import TextProcessor
 
     proc = TextProcessor.from_pretrained(str(tiny_text_dir), ProcessorConfig())
@@ -99,7 +98,7 @@ def test_hf_engine_greedy_matches_manual_argmax(tiny):
     model, proc = tiny
     engine = _engine(model, proc)
     p = proc.student_prompt(__import__("opsd_mm.tasks").tasks.make_arithmetic_examples(1)[0])
-    (r,), = engine.generate([p], 1, SamplingConfig(temperature=0.0, max_new_tokens=5))
+    ((r,),) = engine.generate([p], 1, SamplingConfig(temperature=0.0, max_new_tokens=5))
     ids = torch.tensor([p.input_ids])
     with torch.no_grad():
         for tok in r.completion_ids:

@@ -46,7 +46,13 @@ def test_cli_train_three_steps(tiny_cache, tmp_path, tiny_text_dir):
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in rows)
-    for key in ("divergence_p99", "student_entropy", "time/rollout", "time/teacher", "tokens_per_s"):
+    for key in (
+        "divergence_p99",
+        "student_entropy",
+        "time/rollout",
+        "time/teacher",
+        "tokens_per_s",
+    ):
         assert key in rows[0]
     assert (run / "config.yaml").exists()
     assert load_config(run / "config.yaml").trainer.max_steps == 3
@@ -58,7 +64,9 @@ def test_cli_reports_config_errors(capsys):
 
 
 def test_lora_changes_and_base_frozen(tiny_cache, tmp_path, tiny_text_dir):
-    trainer = build_trainer(_cfg(tiny_cache, tmp_path, "trainer.max_steps=2", "trainer.save_every=0"))
+    trainer = build_trainer(
+        _cfg(tiny_cache, tmp_path, "trainer.max_steps=2", "trainer.save_every=0")
+    )
     before = _snapshot(trainer.model)
     trainer.train()
     after = _snapshot(trainer.model)
@@ -70,9 +78,13 @@ def test_lora_changes_and_base_frozen(tiny_cache, tmp_path, tiny_text_dir):
 
 
 def test_resume_reproduces_uninterrupted_loss(tiny_cache, tmp_path, tiny_text_dir):
-    full = build_trainer(_cfg(tiny_cache, tmp_path / "a", "trainer.max_steps=3", "trainer.save_every=1"))
+    full = build_trainer(
+        _cfg(tiny_cache, tmp_path / "a", "trainer.max_steps=3", "trainer.save_every=1")
+    )
     losses = [m["loss"] for m in full.train()]
-    part = build_trainer(_cfg(tiny_cache, tmp_path / "b", "trainer.max_steps=2", "trainer.save_every=1"))
+    part = build_trainer(
+        _cfg(tiny_cache, tmp_path / "b", "trainer.max_steps=2", "trainer.save_every=1")
+    )
     part.train()
     resumed = build_trainer(
         _cfg(tiny_cache, tmp_path / "b", "trainer.max_steps=3", "trainer.resume=true")
@@ -83,7 +95,9 @@ def test_resume_reproduces_uninterrupted_loss(tiny_cache, tmp_path, tiny_text_di
 
 
 def test_fixed_teacher_unchanged_by_optimizer_step(tiny_cache, tmp_path, tiny_text_dir):
-    trainer = build_trainer(_cfg(tiny_cache, tmp_path, "trainer.max_steps=1", "trainer.save_every=0"))
+    trainer = build_trainer(
+        _cfg(tiny_cache, tmp_path, "trainer.max_steps=1", "trainer.save_every=0")
+    )
     model = trainer.model
     ids = torch.tensor([[3 + i for i in range(10)]])
 
@@ -100,7 +114,11 @@ def test_fixed_teacher_unchanged_by_optimizer_step(tiny_cache, tmp_path, tiny_te
 
 def test_ema_teacher_follows_formula(tiny_cache, tmp_path, tiny_text_dir):
     cfg = _cfg(
-        tiny_cache, tmp_path, "teacher.kind=ema", "teacher.ema_decay=0.5", "trainer.max_steps=2",
+        tiny_cache,
+        tmp_path,
+        "teacher.kind=ema",
+        "teacher.ema_decay=0.5",
+        "trainer.max_steps=2",
         "trainer.save_every=0",
     )
     trainer = build_trainer(cfg)
@@ -133,7 +151,10 @@ def test_nonfinite_loss_skips_counts_and_aborts(tiny_cache, tmp_path, tiny_text_
         return out
 
     cfg = _cfg(
-        tiny_cache, tmp_path, "trainer.max_steps=5", "trainer.max_nonfinite_in_row=2",
+        tiny_cache,
+        tmp_path,
+        "trainer.max_steps=5",
+        "trainer.max_nonfinite_in_row=2",
         "trainer.save_every=0",
     )
     trainer = build_trainer(cfg)
@@ -153,15 +174,21 @@ def test_accumulation_matches_one_big_batch(tiny_cache, tmp_path, tiny_text_dir)
     for micro in (1, 4):
         t = build_trainer(
             _cfg(
-                tiny_cache, tmp_path / str(micro), "trainer.batch_size=2", "rollout.n=2",
-                f"trainer.micro_batch_size={micro}", "trainer.save_every=0",
+                tiny_cache,
+                tmp_path / str(micro),
+                "trainer.batch_size=2",
+                "rollout.n=2",
+                f"trainer.micro_batch_size={micro}",
+                "trainer.save_every=0",
             )
         )
         grads = {}
         real_clip = t._clip_grad_norm
 
         def capture(t=t, grads=grads, real_clip=real_clip):
-            grads.update({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+            grads.update(
+                {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+            )
             return real_clip()
 
         t._clip_grad_norm = capture
@@ -177,8 +204,12 @@ def test_accumulation_matches_one_big_batch(tiny_cache, tmp_path, tiny_text_dir)
 
 def test_full_finetuning_with_frozen_teacher_copy(tiny_cache, tmp_path, tiny_text_dir):
     cfg = _cfg(
-        tiny_cache, tmp_path, "model.lora.enabled=false", "trainer.max_steps=2",
-        "trainer.save_every=2", "trainer.lr=1e-3",
+        tiny_cache,
+        tmp_path,
+        "model.lora.enabled=false",
+        "trainer.max_steps=2",
+        "trainer.save_every=2",
+        "trainer.lr=1e-3",
     )
     trainer = build_trainer(cfg)
     assert trainer.teacher.frozen is not None
@@ -187,11 +218,18 @@ def test_full_finetuning_with_frozen_teacher_copy(tiny_cache, tmp_path, tiny_tex
     trainer.train()
     after = _snapshot(trainer.model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
-    assert all(torch.equal(frozen_before[n], p) for n, p in trainer.teacher.frozen.named_parameters())
+    assert all(
+        torch.equal(frozen_before[n], p) for n, p in trainer.teacher.frozen.named_parameters()
+    )
     # The full-model checkpoint reloads into a fresh model.
     resumed = build_trainer(
-        _cfg(tiny_cache, tmp_path, "model.lora.enabled=false", "trainer.resume=true",
-             "trainer.max_steps=2")
+        _cfg(
+            tiny_cache,
+            tmp_path,
+            "model.lora.enabled=false",
+            "trainer.resume=true",
+            "trainer.max_steps=2",
+        )
     )
     resumed.resume()
     for n, p in resumed.model.named_parameters():
@@ -200,9 +238,53 @@ def test_full_finetuning_with_frozen_teacher_copy(tiny_cache, tmp_path, tiny_tex
 
 def test_gradient_checkpointing_and_tensorboard(tiny_cache, tmp_path, tiny_text_dir):
     cfg = _cfg(
-        tiny_cache, tmp_path, "trainer.gradient_checkpointing=true", "trainer.max_steps=1",
-        "trainer.save_every=0", "logging.report_to=[tensorboard]",
+        tiny_cache,
+        tmp_path,
+        "trainer.gradient_checkpointing=true",
+        "trainer.max_steps=1",
+        "trainer.save_every=0",
+        "logging.report_to=[tensorboard]",
     )
     history = build_trainer(cfg).train()
     assert math.isfinite(history[0]["loss"])
     assert list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def _step_with_grads(trainer):
+    grads = {}
+    real_clip = trainer._clip_grad_norm
+
+    def capture():
+        grads.update(
+            {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        )
+        return real_clip()
+
+    trainer._clip_grad_norm = capture
+    return trainer.train_step(), grads
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_fused_loss_matches_naive_in_training(tiny_cache, tmp_path, tiny_text_dir, lora):
+    """The trainer's fused path (hidden states + chunked lm_head) gives the naive path's loss
+    and gradients, including lm_head's under full fine-tuning."""
+    results = []
+    for fused in (False, True):
+        cfg = _cfg(
+            tiny_cache,
+            tmp_path / str(fused),
+            f"loss.fused={str(fused).lower()}",
+            f"model.lora.enabled={str(lora).lower()}",
+            "trainer.save_every=0",
+            "loss.chunk_size=7",
+        )
+        results.append(_step_with_grads(build_trainer(cfg)))
+    (m_naive, g_naive), (m_fused, g_fused) = results
+    assert m_naive["loss"] > 0
+    assert m_fused["loss"] == pytest.approx(m_naive["loss"], rel=1e-5)
+    assert m_fused["divergence_max"] == pytest.approx(m_naive["divergence_max"], rel=1e-4)
+    assert g_naive.keys() == g_fused.keys()
+    if not lora:
+        assert any("lm_head" in n for n in g_fused)
+    for n in g_naive:
+        assert torch.allclose(g_fused[n], g_naive[n], rtol=1e-4, atol=1e-8), n

@@ -1,0 +1,108 @@
+"""Privileged-context templates: the user-message wording each side of a pair sees.
+
+Why a registry of named, versioned strings: the wording is part of the method (the teacher's
+distribution depends on it) and of every result, so a run records a template *name*, and a name
+always means the same bytes. A published template is never edited; new wording gets a new name
+(``opsd_teacher_v2``). Prompt snapshots in ``tests/snapshots`` fail if a wording drifts.
+
+Templates are ``str.format`` strings over ``{question}``, ``{privileged}`` and ``{answer}``
+(literal braces are doubled, as in ``\\boxed{{}}``). Each has a role: student templates may use
+``{question}`` only, so privileged information can never leak into the student's context.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["student", "teacher"]
+
+_BOXED = "Please reason step by step, and put your final answer within \\boxed{{}}."
+
+# The OPSD reference implementation's transition instruction (arXiv 2601.18734; wording as in
+# its data collator), kept verbatim, including the em dash.
+_OPSD_TRANSITION = (
+    "After reading the reference solution above, make sure you truly understand the reasoning "
+    "behind each step — do not copy or paraphrase it. Now, using your own words and independent "
+    "reasoning, derive the same final answer to the problem above. Think step by step, explore "
+    "different approaches, and don't be afraid to backtrack or reconsider if something doesn't "
+    "work out:"
+)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named user-message template for one side of a pair."""
+
+    name: str
+    role: Role
+    text: str
+    description: str
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The placeholders the text uses (``question``, ``privileged``, ``answer``)."""
+        return frozenset(f for _, f, _, _ in string.Formatter().parse(self.text) if f)
+
+    def render(self, question: str, privileged: str = "", answer: str | None = None) -> str:
+        return self.text.format(question=question, privileged=privileged, answer=answer or "")
+
+
+_TEMPLATES = (
+    PromptTemplate(
+        name="opsd_student_v1",
+        role="student",
+        text="Problem: {question}\n\n" + _BOXED,
+        description="OPSD reference student message.",
+    ),
+    PromptTemplate(
+        name="plain",
+        role="student",
+        text="{question}",
+        description="The question verbatim (evaluation builds the whole user message itself).",
+    ),
+    PromptTemplate(
+        name="opsd_teacher_v1",
+        role="teacher",
+        text=(
+            "Problem: {question}\n\n"
+            "Here is a reference solution to this problem:\n"
+            "=== Reference Solution Begin ===\n{privileged}\n=== Reference Solution End ===\n"
+            "\n\n" + _OPSD_TRANSITION + "\n\n" + _BOXED
+        ),
+        description="OPSD reference teacher message: reference solution plus transition.",
+    ),
+    PromptTemplate(
+        name="answer_only_v1",
+        role="teacher",
+        text=(
+            "Problem: {question}\n\n"
+            "The correct final answer to this problem is: {answer}\n\n"
+            "Using your own independent reasoning, derive this answer step by step.\n\n" + _BOXED
+        ),
+        description="The teacher sees only the final answer (Example.answer), no solution.",
+    ),
+    PromptTemplate(
+        name="hint_v1",
+        role="teacher",
+        text="Problem: {question}\n\nHint: {privileged}\n\n" + _BOXED,
+        description="The privileged text as a short hint.",
+    ),
+)
+
+TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in _TEMPLATES}
+
+
+def get_template(name: str, role: Role) -> PromptTemplate:
+    """The template ``name`` for ``role``; errors name the config key and list the choices."""
+    key = f"processor.{role}_template"
+    choices = sorted(n for n, t in TEMPLATES.items() if t.role == role)
+    template = TEMPLATES.get(name)
+    if template is None:
+        raise ValueError(f"{key}: unknown template '{name}'; available {role} templates: {choices}")
+    if template.role != role:
+        raise ValueError(
+            f"{key}: '{name}' is a {template.role} template; available {role} templates: {choices}"
+        )
+    return template

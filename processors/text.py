@@ -1,0 +1,311 @@
+"""Text processor: chat-template prompts for both sides of a pair, and their collation.
+
+Why the care over ids: OPSD scores the student's exact completion tokens under two contexts,
+so every prompt is token ids from one chat-template application (never decoded text encoded
+again, which can re-segment tokens), and collation lays both sides out as in
+``opsd_mm.types`` (left-padded prompt | completion | right padding), so completion token j sits
+at column P + j on each side, and the logits that predict it at column P - 1 + j.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_mm.config import ProcessorConfig
+from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
+
+from .templates import PromptTemplate, get_template
+
+# Chat-end tokens that stop a ChatML turn; Qwen3 generation configs list both.
+_EOS_CANDIDATES = ("<|im_end|>", "<|endoftext|>")
+_THINK_TAGS = ("<think>", "</think>")
+
+
+def pack_side(
+    prompts_B: Sequence[Sequence[int]], completions_B: Sequence[Sequence[int]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Lay out one side: ``[pad | prompt | completion | pad]`` with prompt width P = the longest
+    prompt and completion width C = the longest completion of this batch.
+
+    Returns (model_inputs, P); model_inputs holds ``input_ids``, ``attention_mask`` and
+    ``position_ids`` (all [B, P + C], int64). Positions count real tokens only
+    (cumsum(mask) - 1, clamped at 0), so left padding does not shift a sequence's positions and a
+    padded batch matches each sequence run alone.
+    """
+    P = max(len(p) for p in prompts_B)
+    C = max(len(c) for c in completions_B)
+    rows, masks = [], []
+    for prompt, completion in zip(prompts_B, completions_B):
+        left = P - len(prompt)
+        right = C - len(completion)
+        rows.append([pad_id] * left + list(prompt) + list(completion) + [pad_id] * right)
+        masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+    input_ids_BT = torch.tensor(rows, dtype=torch.long)
+    attention_mask_BT = torch.tensor(masks, dtype=torch.long)
+    position_ids_BT = (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
+    model_inputs = {
+        "input_ids": input_ids_BT,
+        "attention_mask": attention_mask_BT,
+        "position_ids": position_ids_BT,
+    }
+    return model_inputs, P
+
+
+def pack_completions(
+    completions_B: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(completion_ids_BC, completion_mask_BC), right-padded to the batch's longest completion.
+    The mask comes from the lengths, not from ``id != pad``: the pad id may be a real EOS."""
+    C = max(len(c) for c in completions_B)
+    ids = [list(c) + [pad_id] * (C - len(c)) for c in completions_B]
+    mask = [[1] * len(c) + [0] * (C - len(c)) for c in completions_B]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _model_vocab_size(model_path: str | Path) -> int | None:
+    """The model's embedding rows from config.json (text or VL layout), if present."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text())
+    return raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size")
+
+
+class TextProcessor:
+    """Processor for chat-template text models (see ``opsd_mm.types.Processor``).
+
+    Token sets, and why:
+
+    - ``eos_token_ids``: the tokenizer's EOS plus ``<|im_end|>`` and ``<|endoftext|>`` when the
+      vocabulary has them (Qwen3's generation config stops on both).
+    - ``suppress_token_ids``: ids a rollout must never sample. Every *special* added token that
+      is not an EOS (``<|im_start|>`` - a new turn inside a completion; the vision and image/video
+      pad tokens - a sampled ``<|image_pad|>`` breaks the VL re-forward; FIM and box tokens of
+      real Qwen vocabularies); ``<think>``/``</think>`` when the student's thinking is off (its
+      prompt already holds the closed empty think block); and the model's extra embedding rows
+      beyond the tokenizer (real Qwen checkpoints pad the vocabulary; random tiny models sample
+      them). ``<|endoftext|>`` is NOT suppressed although it is the pad token: it is an EOS, and
+      completions are masked by length, never by ``id != pad``.
+
+    ``pair`` rejects completions holding a suppressed id, an id outside the tokenizer, or an
+    EOS before the last position (a sign of un-stripped engine padding).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        cfg: ProcessorConfig | None = None,
+        model_vocab_size: int | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.cfg = cfg or ProcessorConfig()
+        self.student_template: PromptTemplate = get_template(self.cfg.student_template, "student")
+        self.teacher_template: PromptTemplate = get_template(self.cfg.teacher_template, "teacher")
+        self.vocab_size = len(tokenizer)
+
+        vocab = tokenizer.get_vocab()
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        eos += [vocab[t] for t in _EOS_CANDIDATES if t in vocab]
+        self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
+        if not self.eos_token_ids:
+            raise ValueError(
+                "the tokenizer has no EOS token (eos_token, <|im_end|>, <|endoftext|>)"
+            )
+        pad = tokenizer.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else self.eos_token_ids[0]
+
+        special = {
+            i: tok.content for i, tok in tokenizer.added_tokens_decoder.items() if tok.special
+        }
+        # Control-token strings in user data would be encoded as real control tokens.
+        self._control_strings = tuple(sorted(set(special.values())))
+        suppress = {i for i in special if i not in self.eos_token_ids}
+        if not self.cfg.student_thinking:
+            suppress |= {vocab[t] for t in _THINK_TAGS if t in vocab}
+        if model_vocab_size is not None and model_vocab_size > self.vocab_size:
+            suppress |= set(range(self.vocab_size, model_vocab_size))
+        self.suppress_token_ids: list[int] = sorted(suppress)
+        self._suppress_set = frozenset(suppress)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, cfg: ProcessorConfig) -> TextProcessor:
+        """Load the tokenizer from a local directory (and the model's vocabulary size from its
+        config.json, to suppress embedding rows the tokenizer has no token for)."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        return cls(tokenizer, cfg, model_vocab_size=_model_vocab_size(model_path))
+
+    # ------------------------------------------------------------------------- prompts
+
+    def _render_ids(self, content: str, thinking: bool) -> list[int]:
+        """Token ids of a one-user-message chat with the generation prompt, from one template
+        application (tokenize=True; transformers 5 returns a BatchEncoding)."""
+        out = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            enable_thinking=thinking,
+            tokenize=True,
+            return_dict=True,
+        )
+        return list(out["input_ids"])
+
+    def _render_text(self, content: str, thinking: bool) -> str:
+        """The same template as text, for logs and snapshots only (never re-tokenised)."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            enable_thinking=thinking,
+            tokenize=False,
+        )
+
+    def _check_text(self, ex: Example) -> None:
+        for field_name in ("question", "privileged", "answer"):
+            value = getattr(ex, field_name) or ""
+            for token in self._control_strings:
+                if token in value:
+                    raise ValueError(
+                        f"example '{ex.id}': {field_name} contains the control token {token!r}, "
+                        "which would be encoded as a real control token; remove it from the data"
+                    )
+
+    def student_prompt(self, ex: Example) -> Prompt:
+        """The student's context: the question in the student template, nothing privileged."""
+        self._check_text(ex)
+        content = self.student_template.render(question=ex.question)
+        thinking = self.cfg.student_thinking
+        ids = self._render_ids(content, thinking)
+        if len(ids) > self.cfg.max_prompt_tokens:
+            raise ValueError(
+                f"example '{ex.id}': student prompt has {len(ids)} tokens, more than "
+                f"processor.max_prompt_tokens={self.cfg.max_prompt_tokens}; raise the limit or "
+                "drop the example"
+            )
+        text = self._render_text(content, thinking)
+        return Prompt(input_ids=ids, text=text, meta={"template": self.student_template.name})
+
+    def teacher_prompt(self, ex: Example) -> Prompt:
+        """The teacher's context: question plus privileged text in the teacher template.
+
+        Over ``processor.max_teacher_prompt_tokens``, the privileged text alone is cut (at a
+        token boundary of the privileged text, then the whole prompt re-rendered, shrinking until
+        it fits); the question is never cut. ``meta["privileged_truncated"]`` records it.
+        """
+        self._check_text(ex)
+        template = self.teacher_template
+        limit = self.cfg.max_teacher_prompt_tokens
+        if "answer" in template.fields and ex.answer is None:
+            raise ValueError(
+                f"example '{ex.id}': teacher template '{template.name}' needs an answer, but the "
+                "example has none (set data.columns.answer or choose another "
+                "processor.teacher_template)"
+            )
+        if "privileged" in template.fields and not ex.privileged.strip():
+            raise ValueError(
+                f"example '{ex.id}': teacher template '{template.name}' needs privileged text, "
+                "but the example has none (set data.columns.privileged, or keep "
+                "data.require_privileged=true to drop such rows)"
+            )
+        thinking = self.cfg.teacher_thinking
+        privileged = ex.privileged
+        content = template.render(ex.question, privileged, ex.answer)
+        ids = self._render_ids(content, thinking)
+        n_priv = kept = None
+        if len(ids) > limit and "privileged" in template.fields:
+            enc = self.tokenizer(privileged, add_special_tokens=False, return_offsets_mapping=True)
+            starts = [start for start, _ in enc["offset_mapping"]]
+            n_priv = kept = len(starts)
+            while len(ids) > limit and kept > 0:
+                kept = max(0, kept - (len(ids) - limit))
+                privileged = ex.privileged[: starts[kept]] if kept else ""
+                content = template.render(ex.question, privileged, ex.answer)
+                ids = self._render_ids(content, thinking)
+        if len(ids) > limit:
+            how = " even with the privileged text removed" if kept == 0 else ""
+            raise ValueError(
+                f"example '{ex.id}': teacher prompt has {len(ids)} tokens{how}, more than "
+                f"processor.max_teacher_prompt_tokens={limit}; the question is never truncated: "
+                "raise the limit or drop the example"
+            )
+        meta: dict[str, Any] = {
+            "template": template.name,
+            "privileged_truncated": n_priv is not None,
+        }
+        if n_priv is not None:
+            meta["privileged_tokens"] = n_priv
+            meta["privileged_tokens_kept"] = kept
+        text = self._render_text(content, thinking)
+        return Prompt(input_ids=ids, text=text, meta=meta)
+
+    # ------------------------------------------------------------------------- pairs
+
+    def check_completion(self, example_id: str, completion_ids: Sequence[int]) -> list[int]:
+        """The completion as a list of ints, or a ValueError naming the example."""
+        ids = [int(i) for i in completion_ids]
+        if not ids:
+            raise ValueError(f"example '{example_id}': empty completion")
+        for j, tok in enumerate(ids):
+            if not 0 <= tok < self.vocab_size:
+                raise ValueError(
+                    f"example '{example_id}': completion token {j} is id {tok}, outside the "
+                    f"tokenizer's {self.vocab_size} ids (mask the model's extra rows in sampling)"
+                )
+            if tok in self._suppress_set:
+                raise ValueError(
+                    f"example '{example_id}': completion token {j} is the suppressed id {tok} "
+                    f"({self.tokenizer.convert_ids_to_tokens(tok)!r}); the rollout engine must "
+                    "suppress processor.suppress_token_ids"
+                )
+            if tok in self.eos_token_ids and j != len(ids) - 1:
+                raise ValueError(
+                    f"example '{example_id}': EOS id {tok} at completion token {j} before the "
+                    "end; the rollout engine must cut completions after their first EOS"
+                )
+        return ids
+
+    def pair(
+        self,
+        ex: Example,
+        completion_ids: Sequence[int],
+        student: Prompt | None = None,
+        teacher: Prompt | None = None,
+    ) -> Pair:
+        """Both prompts for ``ex`` followed by the same completion. Pass ``student`` (the prompt
+        the rollout was sampled from) and ``teacher`` to reuse them across samples."""
+        ids = self.check_completion(ex.id, completion_ids)
+        return Pair(
+            example_id=ex.id,
+            student=student if student is not None else self.student_prompt(ex),
+            teacher=teacher if teacher is not None else self.teacher_prompt(ex),
+            completion_ids=ids,
+        )
+
+    def collate(self, pairs: Sequence[Pair]) -> PairBatch:
+        """Collate pairs into the shared layout; each side has its own P, both the same C."""
+        if not pairs:
+            raise ValueError("collate() got no pairs")
+        for p in pairs:
+            if p.student.mm_inputs or p.teacher.mm_inputs:
+                raise ValueError(
+                    f"example '{p.example_id}': prompt has image inputs; the text processor "
+                    "cannot collate them (set processor.kind to the model's VL family)"
+                )
+        completions_B = [p.completion_ids for p in pairs]
+        sides = []
+        for side in ("student", "teacher"):
+            prompts_B = [getattr(p, side).input_ids for p in pairs]
+            model_inputs, P = pack_side(prompts_B, completions_B, self.pad_token_id)
+            sides.append(SideBatch(model_inputs=model_inputs, prompt_width=P))
+        completion_ids_BC, completion_mask_BC = pack_completions(completions_B, self.pad_token_id)
+        return PairBatch(
+            student=sides[0],
+            teacher=sides[1],
+            completion_ids_BC=completion_ids_BC,
+            completion_mask_BC=completion_mask_BC,
+            example_ids=[p.example_id for p in pairs],
+        )
