@@ -1,0 +1,1 @@
+"""One module per benchmark, looked up by name through ``opsd_mm.eval.registry``."""

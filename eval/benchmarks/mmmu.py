@@ -1,0 +1,146 @@
+"""MMMU validation (900 items: 847 multiple choice, 53 open), scored by MMMU's official rules.
+
+Prompt (MMMU's eval config): multiple choice ``{question}\\n(A) opt\\n(B) opt\\n\\nAnswer with the
+option's letter from the given choices directly.``; open ``{question}\\nAnswer the question using
+a single word or phrase.`` The ``<image k>`` placeholders stay in the text (the VL processors put
+image k there); ``Example.images`` holds image_1 .. image_K, K the largest k referenced in the
+question or options.
+
+Scoring restates MMMU's eval_utils (see ``grading.mmmu_*``). Unlike lmms-eval's current open
+path, every parsed candidate is tried, so "The answer is 12.97" is right against "12.97". The
+only deviation is the random fallback, seeded per item (``42:<id>``) rather than from one global
+stream, so that resumed and re-scored runs agree; it is labelled ``rule: random``.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from opsd_mm.eval import grading, metrics
+from opsd_mm.eval.benchmarks._common import load_rows, require_image
+from opsd_mm.types import Example
+
+DOMAINS = {
+    "Art and Design": ["Art", "Art_Theory", "Design", "Music"],
+    "Business": ["Accounting", "Economics", "Finance", "Manage", "Marketing"],
+    "Science": ["Biology", "Chemistry", "Geography", "Math", "Physics"],
+    "Health and Medicine": [
+        "Basic_Medical_Science",
+        "Clinical_Medicine",
+        "Diagnostics_and_Laboratory_Medicine",
+        "Pharmacy",
+        "Public_Health",
+    ],
+    "Humanities and Social Science": ["History", "Literature", "Sociology", "Psychology"],
+    "Tech and Engineering": [
+        "Agriculture",
+        "Architecture_and_Engineering",
+        "Computer_Science",
+        "Electronics",
+        "Energy_and_Power",
+        "Materials",
+        "Mechanical_Engineering",
+    ],
+}
+SUBJECTS = [s for subs in DOMAINS.values() for s in subs]
+SUBJECT_TO_DOMAIN = {s: d for d, subs in DOMAINS.items() for s in subs}
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+OPEN_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def parse_options(options: str | list[str]) -> list[str]:
+    """The ``options`` column is a string holding a Python list literal (``'[]'`` for open)."""
+    if isinstance(options, list):
+        return [str(o) for o in options]
+    value = ast.literal_eval(options) if options.strip() else []
+    return [str(o) for o in value]
+
+
+def subject_of(item_id: str) -> str:
+    """``validation_Art_Theory_3`` -> ``Art_Theory`` (the official grouping)."""
+    return "_".join(item_id.split("_")[1:-1])
+
+
+class MMMU:
+    hub_id = "MMMU/MMMU"
+    headline = ("accuracy",)
+    id_columns = ("id",)
+    label = "official (MMMU eval_utils; random fallback seeded per item)"
+
+    def __init__(self, name: str = "mmmu", split: str = "validation", seed: int = 42) -> None:
+        self.name, self.split, self.seed = name, split, seed
+
+    def load(self, data_dir: str | Path | None = None) -> datasets.Dataset:
+        return load_rows(self.name, self.hub_id, self.split, data_dir, configs=SUBJECTS)
+
+    def item_id(self, item: dict[str, Any]) -> str:
+        return str(item["id"])
+
+    def categories(self, item: dict[str, Any]) -> dict[str, Any]:
+        subject = subject_of(self.item_id(item))
+        return {
+            "subject": subject,
+            "domain": SUBJECT_TO_DOMAIN.get(subject),
+            "question_type": item["question_type"],
+        }
+
+    def prompt(self, item: dict[str, Any]) -> Example:
+        iid = self.item_id(item)
+        options = parse_options(item["options"])
+        question = item["question"]
+        if item["question_type"] == "multiple-choice":
+            listed = "".join(f"({chr(65 + i)}) {o}\n" for i, o in enumerate(options))
+            text = f"{question}\n{listed}\n{MC_SUFFIX}"
+        else:
+            text = f"{question}\n{OPEN_SUFFIX}"
+        # images[k-1] is image_k, so a processor can place <image k> by its number.
+        refs = re.findall(r"<image (\d+)>", " ".join([question, *options]))
+        top = max((int(k) for k in refs), default=0)
+        images = tuple(
+            require_image(iid, f"image_{k}", item.get(f"image_{k}")) for k in range(1, top + 1)
+        )
+        return Example(
+            id=iid,
+            question=text,
+            answer=str(item["answer"]),
+            images=images,
+            meta={"benchmark": self.name, **self.categories(item)},
+        )
+
+    def score(self, item: dict[str, Any], response: str) -> dict[str, Any]:
+        golds = grading.mmmu_gold_list(str(item["answer"]))
+        if item["question_type"] == "multiple-choice":
+            options = parse_options(item["options"])
+            choices = [chr(65 + i) for i in range(len(options))]
+            pred, rule = grading.mmmu_parse_choice(
+                response,
+                choices,
+                dict(zip(choices, options)),
+                item_id=self.item_id(item),
+                seed=self.seed,
+            )
+            return {"correct": pred in golds, "extracted": pred, "rule": rule}
+        preds = grading.mmmu_parse_open(response)
+        return {
+            "correct": grading.mmmu_open_correct(golds, preds),
+            "extracted": preds,
+            "rule": "open",
+        }
+
+    def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            **metrics.base_counts(records),
+            **metrics.sample_metrics(records),
+            "by_domain": metrics.grouped_accuracy(records, "domain"),
+            "by_subject": metrics.grouped_accuracy(records, "subject"),
+            "by_question_type": metrics.grouped_accuracy(records, "question_type"),
+        }
+
+    def default_sampling(self, samples: int) -> dict[str, Any]:
+        return {"temperature": 0.0} if samples == 1 else {"temperature": 1.0}
