@@ -7,8 +7,17 @@ a finished temporary directory is atomic on one filesystem), so a crash mid-writ
     optimizer.pt         optimizer state (tensors and plain containers: loads with weights_only)
     scheduler.pt         LR scheduler state
     teacher.safetensors  EMA teacher parameters (when the teacher is ``ema``)
-    rng.pt               torch / CUDA / python RNG states
+    rng.pt               torch / CUDA / python RNG states, one per process
     state.json           step, data position, counters
+
+Only the main process writes; under DDP the weights and optimizer state are the same on every
+process, and the per-process RNG states are gathered to it first. Removing a checkpoint (pruning,
+or replacing one of the same step) renames it to ``.tmp-*`` before deleting, so a crash never
+leaves a half-deleted directory that still looks complete.
+
+Test hook: with ``OPSD_TEST_STALL_CHECKPOINT=<step>`` in the environment, saving that step stops
+half-way (model and optimizer written, ``state.json`` not) and sleeps, so a test can kill the
+process mid-write (tests/test_crash_resume.py). Nothing else reads the variable.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step-"
+STALL_ENV = "OPSD_TEST_STALL_CHECKPOINT"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -48,7 +59,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (gathered from every process into ``rng.pt``)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     state["python_version"] = random.getstate()[0]
     if torch.cuda.is_available():
@@ -63,6 +75,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _remove(path: Path) -> None:
+    """Delete a directory: first renamed out of the ``step-*`` namespace (atomic), so a crash
+    mid-delete leaves a ``.tmp-*`` leftover rather than a partial checkpoint."""
+    trash = path.with_name(f".tmp-del-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -72,9 +100,12 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     teacher_state: dict[str, torch.Tensor] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
+
+    ``rng_states``: one entry per process (default: this process's only)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
@@ -84,8 +115,10 @@ def save_checkpoint(
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if os.environ.get(STALL_ENV) == str(step):
+        time.sleep(3600)  # test hook (module docstring): killed here, half-written
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
     if teacher_state:
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
     # state.json last: its presence marks the content complete even before the rename.
@@ -95,10 +128,11 @@ def save_checkpoint(
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
+    _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
@@ -135,13 +169,20 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    process_index: int = 0,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore model, optimizer, scheduler and RNG; return (state.json, teacher state)."""
+    """Restore model, optimizer, scheduler and RNG; return (state.json, teacher state).
+
+    Process ``process_index`` takes its own saved RNG state; one the checkpoint lacks (resuming
+    on more processes than saved it) keeps its current state."""
     path = Path(path)
     load_model_weights(model, path / "model")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    per_process = rng.get("per_process", [rng])
+    if process_index < len(per_process):
+        _set_rng_state(per_process[process_index])
     teacher = None
     if (path / "teacher.safetensors").exists():
         teacher = load_file(str(path / "teacher.safetensors"))

@@ -67,7 +67,7 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
     examples, _report = load_examples(cfg.data, seed=cfg.seed)
     prepare = getattr(processor, "prepare_examples", None)
     if prepare is not None:  # e.g. the VL processor drops (and counts) rows with bad images
-        examples = prepare(examples)
+        examples = prepare(examples, data_dir=cfg.data.data_dir)
     model = setup_trainable(load_model(path, cfg.model, accelerator.device), cfg.model)
     engine = build_engine(cfg, model, path, processor)
     return Trainer(

@@ -98,6 +98,9 @@ class ProcessorConfig:
     max_pixels: int | None = None
     max_image_pixels: int = 50_000_000
     bad_image_policy: Literal["skip", "raise"] = "skip"
+    # Encode each image once per step and share it between the teacher and student forwards
+    # (only while the vision tower is frozen; numerically identical to re-encoding).
+    reuse_vision: bool = True
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,23 @@ def load_rows(cfg: DataConfig) -> Any:
     return datasets.load_dataset(src, cfg.subset, split=cfg.split)
 
 
+def lazy_images(ds: Any, columns: Sequence[str | None]) -> Any:
+    """Keep image columns undecoded ({"bytes", "path"} dicts) so that loading a large dataset
+    does not decode and hold every image; the VL processor decodes (and validates) per example."""
+    import datasets
+
+    for col in columns:
+        if col is None or col not in getattr(ds, "features", {}):
+            continue
+        feat = ds.features[col]
+        inner = feat[0] if isinstance(feat, list) else getattr(feat, "feature", None)
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))
+        elif isinstance(inner, datasets.Image):  # a list of images per row
+            ds = ds.cast_column(col, datasets.Sequence(datasets.Image(decode=False)))
+    return ds
+
+
 def _columns(cfg: DataConfig) -> ColumnsConfig:
     if cfg.preset is None:
         return cfg.columns
@@ -207,12 +224,13 @@ def load_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], LoadRe
         examples = make(cfg.synthetic_size, seed=seed)
         report = LoadReport(kept=len(examples))
     else:
-        rows = load_rows(cfg)
+        columns = _columns(cfg)
+        rows = lazy_images(load_rows(cfg), [columns.images, columns.teacher_images])
         if cfg.limit is not None:
             rows = rows.select(range(min(cfg.limit, len(rows))))
         examples, report = rows_to_examples(
             rows,
-            _columns(cfg),
+            columns,
             policy=cfg.bad_row_policy,
             require_privileged=cfg.require_privileged,
             source=cfg.source,

@@ -11,8 +11,10 @@ several processes therefore give the same gradients as one big batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 
 from opsd_mm import checkpoint as ckpt
-from opsd_mm.config import RunConfig, save_config
+from opsd_mm.config import ConfigError, RunConfig, save_config
 from opsd_mm.data import ExampleStream
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
 from opsd_mm.metrics import MetricsWriter, PhaseTimer, repetition_rate, summarize_tokens
@@ -79,6 +81,36 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
+    """Refuse at start-up, naming the setting, what the trainer cannot yet do under a sharding
+    engine - rather than a DTensor error at step 1 or a broken checkpoint hours later.
+
+    DDP supports everything. FSDP2 trains (LoRA and full fine-tuning, fixed and live teachers,
+    fused loss) but checkpoints would need full state dicts gathered from every process, and
+    the EMA copy would need the parameters' sharding. DeepSpeed: accelerate steps the engine
+    inside ``backward()``, which conflicts with the trainer's own micro-batch accumulation.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported by the trainer yet; launch with "
+            "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp.yaml"
+        )
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise ConfigError(
+            "FSDP1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
+        )
+    if acc.distributed_type == DistributedType.FSDP:
+        problems = []
+        if cfg.teacher.kind == "ema":
+            problems.append("teacher.kind=ema (use fixed or live)")
+        if cfg.trainer.save_every or cfg.trainer.resume:
+            problems.append("checkpoints (set trainer.save_every=0, trainer.resume=false)")
+        if problems:
+            raise ConfigError(f"not supported under FSDP2 yet: {'; '.join(problems)}")
+
+
 class Trainer:
     """Owns the model, optimizer, teacher, engine and data stream of one run."""
 
@@ -105,6 +137,7 @@ class Trainer:
             project_dir=cfg.run_dir,
         )
         acc = self.accelerator
+        check_distributed_support(cfg, acc)
         self.run_dir = Path(cfg.run_dir)
         self.processor = processor
         self.engine = engine
@@ -129,7 +162,16 @@ class Trainer:
             num_warmup_steps=tc.warmup_steps,
             num_training_steps=tc.max_steps,
         )
-        self.model = acc.prepare(model)
+        # Model and optimizer are prepared together: FSDP2 replaces the parameters with sharded
+        # DTensors and must re-point the optimizer at them. The scheduler stays unprepared: an
+        # accelerate-prepared scheduler steps once per process, which would make the LR schedule
+        # depend on the process count.
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        # FSDP2 only (a no-op for other modules): generate() runs below the root module's
+        # forward, whose hook gathers the root's own shards (embeddings, final norm, head).
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(self.model, "generate")
         if self.teacher.frozen is not None:
             self.teacher.frozen.to(acc.device)
         self.stream = ExampleStream(
@@ -141,7 +183,12 @@ class Trainer:
             world_size=acc.num_processes,
         )
         self.step = 0
-        self.counters = {"nonfinite_steps": 0, "rejected_completions": 0, "privileged_truncated": 0}
+        self.counters = {
+            "nonfinite_steps": 0,
+            "rejected_completions": 0,
+            "privileged_truncated": 0,
+            "bad_examples": 0,
+        }
         self._nonfinite_in_row = 0
         self.timer_cuda = acc.device.type == "cuda"
 
@@ -155,6 +202,9 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            # Rows past the starting step came from a run that died after its last checkpoint
+            # (or from an earlier run in this directory): drop them, so no step appears twice.
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             if cfg.logging.report_to:
                 from opsd_mm.config import config_to_dict
 
@@ -199,18 +249,20 @@ class Trainer:
         t_start = time.perf_counter()
 
         # 1. sample: the student context only.
-        examples = self.stream.next_batch()
+        examples, prompts = self._student_prompts(self.stream.next_batch())
         with timer.phase("rollout"):
-            prompts = [self.processor.student_prompt(ex) for ex in examples]
-            for ex, p in zip(examples, prompts):
-                p.meta["key"] = ex.id
             rollouts_P_G = self.engine.generate(prompts, cfg.rollout.n, self._sampling())
 
         # 2. pair: the teacher context, followed by the same completion ids.
         pairs: list[Pair] = []
         finish = []
         for ex, prompt, rollouts in zip(examples, prompts, rollouts_P_G):
-            teacher_prompt = self.processor.teacher_prompt(ex)
+            try:
+                teacher_prompt = self.processor.teacher_prompt(ex)
+            except ValueError as e:  # e.g. a teacher-only image that fails to load
+                self.counters["bad_examples"] += 1
+                log.warning("skipped example: %s", e)
+                continue
             self.counters["privileged_truncated"] += int(
                 bool(teacher_prompt.meta.get("privileged_truncated"))
             )
@@ -226,26 +278,40 @@ class Trainer:
                     continue
                 pairs.append(pair)
 
-        # The step's loss-token count over all processes normalises every micro-batch's loss.
+        # The step's shape over all processes, in one collective. The summed loss-token count
+        # normalises every micro-batch's loss. Every process runs as many micro-batches as the
+        # busiest one, since a sharded model gathers weights in each forward and DDP reduces
+        # gradients in each process's last backward: a process with fewer repeats its last
+        # micro-batch with weight 0. If any process has none, every process skips the step.
         skip = cfg.loss.skip_first_tokens
         n_local = sum(max(0, len(p.completion_ids) - skip) for p in pairs)
-        n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum").item()
+        micro = _chunks(pairs, cfg.trainer.micro_batch_size)
+        shape_W2 = acc.gather(torch.tensor([[float(n_local), len(micro)]], device=acc.device))
+        n_global = shape_W2[:, 0].sum().item()
+        n_micro = int(shape_W2[:, 1].max().item()) if shape_W2[:, 1].min() > 0 else 0
 
         # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
         self.model.train()
-        micro = _chunks(pairs, cfg.trainer.micro_batch_size)
         loss_total = torch.zeros((), device=acc.device)
         outs: list[DivergenceOut] = []
-        for i, mb in enumerate(micro):
-            batch = self.processor.collate(mb).to(acc.device)
-            sync = i == len(micro) - 1
-            with acc.no_sync(self.model) if not sync else nullcontext():
-                loss, out = self._micro_step(batch, n_global, timer)
-                with timer.phase("student"):
-                    acc.backward(loss)
-            loss_total += loss.detach()
-            outs.append(out)
-        if not micro:  # every completion rejected: nothing to learn from this step
+        # The processor's step context (VL: each image encoded once for the whole step).
+        step_ctx = getattr(self.processor, "step_context", None)
+        step_scope = step_ctx(_unwrap(self.model)) if step_ctx else nullcontext()
+        with step_scope:
+            for i in range(n_micro):
+                padding = i >= len(micro)
+                batch = self.processor.collate(micro[min(i, len(micro) - 1)]).to(acc.device)
+                sync = i == n_micro - 1
+                with acc.no_sync(self.model) if not sync else nullcontext():
+                    loss, out = self._micro_step(batch, n_global, timer)
+                    if padding:
+                        loss = loss * 0.0
+                    with timer.phase("student"):
+                        acc.backward(loss)
+                if not padding:
+                    loss_total += loss.detach()
+                    outs.append(out)
+        if not n_micro:  # every completion rejected (on some process): nothing to learn from
             log.warning("step %d: no usable completions", self.step + 1)
 
         # 6. optimizer step, unless the loss or the gradients are not finite.
@@ -313,8 +379,7 @@ class Trainer:
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
         ids_N = batch.completion_ids_BC[mask_BC]
         scale = acc.num_processes / max(n_global, 1.0)
-        step_ctx = getattr(self.processor, "step_context", None)
-        with step_ctx(_unwrap(self.model)) if step_ctx else nullcontext(), acc.autocast():
+        with acc.autocast():
             with timer.phase("teacher"), torch.no_grad():
                 with self.teacher.as_teacher(_unwrap(self.model)) as teacher_model:
                     if cfg.loss.fused:
@@ -356,6 +421,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _student_prompts(self, batch: list[Example]) -> tuple[list[Example], list[Any]]:
+        """Student prompts for a batch; an example whose prompt cannot be built (a bad image
+        under policy ``skip`` that slipped past data loading, an over-long question) is
+        counted in ``bad_examples``, logged with its id, and left out."""
+        examples, prompts = [], []
+        for ex in batch:
+            try:
+                prompt = self.processor.student_prompt(ex)
+            except ValueError as e:
+                self.counters["bad_examples"] += 1
+                log.warning("skipped example: %s", e)
+                continue
+            prompt.meta["key"] = ex.id
+            examples.append(ex)
+            prompts.append(prompt)
+        return examples, prompts
+
     def _sampling(self) -> SamplingConfig:
         r = self.cfg.rollout
         return SamplingConfig(
@@ -372,12 +454,17 @@ class Trainer:
         if not params:
             return 0.0
         max_norm = self.cfg.trainer.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        return float(norm)
+        # accelerate's clip handles sharded (DTensor) gradients under FSDP2; the norm is global.
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def save(self) -> Path | None:
+        """Checkpoint from the main process; every process contributes its RNG state."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         acc.wait_for_everyone()
+        rng_states = gather_object([ckpt.rng_state()])
         path = None
         if acc.is_main_process:
             path = ckpt.save_checkpoint(
@@ -391,22 +478,45 @@ class Trainer:
                     "counters": self.counters,
                     "nonfinite_in_row": self._nonfinite_in_row,
                     "num_processes": acc.num_processes,
+                    "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
                 },
                 teacher_state=self.teacher.state_dict() or None,
+                rng_states=rng_states,
                 keep_last=self.cfg.trainer.keep_last,
             )
         acc.wait_for_everyone()
         return path
 
     def resume(self) -> None:
-        """Continue from the latest complete checkpoint in run_dir (none: start fresh)."""
+        """Continue from the latest complete checkpoint in run_dir (none: start fresh).
+
+        Every process loads the same files. The data position is a global example count, so a
+        different process count resumes at the same place in the data; the same global batch
+        (batch_size x processes) keeps the run identical to an uninterrupted one."""
+        acc = self.accelerator
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             log.warning("trainer.resume: no checkpoint in %s; starting from step 0", self.run_dir)
             return
         state, teacher_state = ckpt.load_checkpoint(
-            path, model=_unwrap(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+            path,
+            model=_unwrap(self.model),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            process_index=acc.process_index,
         )
+        saved_batch = state.get("global_batch_size")
+        global_batch = self.cfg.trainer.batch_size * acc.num_processes
+        if saved_batch is not None and saved_batch != global_batch:
+            log.warning(
+                "resuming %s with a global batch of %d (trainer.batch_size=%d x %d processes); "
+                "it was saved with %d: set trainer.batch_size to keep the run's batch",
+                path,
+                global_batch,
+                self.cfg.trainer.batch_size,
+                acc.num_processes,
+                saved_batch,
+            )
         if teacher_state:
             self.teacher.load_state_dict(teacher_state)
         self.step = int(state["step"])
@@ -415,6 +525,26 @@ class Trainer:
         self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
         self.engine.sync_weights(_unwrap(self.model))
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.jsonl`` up to ``step``, rewritten atomically; a torn last
+    line (a kill mid-write) is dropped too."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step and line.endswith("\n"):
+            kept.append(line)
+    if kept != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def _mean_of(outs: Sequence[DivergenceOut], name: str) -> float:

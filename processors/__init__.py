@@ -29,4 +29,6 @@ def build_processor(cfg: Any, model_path: str, model_type: str) -> Any:
         return TextProcessor.from_pretrained(model_path, cfg)
     from opsd_mm.processors.vl import QwenVLProcessor
 
-    return QwenVLProcessor.from_pretrained(model_path, cfg, family=kind)
+    return QwenVLProcessor.from_pretrained(
+        model_path, cfg, family=kind, reuse_vision=cfg.reuse_vision
+    )

@@ -67,7 +67,7 @@ def pack_completions(
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-def _model_vocab_size(model_path: str | Path) -> int | None:
+def model_vocab_size_of(model_path: str | Path) -> int | None:
     """The model's embedding rows from config.json (text or VL layout), if present."""
     path = Path(model_path) / "config.json"
     if not path.is_file():
@@ -139,7 +139,7 @@ class TextProcessor:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        return cls(tokenizer, cfg, model_vocab_size=_model_vocab_size(model_path))
+        return cls(tokenizer, cfg, model_vocab_size=model_vocab_size_of(model_path))
 
     # ------------------------------------------------------------------------- prompts
 

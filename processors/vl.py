@@ -31,7 +31,7 @@ from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
 
 from .images import BadImageError, load_example_images, load_image, resolve_source
 from .templates import PromptTemplate, get_template
-from .text import TextProcessor, _model_vocab_size, pack_completions
+from .text import TextProcessor, model_vocab_size_of, pack_completions
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class QwenVLProcessor:
         from transformers import AutoProcessor
 
         hf = AutoProcessor.from_pretrained(str(model_path))
-        return cls(hf, cfg, family, _model_vocab_size(model_path), reuse_vision=reuse_vision)
+        return cls(hf, cfg, family, model_vocab_size_of(model_path), reuse_vision=reuse_vision)
 
     def step_context(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Wrap one step's teacher and student forwards: each image is encoded once (the vision
@@ -209,11 +209,16 @@ class QwenVLProcessor:
     def _question_parts(self, ex: Example) -> list[dict[str, Any]]:
         """Content parts of the question with image parts at the placeholders (each image part
         carries its source under ``"src"`` until rendering). Unreferenced images go first; a
-        placeholder repeating an already placed image stays text."""
+        placeholder repeating an already placed image stays text.
+
+        ``ex.meta["image_placeholders"] = False`` keeps the question verbatim with every image
+        first - for benchmarks whose tags are text (MathVision's ``<image2>`` refers to a panel
+        of its one composite image)."""
         parts: list[dict[str, Any]] = []
         placed: list[int] = []
         pos = 0
-        for m in PLACEHOLDER.finditer(ex.question):
+        matches = PLACEHOLDER.finditer(ex.question) if ex.meta.get("image_placeholders", True) else ()
+        for m in matches:
             if m.group(1) is not None:
                 idx = int(m.group(1)) - 1
                 if not 0 <= idx < len(ex.images):

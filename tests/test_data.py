@@ -101,3 +101,29 @@ def test_stream_shards_without_duplication_and_resumes():
     s2 = ExampleStream(exs, 4, seed=3)
     s2.load_state(state)
     assert [e.id for e in s2.next_batch()] == nxt
+
+
+def test_image_columns_stay_undecoded(tmp_path):
+    import datasets
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8), "blue")
+    ds = datasets.Dataset.from_dict(
+        {"question": ["q1"], "solution": ["s1"], "image": [img], "extra": [[img, img]]},
+        features=datasets.Features(
+            {
+                "question": datasets.Value("string"),
+                "solution": datasets.Value("string"),
+                "image": datasets.Image(),
+                "extra": datasets.Sequence(datasets.Image()),
+            }
+        ),
+    )
+    ds.save_to_disk(str(tmp_path / "d"))
+    cfg = DataConfig(
+        source=str(tmp_path / "d"),
+        columns=ColumnsConfig(question="question", images="image", teacher_images="extra"),
+    )
+    (ex,), _ = load_examples(cfg)
+    assert isinstance(ex.images[0], dict) and ex.images[0]["bytes"]
+    assert len(ex.teacher_images) == 2 and isinstance(ex.teacher_images[1], dict)

@@ -65,7 +65,8 @@ class MathVision:
             question=text,
             answer=str(item["answer"]),
             images=(image,),
-            meta={"benchmark": self.name, **self.categories(item)},
+            # The <imageN> tags are text: all of them refer to the one composite image.
+            meta={"benchmark": self.name, "image_placeholders": False, **self.categories(item)},
         )
 
     def score(self, item: dict[str, Any], response: str) -> dict[str, Any]:

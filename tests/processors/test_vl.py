@@ -511,3 +511,28 @@ def test_prepare_examples_applies_bad_image_policy(proc, tmp_path, policy):
     # Relative paths were resolved, so prompts load without the data directory.
     assert kept[0].images[0] == str(tmp_path / "img" / "ok.png")
     assert p.student_prompt(kept[0]).mm_inputs["image_grid_thw"].shape == (1, 3)
+
+
+def test_placeholders_can_be_kept_as_text(tmp_path_factory):
+    """MathVision-style tags (<image2> with one composite image) stay verbatim text when the
+    example opts out of placeholder parsing; the image goes first."""
+    from PIL import Image
+
+    from opsd_mm.config import ProcessorConfig
+    from opsd_mm.fixtures import resolve_tiny
+    from opsd_mm.processors.vl import QwenVLProcessor
+    from opsd_mm.types import Example
+
+    path = resolve_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny"))
+    proc = QwenVLProcessor.from_pretrained(
+        str(path), ProcessorConfig(student_template="plain"), family="qwen2_5_vl"
+    )
+    img = Image.new("RGB", (56, 56), "red")
+    q = "In <image1>, which panel <image2> is larger?"
+    with pytest.raises(ValueError, match="<image2>"):
+        proc.student_prompt(Example(id="mv", question=q, images=(img,)))
+    p = proc.student_prompt(
+        Example(id="mv", question=q, images=(img,), meta={"image_placeholders": False})
+    )
+    assert q in p.text
+    assert p.text.index("<|vision_start|>") < p.text.index(q)
