@@ -217,7 +217,9 @@ class QwenVLProcessor:
         parts: list[dict[str, Any]] = []
         placed: list[int] = []
         pos = 0
-        matches = PLACEHOLDER.finditer(ex.question) if ex.meta.get("image_placeholders", True) else ()
+        matches = (
+            PLACEHOLDER.finditer(ex.question) if ex.meta.get("image_placeholders", True) else ()
+        )
         for m in matches:
             if m.group(1) is not None:
                 idx = int(m.group(1)) - 1
