@@ -1,0 +1,269 @@
+"""Per-token divergences between the student's and the teacher's next-token distributions.
+
+This is the naive reference: it takes materialised logits ``[N, V]`` (N selected completion
+tokens, V vocabulary entries) and returns per-token values in fp32 (float64 inputs stay float64,
+so ``gradcheck`` can run). The fused path (``opsd_mm.fused``) calls :func:`token_divergence` on
+one chunk of tokens at a time, so every mode has exactly one implementation.
+
+Reduction is kept separate on purpose: the trainer sums ``loss_N`` over every micro-batch and
+divides by the *global* count of loss tokens of the optimizer step (:func:`reduce_loss`), so
+gradient accumulation and data parallelism give the same gradient as one big batch.
+
+Directions, in words (S = student, T = teacher, both at the configured temperature):
+
+- ``forward_kl``: KL(T || S) = sum_v T_v (log T_v - log S_v), mass-covering.
+- ``reverse_kl``: KL(S || T) = sum_v S_v (log S_v - log T_v), mode-seeking.
+- ``jsd`` (generalized, weight beta): with the mixture M = beta*T + (1-beta)*S,
+  ``JSD_beta = (1-beta) * KL(T || M) + beta * KL(S || M)``.
+  beta=0 is *exactly* KL(T || S) and beta=1 *exactly* KL(S || T) (both special-cased), and the
+  value is continuous in beta in between (as beta -> 0, M -> S and the first term -> KL(T||S)).
+  At beta=0.5 it is the textbook JSD. This differs from TRL's GKD weighting
+  (``beta*KL(T||M) + (1-beta)*KL(S||M)`` with ``M = beta*T + (1-beta)*S``), which tends to 0 as
+  beta -> 0 but is defined as KL(T||S) at beta=0, i.e. is discontinuous at both endpoints.
+- ``sampled_pg``: the on-policy reverse-KL policy gradient on the sampled token y only.
+
+Reminder for readers of other code: ``torch.nn.functional.kl_div(input, target)`` computes
+KL(target || input), with ``input`` in log space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from opsd_mm.config import LossConfig
+
+DIVERGENCES = ("jsd", "forward_kl", "reverse_kl", "sampled_pg")
+
+# Floor for the tail bucket's probability: keeps log(tail) finite (log(1e-30) ~ -69) when the
+# top-k tokens hold all the mass in floating point. The clamp has zero gradient where it binds.
+_TAIL_FLOOR = 1e-30
+
+
+@dataclass
+class DivergenceOut:
+    """Per-token results for N loss tokens.
+
+    ``loss_N`` (fp32, differentiable w.r.t. the student logits) is what to backpropagate, after
+    :func:`reduce_loss`. The rest is detached, for metrics: ``div_N`` is the unclipped divergence
+    on the configured support (for ``sampled_pg`` the single-sample estimate
+    ``log p_s(y) - log p_t(y)``); ``clipped_N`` the fraction of clipped terms: 0/1 under a token
+    clip, the fraction of support entries under a point-wise clip, and 1 where both are set and
+    the token clip binds; the entropies are those of the full-vocabulary distributions at the
+    configured temperature (whatever the top-k support).
+    """
+
+    loss_N: torch.Tensor
+    div_N: torch.Tensor
+    clipped_N: torch.Tensor
+    student_entropy_N: torch.Tensor
+    teacher_entropy_N: torch.Tensor
+
+
+def validate_loss_config(cfg: LossConfig) -> None:
+    """Raise a ValueError naming the ``loss.*`` key when the settings cannot be computed."""
+    if cfg.divergence not in DIVERGENCES:
+        raise ValueError(
+            f"loss.divergence must be one of {list(DIVERGENCES)}, got {cfg.divergence!r}"
+        )
+    if not 0.0 <= cfg.beta <= 1.0:
+        raise ValueError(f"loss.beta must lie in [0, 1], got {cfg.beta}")
+    if not cfg.temperature > 0.0:
+        raise ValueError(f"loss.temperature must be > 0, got {cfg.temperature}")
+    if cfg.top_k < 0:
+        raise ValueError(f"loss.top_k must be >= 0 (0: full vocabulary), got {cfg.top_k}")
+    if cfg.skip_first_tokens < 0:
+        raise ValueError(f"loss.skip_first_tokens must be >= 0, got {cfg.skip_first_tokens}")
+    if cfg.divergence == "sampled_pg":
+        if cfg.pointwise_clip is not None:
+            raise ValueError(
+                "loss.pointwise_clip does not apply to loss.divergence=sampled_pg (it uses the "
+                "sampled token only, there are no vocabulary terms to clip); set "
+                "loss.pointwise_clip=null, or use loss.token_clip"
+            )
+        if cfg.top_k > 0:
+            raise ValueError(
+                "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
+                "token only); set loss.top_k=0"
+            )
+
+
+def loss_mask(completion_mask_BC: torch.Tensor, skip_first_tokens: int) -> torch.Tensor:
+    """Bool [B, C]: the completion tokens of each row minus its first ``skip_first_tokens``.
+
+    Counting is by position among the row's own completion tokens (a cumulative sum), so the
+    result does not depend on where the completion starts in the row.
+    """
+    mask_BC = completion_mask_BC.bool()
+    if skip_first_tokens <= 0:
+        return mask_BC
+    rank_BC = mask_BC.long().cumsum(dim=1)  # 1 on the first completion token, 2 on the second...
+    return mask_BC & (rank_BC > skip_first_tokens)
+
+
+def reduce_loss(
+    loss_N: torch.Tensor, num_tokens_global: int | float | torch.Tensor
+) -> torch.Tensor:
+    """``sum(loss_N) / max(num_tokens_global, 1)``.
+
+    Dividing every micro-batch by the step's global token count (not its own) makes the summed
+    gradients equal to those of one batch. An empty ``loss_N`` gives exactly 0.0, still attached
+    to the graph, so ``backward`` runs and gives zero (never NaN) gradients.
+    """
+    if torch.is_tensor(num_tokens_global):
+        denom = num_tokens_global.to(loss_N.dtype).clamp(min=1)
+    else:
+        denom = max(float(num_tokens_global), 1.0)
+    return loss_N.sum() / denom
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate across the range (Maechler's two branches).
+
+    x is first clamped to at most -_TAIL_FLOOR, so the result stays >= log(_TAIL_FLOOR) (about
+    -69) and finite, with a finite gradient, when the top-k mass rounds to 1."""
+    x = x.clamp(max=-_TAIL_FLOOR)
+    near_zero = x > -math.log(2.0)
+    # Each branch is evaluated where it is accurate; the other branch's inputs are kept in range
+    # so that neither produces inf/NaN (torch.where would propagate NaN gradients otherwise).
+    a = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, a, b)
+
+
+def _support_log_probs(
+    student_logp_NV: torch.Tensor, teacher_logp_NV: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Restrict both log-distributions to the teacher's top-k support -> [N, K].
+
+    K = V without top-k (or when k >= V, which is then exactly the full result); K = k when
+    renormalised over the k tokens; K = k + 1 with the tail bucket, whose last entry is
+    log(1 - sum of the k probabilities) of each distribution.
+    """
+    k = cfg.top_k
+    if k <= 0 or k >= student_logp_NV.shape[-1]:
+        return student_logp_NV, teacher_logp_NV
+    idx_NK = teacher_logp_NV.topk(k, dim=-1).indices
+    s_NK = student_logp_NV.gather(-1, idx_NK)
+    t_NK = teacher_logp_NV.gather(-1, idx_NK)
+    s_mass_N = torch.logsumexp(s_NK, dim=-1)
+    t_mass_N = torch.logsumexp(t_NK, dim=-1)
+    if not cfg.top_k_tail_bucket:
+        return s_NK - s_mass_N[:, None], t_NK - t_mass_N[:, None]
+    s_tail_N = _log1mexp(s_mass_N)
+    t_tail_N = _log1mexp(t_mass_N)
+    return torch.cat([s_NK, s_tail_N[:, None]], dim=-1), torch.cat(
+        [t_NK, t_tail_N[:, None]], dim=-1
+    )
+
+
+def divergence_terms(
+    student_logp_NK: torch.Tensor, teacher_logp_NK: torch.Tensor, divergence: str, beta: float
+) -> torch.Tensor:
+    """The per-entry terms [N, K] whose sum over K is the divergence (see the module docstring).
+
+    Point-wise clipping acts on these terms, so their split matters: forward KL's term is
+    T_v (log T_v - log S_v), reverse KL's S_v (log S_v - log T_v), and the JSD's
+    (1-beta) T_v (log T_v - log M_v) + beta S_v (log S_v - log M_v), with log M computed as a
+    log-sum-exp of the two log-distributions.
+    """
+    s, t = student_logp_NK, teacher_logp_NK
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return t.exp() * (t - s)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return s.exp() * (s - t)
+    if divergence != "jsd":
+        raise ValueError(f"loss.divergence={divergence!r} has no vocabulary terms")
+    m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+    # Scalars applied last: S = exp(s) is then saved once for backward (by exp and by the
+    # product alike) instead of also saving beta * S, one [N, K] tensor less at the peak.
+    return (1.0 - beta) * (t.exp() * (t - m)) + beta * (s.exp() * (s - m))
+
+
+def _entropy_N(logp_NV: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return -(logp_NV.exp() * logp_NV).sum(-1)
+
+
+def token_divergence(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor,
+    sampled_ids_N: torch.Tensor | None,
+    cfg: LossConfig,
+) -> DivergenceOut:
+    """Per-token loss between student and teacher next-token distributions, [N, V] -> [N].
+
+    Both logits are upcast to fp32 (float64 stays float64) and divided by ``cfg.temperature``
+    before the log-softmax; the teacher's are detached here whatever the caller passed. Then:
+
+    - top-k (``cfg.top_k`` > 0): the support is the teacher's k most likely tokens per position,
+      renormalised, or with one extra tail bucket (``cfg.top_k_tail_bucket``);
+    - the divergence is summed over the support (modes in the module docstring);
+    - ``cfg.pointwise_clip`` c clamps each support term to at most c before the sum (zero
+      gradient where it binds). This matches the OPSD reference (siyan-zhao/OPSD,
+      ``opsd_trainer.py``, its ``jsd_token_clip``, 0.05 in the v3 recipes): despite that name it
+      clamps the *signed* element-wise divergence tensor of shape [..., V] from above only
+      (``clamp(max=c)``, no absolute value, negative terms untouched) before masking and
+      summing, i.e. it is a point-wise clip;
+    - ``cfg.token_clip`` c clamps the per-token loss to at most c (zero gradient where it binds).
+
+    ``sampled_pg`` uses only the sampled token y (``sampled_ids_N``): the advantage
+    A = (log p_t(y) - log p_s(y)).detach() and ``loss_N = -A * log p_s(y)``, whose gradient is the
+    single-sample estimate of the gradient of KL(S || T) under on-policy samples (the value is a
+    surrogate, not a divergence; ``div_N`` holds the estimate log p_s(y) - log p_t(y)). Under a
+    token clip c the per-token estimate is capped before it becomes the advantage:
+    A = -min(log p_s(y) - log p_t(y), c), so over-confident tokens push down no harder than c.
+    """
+    validate_loss_config(cfg)
+    dtype = torch.promote_types(student_logits_NV.dtype, torch.float32)
+    s_NV = student_logits_NV.to(dtype)
+    t_NV = teacher_logits_NV.detach().to(dtype)
+    if cfg.temperature != 1.0:
+        s_NV = s_NV / cfg.temperature
+        t_NV = t_NV / cfg.temperature
+    s_logp_NV = F.log_softmax(s_NV, dim=-1)
+    with torch.no_grad():
+        t_logp_NV = F.log_softmax(t_NV, dim=-1)
+    student_entropy_N = _entropy_N(s_logp_NV.detach())
+    teacher_entropy_N = _entropy_N(t_logp_NV)
+
+    if cfg.divergence == "sampled_pg":
+        if sampled_ids_N is None:
+            raise ValueError("loss.divergence=sampled_pg needs the sampled token ids")
+        ids_N1 = sampled_ids_N.long()[:, None]
+        s_y_N = s_logp_NV.gather(-1, ids_N1).squeeze(-1)
+        t_y_N = t_logp_NV.gather(-1, ids_N1).squeeze(-1)
+        div_N = (s_y_N - t_y_N).detach()
+        cost_N = div_N
+        clipped_N = torch.zeros_like(div_N)
+        if cfg.token_clip is not None:
+            clipped_N = (div_N > cfg.token_clip).to(dtype)
+            cost_N = div_N.clamp(max=cfg.token_clip)
+        advantage_N = -cost_N
+        loss_N = -advantage_N * s_y_N
+    else:
+        s_NK, t_NK = _support_log_probs(s_logp_NV, t_logp_NV, cfg)
+        terms_NK = divergence_terms(s_NK, t_NK, cfg.divergence, cfg.beta)
+        if cfg.pointwise_clip is not None:
+            div_N = terms_NK.detach().sum(-1)
+            clipped_N = (terms_NK.detach() > cfg.pointwise_clip).to(dtype).mean(-1)
+            loss_N = terms_NK.clamp(max=cfg.pointwise_clip).sum(-1)
+        else:
+            loss_N = terms_NK.sum(-1)
+            div_N = loss_N.detach()
+            clipped_N = torch.zeros_like(div_N)
+        if cfg.token_clip is not None:
+            over_N = loss_N.detach() > cfg.token_clip
+            clipped_N = torch.where(over_N, torch.ones_like(clipped_N), clipped_N)
+            loss_N = loss_N.clamp(max=cfg.token_clip)
+
+    return DivergenceOut(
+        loss_N=loss_N,
+        div_N=div_N,
+        clipped_N=clipped_N,
+        student_entropy_N=student_entropy_N,
+        teacher_entropy_N=teacher_entropy_N,
+    )

@@ -1,0 +1,262 @@
+"""Fused, chunked divergence loss from hidden states and the lm_head weight.
+
+Why: the naive path materialises fp32 logits for student and teacher, [N, V] each, plus the
+log-softmaxes and the autograd buffers of the divergence; at N = 8,192 tokens and V = 151,936
+that is ~70 GiB. Here tokens are processed in chunks: for each chunk the student and teacher
+logits are computed, then the per-token loss (the very same
+:func:`opsd_mm.divergences.token_divergence`, so every mode has one implementation) and its
+gradient w.r.t. the chunk's student logits are taken right away, and that gradient is pushed
+through the lm_head into the hidden-state gradient (and the weight/bias gradients when those
+train). Only one chunk's logits ever exist. The gradients are stored during forward; backward
+only scales them by ``grad_output``.
+
+Consequences worth knowing: the forward pass does the backward work too (skipped when no input
+needs a gradient, e.g. under ``torch.no_grad``); the graph cannot be differentiated twice.
+Shape suffix ``c``: the tokens of one chunk (otherwise the legend of ``opsd_mm.types``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from opsd_mm.config import LossConfig
+from opsd_mm.divergences import DivergenceOut, token_divergence, validate_loss_config
+
+# Default chunk: ~256 MiB of fp32 logits per chunk, student and teacher together. The whole
+# working set of one chunk is larger: token_divergence's forward + backward peaks at ~13 fp32
+# [chunk, V] tensors for the JSD (logits, log-softmaxes, mixture, terms, autograd buffers);
+# measured on CPU at V = 151,936 (208-token chunks): 1.7 GiB extra peak, against 15.1 GiB for
+# the naive path at 2,048 tokens. Larger chunks stream the [V, H] weight from memory fewer times
+# (2 passes per chunk): on CPU, 48-token chunks cost ~25% more CPU time than the naive path,
+# 208-token chunks were within 10% of it (bench/divergence.py).
+CHUNK_LOGITS_BUDGET_BYTES = 256 * 2**20
+_LOGITS_PER_CHUNK = 2  # student + teacher
+
+ChunkFn = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def default_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BUDGET_BYTES) -> int:
+    """Tokens per chunk so that the chunk's fp32 student + teacher logits take ~``budget_bytes``
+    (V = 151,936 -> 208 tokens), rounded down to a multiple of 16 (GPU matmul tiles) when
+    above 16."""
+    chunk = max(1, budget_bytes // (vocab_size * 4 * _LOGITS_PER_CHUNK))
+    return chunk - chunk % 16 if chunk > 16 else chunk
+
+
+def _chunk_divergence(
+    student_logits_cV: torch.Tensor,
+    teacher_logits_cV: torch.Tensor,
+    sampled_ids_c: torch.Tensor,
+    cfg: LossConfig,
+) -> tuple[torch.Tensor, ...]:
+    """token_divergence on one chunk, as a plain tuple (what torch.compile handles best)."""
+    out = token_divergence(student_logits_cV, teacher_logits_cV, sampled_ids_c, cfg)
+    return (
+        out.loss_N,
+        out.div_N,
+        out.clipped_N,
+        out.student_entropy_N,
+        out.teacher_entropy_N,
+    )
+
+
+@functools.cache
+def _compiled_chunk_divergence() -> ChunkFn:
+    # Built on first use (no import-time side effect); dynamic shapes cover the last, shorter
+    # chunk without a recompile.
+    return torch.compile(_chunk_divergence, dynamic=True)
+
+
+class _FusedDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden_NH: torch.Tensor,
+        weight_VH: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        teacher_hidden_NH: torch.Tensor,
+        teacher_weight_VH: torch.Tensor,
+        teacher_bias_V: torch.Tensor | None,
+        sampled_ids_N: torch.Tensor,
+        cfg: LossConfig,
+        scale: float,
+        chunk_size: int,
+        needs_grad: tuple[bool, bool, bool],
+        shared_head: bool,
+        chunk_fn: ChunkFn,
+    ):
+        n_tokens = student_hidden_NH.shape[0]
+        device = student_hidden_NH.device
+        need_h, need_w, need_b = needs_grad
+        stats_dtype = torch.promote_types(student_hidden_NH.dtype, torch.float32)
+        stats_5N = torch.zeros(5, n_tokens, dtype=stats_dtype, device=device)
+        grad_h_NH = torch.zeros_like(student_hidden_NH) if need_h else None
+        # Weight/bias gradients accumulate in fp32 across chunks (bf16 accumulation would add a
+        # rounding per chunk); they are cast back to the parameter dtype in backward.
+        grad_w_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if need_w else None
+        grad_b_V = None
+        if need_b and bias_V is not None:
+            grad_b_V = torch.zeros_like(bias_V, dtype=torch.float32)
+        any_grad = need_h or need_w or grad_b_V is not None
+
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            h_cH = student_hidden_NH[start:end].to(weight_VH.dtype)
+            ht_cH = teacher_hidden_NH[start:end].to(teacher_weight_VH.dtype)
+            if shared_head:
+                # One matmul for both sides streams the [V, H] weight from memory once, not twice.
+                both_2cV = F.linear(torch.cat([h_cH, ht_cH]), weight_VH, bias_V)
+                s_logits_cV, t_logits_cV = both_2cV[: end - start], both_2cV[end - start :]
+                del both_2cV
+            else:
+                s_logits_cV = F.linear(h_cH, weight_VH, bias_V)
+                t_logits_cV = F.linear(ht_cH, teacher_weight_VH, teacher_bias_V)
+            ids_c = sampled_ids_N[start:end]
+            if not any_grad:
+                outs = chunk_fn(s_logits_cV, t_logits_cV, ids_c, cfg)
+                stats_5N[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
+                continue
+            s_logits_cV = s_logits_cV.detach().requires_grad_(True)
+            with torch.enable_grad():
+                outs = chunk_fn(s_logits_cV, t_logits_cV, ids_c, cfg)
+                (g_logits_cV,) = torch.autograd.grad(outs[0].sum(), s_logits_cV)
+            stats_5N[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
+            del s_logits_cV, t_logits_cV, outs
+            g_cV = g_logits_cV.to(weight_VH.dtype)
+            if grad_h_NH is not None:
+                grad_h_NH[start:end] = g_cV @ weight_VH
+            if grad_w_VH is not None:
+                if g_cV.dtype == grad_w_VH.dtype:
+                    grad_w_VH.addmm_(g_cV.t(), h_cH)
+                else:
+                    grad_w_VH += g_cV.t() @ h_cH
+            if grad_b_V is not None:
+                grad_b_V += g_cV.float().sum(0)
+
+        ctx.scale = scale
+        ctx.param_dtypes = (weight_VH.dtype, bias_V.dtype if bias_V is not None else None)
+        ctx.save_for_backward(grad_h_NH, grad_w_VH, grad_b_V)
+        loss = stats_5N[0].sum() * scale
+        ctx.mark_non_differentiable(stats_5N)
+        return loss, stats_5N
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
+        grad_h_NH, grad_w_VH, grad_b_V = ctx.saved_tensors
+        mult = grad_loss * ctx.scale
+        w_dtype, b_dtype = ctx.param_dtypes
+        gh = gw = gb = None
+        if grad_h_NH is not None:
+            # Scaled in fp32: a bf16 copy of 1/num_tokens would be off by up to 0.4%.
+            gh = (grad_h_NH.to(mult.dtype) * mult).to(grad_h_NH.dtype)
+        if grad_w_VH is not None:
+            gw = (grad_w_VH * mult).to(w_dtype)
+        if grad_b_V is not None:
+            gb = (grad_b_V * mult).to(b_dtype)
+        return gh, gw, gb, *([None] * 10)
+
+
+def fused_divergence(
+    student_hidden_NH: torch.Tensor,
+    teacher_hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    sampled_ids_N: torch.Tensor | None,
+    cfg: LossConfig,
+    *,
+    bias_V: torch.Tensor | None = None,
+    teacher_weight_VH: torch.Tensor | None = None,
+    teacher_bias_V: torch.Tensor | None = None,
+    scale: float = 1.0,
+    chunk_size: int | None = None,
+    compile: bool = False,
+) -> tuple[torch.Tensor, DivergenceOut]:
+    """``scale * sum_n loss_n`` over N loss tokens, without materialising [N, V] logits.
+
+    Args:
+        student_hidden_NH: final hidden states (after the model's last norm) at the positions
+            that predict the N loss tokens; gradients flow back into them.
+        teacher_hidden_NH: the teacher's hidden states at the same N positions (detached here).
+        weight_VH, bias_V: the student's lm_head; they get gradients only if they require grad
+            (frozen under LoRA, trainable under full fine-tuning or tied embeddings).
+        sampled_ids_N: the completion tokens (used by ``sampled_pg``; may be None otherwise).
+        cfg: the loss settings, with exactly the semantics of ``token_divergence``.
+        teacher_weight_VH, teacher_bias_V: the teacher's lm_head, when it differs (a frozen copy
+            under full fine-tuning). When ``teacher_weight_VH`` is None the teacher uses
+            ``weight_VH`` and ``bias_V`` (same model); otherwise ``teacher_bias_V`` as given.
+        scale: multiplies the summed loss; pass ``1 / num_tokens_global`` to get what
+            ``reduce_loss`` gives on the naive path.
+        chunk_size: tokens per chunk; None -> :func:`default_chunk_size` (~256 MiB of logits).
+        compile: run each chunk's divergence through ``torch.compile`` (off by default).
+
+    Returns:
+        (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
+        detached [N] fp32 tensors (its ``loss_N`` is detached too).
+
+    Math is fp32 whatever the input dtype; logits are computed in the weight's dtype, as an
+    ``nn.Linear`` lm_head would, then upcast.
+    """
+    validate_loss_config(cfg)
+    if student_hidden_NH.dim() != 2 or teacher_hidden_NH.dim() != 2:
+        raise ValueError(
+            "fused_divergence expects hidden states of shape [N, H] (select the loss positions "
+            f"first); got {tuple(student_hidden_NH.shape)} and {tuple(teacher_hidden_NH.shape)}"
+        )
+    n_tokens = student_hidden_NH.shape[0]
+    if teacher_hidden_NH.shape[0] != n_tokens:
+        raise ValueError(
+            f"student and teacher hidden states must cover the same N tokens; got {n_tokens} "
+            f"and {teacher_hidden_NH.shape[0]}"
+        )
+    shared_head = teacher_weight_VH is None or (
+        teacher_weight_VH is weight_VH and teacher_bias_V is bias_V
+    )
+    if teacher_weight_VH is None:
+        teacher_weight_VH, teacher_bias_V = weight_VH, bias_V
+    if teacher_weight_VH.shape[0] != weight_VH.shape[0]:
+        raise ValueError(
+            f"student and teacher vocabularies differ: {weight_VH.shape[0]} vs "
+            f"{teacher_weight_VH.shape[0]}"
+        )
+    if sampled_ids_N is None:
+        if cfg.divergence == "sampled_pg":
+            raise ValueError("loss.divergence=sampled_pg needs the sampled token ids")
+        sampled_ids_N = torch.zeros(n_tokens, dtype=torch.long, device=student_hidden_NH.device)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight_VH.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    grad_on = torch.is_grad_enabled()
+    needs_grad = (
+        grad_on and student_hidden_NH.requires_grad,
+        grad_on and weight_VH.requires_grad,
+        grad_on and bias_V is not None and bias_V.requires_grad,
+    )
+    chunk_fn = _compiled_chunk_divergence() if compile else _chunk_divergence
+    loss, stats_5N = _FusedDivergence.apply(
+        student_hidden_NH,
+        weight_VH,
+        bias_V,
+        teacher_hidden_NH.detach(),
+        teacher_weight_VH.detach(),
+        teacher_bias_V.detach() if teacher_bias_V is not None else None,
+        sampled_ids_N,
+        cfg,
+        float(scale),
+        int(chunk_size),
+        needs_grad,
+        shared_head,
+        chunk_fn,
+    )
+    loss_N, div_N, clipped_N, s_ent_N, t_ent_N = stats_5N.unbind(0)
+    return loss, DivergenceOut(
+        loss_N=loss_N,
+        div_N=div_N,
+        clipped_N=clipped_N,
+        student_entropy_N=s_ent_N,
+        teacher_entropy_N=t_ent_N,
+    )
