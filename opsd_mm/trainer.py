@@ -27,7 +27,14 @@ from opsd_mm import checkpoint as ckpt
 from opsd_mm.config import ConfigError, RunConfig, save_config
 from opsd_mm.data import ExampleStream
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
-from opsd_mm.metrics import MetricsWriter, PhaseTimer, repetition_rate, summarize_tokens
+from opsd_mm.metrics import (
+    MetricsWriter,
+    PhaseTimer,
+    logprob_gap,
+    pad_logprobs,
+    repetition_rate,
+    summarize_tokens,
+)
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
     Example,
@@ -276,6 +283,7 @@ class Trainer:
                     self.counters["rejected_completions"] += 1
                     log.warning("rejected completion: %s", e)
                     continue
+                pair.logprobs = r.logprobs
                 pairs.append(pair)
 
         # The step's shape over all processes, in one collective. The summed loss-token count
@@ -286,7 +294,9 @@ class Trainer:
         skip = cfg.loss.skip_first_tokens
         n_local = sum(max(0, len(p.completion_ids) - skip) for p in pairs)
         micro = _chunks(pairs, cfg.trainer.micro_batch_size)
-        shape_W2 = acc.gather(torch.tensor([[float(n_local), len(micro)]], device=acc.device))
+        shape_W2 = acc.gather(
+            torch.tensor([[n_local, len(micro)]], dtype=torch.float64, device=acc.device)
+        )
         n_global = shape_W2[:, 0].sum().item()
         n_micro = int(shape_W2[:, 1].max().item()) if shape_W2[:, 1].min() > 0 else 0
 
@@ -294,6 +304,7 @@ class Trainer:
         self.model.train()
         loss_total = torch.zeros((), device=acc.device)
         outs: list[DivergenceOut] = []
+        logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processor's step context (VL: each image encoded once for the whole step).
         step_ctx = getattr(self.processor, "step_context", None)
         step_scope = step_ctx(_unwrap(self.model)) if step_ctx else nullcontext()
@@ -303,7 +314,7 @@ class Trainer:
                 batch = self.processor.collate(micro[min(i, len(micro) - 1)]).to(acc.device)
                 sync = i == n_micro - 1
                 with acc.no_sync(self.model) if not sync else nullcontext():
-                    loss, out = self._micro_step(batch, n_global, timer)
+                    loss, out, lp = self._micro_step(batch, n_global, timer)
                     if padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -311,6 +322,11 @@ class Trainer:
                 if not padding:
                     loss_total += loss.detach()
                     outs.append(out)
+                    if lp is not None and any(p.logprobs for p in micro[i]):
+                        width_C = batch.completion_ids_BC.shape[1]
+                        mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
+                        engine_BC = pad_logprobs([p.logprobs for p in micro[i]], width_C)
+                        logprobs.append((engine_BC[mask_BC.cpu()], lp))
         if not n_micro:  # every completion rejected (on some process): nothing to learn from
             log.warning("step %d: no usable completions", self.step + 1)
 
@@ -357,6 +373,11 @@ class Trainer:
             "loss_tokens": n_global,
             **summarize_tokens(div_N, "divergence"),
             "clip_fraction": _mean_of(outs, "clipped_N"),
+            # mean |log p_engine - log p_trainer| on sampled tokens (vLLM; NaN with hf/fused)
+            "rollout/logprob_gap": logprob_gap(
+                torch.cat([e for e, _ in logprobs]) if logprobs else torch.full((1,), math.nan),
+                torch.cat([t for _, t in logprobs]) if logprobs else torch.zeros(1),
+            ),
             "student_entropy": _mean_of(outs, "student_entropy_N"),
             "teacher_entropy": _mean_of(outs, "teacher_entropy_N"),
             "completion_len_mean": sum(lengths) / len(lengths),
@@ -372,8 +393,10 @@ class Trainer:
 
     def _micro_step(
         self, batch: PairBatch, n_global: float, timer: PhaseTimer
-    ) -> tuple[torch.Tensor, DivergenceOut]:
-        """Teacher forward (no grad), student forward, per-token divergence -> scaled loss."""
+    ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor | None]:
+        """Teacher forward (no grad), student forward, per-token divergence -> scaled loss,
+        plus the student's raw (temperature-1) log-probs of the sampled tokens where the
+        logits exist (naive path), for the rollout/trainer log-prob gap."""
         cfg, acc = self.cfg, self.accelerator
         width_C = batch.completion_ids_BC.shape[1]
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
@@ -387,11 +410,11 @@ class Trainer:
                             teacher_model, batch.teacher, width_C
                         )
                         t_hidden_NH = t_hidden_BCH[mask_BC]
-                        t_weight = (
-                            t_head.weight.detach().clone()
-                            if self.teacher.cfg.kind == "ema"
-                            else t_head.weight
-                        )
+                        # An EMA teacher's head is swapped back out after this block: keep a copy
+                        # when the EMA covers it (full fine-tuning); otherwise share it.
+                        t_weight = t_head.weight
+                        if self.teacher.cfg.kind == "ema" and t_weight.requires_grad:
+                            t_weight = t_weight.detach().clone()
                     else:
                         t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[
                             mask_BC
@@ -417,7 +440,10 @@ class Trainer:
                     s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
                     out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
                     loss = out.loss_N.sum() * scale
-        return loss, out
+                    with torch.no_grad():
+                        lp_N = s_logits_NV.float().log_softmax(-1).gather(-1, ids_N[:, None])[:, 0]
+                    return loss, out, lp_N.cpu()
+        return loss, out, None
 
     # ------------------------------------------------------------------ helpers
 

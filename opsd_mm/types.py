@@ -94,6 +94,8 @@ class Pair:
     student: Prompt
     teacher: Prompt
     completion_ids: list[int]
+    # The rollout engine's log-probabilities of the completion tokens, when it reports them.
+    logprobs: list[float] | None = None
 
 
 @dataclass

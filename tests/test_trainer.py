@@ -264,8 +264,12 @@ def _step_with_grads(trainer):
     return trainer.train_step(), grads
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_fused_loss_matches_naive_in_training(tiny_cache, tmp_path, tiny_text_dir, lora):
+@pytest.mark.parametrize(
+    "lora, teacher",
+    [(True, "fixed"), (False, "fixed"), (False, "ema")],
+    ids=["lora", "full", "ema"],
+)
+def test_fused_loss_matches_naive_in_training(tiny_cache, tmp_path, tiny_text_dir, lora, teacher):
     """The trainer's fused path (hidden states + chunked lm_head) gives the naive path's loss
     and gradients, including lm_head's under full fine-tuning."""
     results = []
@@ -277,6 +281,8 @@ def test_fused_loss_matches_naive_in_training(tiny_cache, tmp_path, tiny_text_di
             f"model.lora.enabled={str(lora).lower()}",
             "trainer.save_every=0",
             "loss.chunk_size=7",
+            f"teacher.kind={teacher}",
+            "teacher.ema_decay=0.5",
         )
         results.append(_step_with_grads(build_trainer(cfg)))
     (m_naive, g_naive), (m_fused, g_fused) = results

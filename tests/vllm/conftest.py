@@ -1,0 +1,79 @@
+"""Fixtures for the vLLM engine tests, which run in the vLLM environment (``make test-vllm``).
+
+Why a second environment: the CPU build of vLLM pins its own torch and transformers, so it
+cannot share the main virtual environment. In the main environment ``import vllm`` fails and
+every test marked ``vllm`` is skipped here, at collection.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+# ``origin is None`` is a namespace package: this very directory, when tests/ is on sys.path.
+_SPEC = importlib.util.find_spec("vllm")
+HAS_VLLM = _SPEC is not None and _SPEC.origin is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_VLLM:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed here (run: make test-vllm)")
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def text_setup(tiny_text_dir):
+    """(model path, processor, fp32 HF model) for the tiny text model."""
+    from transformers import AutoModelForCausalLM
+
+    from opsd_mm.config import ProcessorConfig
+    from opsd_mm.processors import build_processor
+
+    path = str(tiny_text_dir)
+    proc = build_processor(ProcessorConfig(), path, "qwen3")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, proc, model
+
+
+@pytest.fixture(scope="module")
+def text_prompts(text_setup) -> list:
+    """Six student prompts of different lengths, keyed by example id."""
+    from opsd_mm.types import Example
+
+    _, proc, _ = text_setup
+    questions = [
+        "Compute 3 + 4.",
+        "Compute 12 - 5 + 7 - 2.",
+        "What is the total of eight and nine?",
+        "Find the sum.",
+        "Compute 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1.",
+        "Let us check the answer step by step, then give the result of 6 - 2.",
+    ]
+    prompts = []
+    for i, question in enumerate(questions):
+        ex = Example(id=f"q{i}", question=question)
+        p = proc.student_prompt(ex)
+        p.meta["key"] = ex.id
+        prompts.append(p)
+    return prompts
+
+
+@torch.no_grad()
+def _trainer_logprobs(model, prompt_ids, completion_ids) -> torch.Tensor:
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    logits_TV = model(input_ids=ids).logits[0].float()
+    P, C = len(prompt_ids), len(completion_ids)
+    lp_CV = logits_TV[P - 1 : P - 1 + C].log_softmax(-1)
+    return lp_CV.gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
+
+
+@pytest.fixture(scope="session")
+def trainer_logprobs():
+    """log p of each completion token under a plain transformers forward (the trainer's view):
+    ``trainer_logprobs(model, prompt_ids, completion_ids) -> [C]``."""
+    return _trainer_logprobs
