@@ -1,0 +1,329 @@
+"""Multi-process training on the CPU over gloo: 2 processes x batch 2 against 1 process x batch 4.
+
+Each 2-process run is a real launch of tests/dist/run_tiny.py (~10-20 s); the 1-process
+references run the same script in this process. Completions are cut to ragged lengths
+(``--ragged``), so the two processes hold different loss-token counts and a per-process loss
+normaliser would show. Tolerances: losses to 1e-5 relative, weights to 1e-5 absolute (fp32
+reduction order differs; one Adam step at lr 1e-3 moves weights by ~1e-3).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsd_mm import checkpoint as ckpt
+from opsd_mm.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TINY = ROOT / "tests" / "dist" / "run_tiny.py"
+ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
+
+
+def _run_tiny_module():
+    spec = importlib.util.spec_from_file_location("run_tiny", RUN_TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_process(out: Path, *args: str) -> dict:
+    """The 1-process reference, in this process."""
+    assert _run_tiny_module().main([str(out), *args]) == 0
+    return torch.load(out / "rank0.pt", weights_only=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[dict]:
+    """A real 2-process launch on the CPU (gloo): ``accelerate launch`` with our DDP config,
+    or ``torchrun`` (the FSDP2 harness builds its own Accelerator)."""
+    if launcher == "accelerate":
+        cmd = [
+            *(sys.executable, "-m", "accelerate.commands.launch"),
+            *("--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml")),
+            *("--num_processes", "2", "--mixed_precision", "no"),
+            *("--main_process_port", str(_free_port())),
+        ]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+        ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, str(RUN_TINY), str(out), *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _common(tiny_cache, run_dir, *extra):
+    return [
+        f"model.tiny_cache_dir={tiny_cache}",
+        f"run_dir={run_dir}",
+        "trainer.max_steps=2",
+        "trainer.save_every=0",
+        "rollout.max_new_tokens=8",
+        *extra,
+    ]
+
+
+def _assert_matches(one: dict, two: list[dict]) -> None:
+    """Same completions, losses and updated weights; both processes agree exactly."""
+    r0, r1 = two
+    steps = len(one["metrics"])
+    assert len(r0["metrics"]) == steps
+    # Rollouts depend on (step, example id, sample) only: rank 0 + rank 1 = the 1-process batch.
+    for s in range(steps):
+        assert {**r0["completions"][s], **r1["completions"][s]} == one["completions"][s]
+    local = [
+        [sum(len(c) for cs in r["completions"][s].values() for c in cs) for r in two]
+        for s in range(steps)
+    ]
+    assert any(a != b for a, b in local), "ragged lengths should give unequal token counts"
+    for m1, m0, m_1 in zip(one["metrics"], r0["metrics"], r1["metrics"]):
+        assert m0["loss_tokens"] == m1["loss_tokens"]
+        assert m0["loss"] == m_1["loss"]  # the logged loss is the global one on every process
+        assert m0["loss"] == pytest.approx(m1["loss"], rel=LOSS_RTOL)
+        assert m0["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
+    assert one["params"].keys() == r0["params"].keys()
+    moved = 0.0
+    for n, p in one["params"].items():
+        assert torch.equal(r0["params"][n], r1["params"][n]), n
+        torch.testing.assert_close(r0["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
+        if "lora_B" in n:  # zero at init: the distance moved
+            moved = max(moved, p.abs().max().item())
+    assert moved == 0.0 or moved > 50 * WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_ddp_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """LoRA, EMA teacher, 2 micro-batches per process (no_sync accumulation). Step 1 runs on 2
+    processes and checkpoints (once, from the main process); step 2 resumes from it on 2
+    processes, and separately on 1 process with batch 4. All match 1 uninterrupted process."""
+    extra = ("teacher.kind=ema", "teacher.ema_decay=0.5")
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "run1", *extra),
+        "trainer.batch_size=4",
+    )
+    run2 = tmp_path / "run2"
+    first = _two_processes(
+        tmp_path / "first",
+        "--ragged",
+        *_common(tiny_cache, run2, *extra),
+        "trainer.batch_size=2",
+        "trainer.max_steps=1",
+        "trainer.save_every=1",
+    )
+    assert first[0]["model_class"] == "DistributedDataParallel"
+    (saved,) = ckpt.list_checkpoints(run2)
+    for f in ("optimizer.pt", "scheduler.pt", "rng.pt", "teacher.safetensors", "state.json"):
+        assert (saved / f).exists(), f
+    assert len(torch.load(saved / "rng.pt", weights_only=True)["per_process"]) == 2
+    assert not list(ckpt.checkpoint_dir(run2).glob(".tmp-*"))
+    run2to1 = tmp_path / "run2to1"
+    shutil.copytree(run2, run2to1)
+
+    # 2 -> 2 processes.
+    second = _two_processes(
+        tmp_path / "second",
+        "--ragged",
+        *_common(tiny_cache, run2, *extra),
+        "trainer.batch_size=2",
+        "trainer.resume=true",
+    )
+    for r in (0, 1):
+        second[r]["metrics"] = first[r]["metrics"] + second[r]["metrics"]
+        second[r]["completions"] = first[r]["completions"] + second[r]["completions"]
+    _assert_matches(one, second)
+    # The EMA teacher is the same on both processes and equals the 1-process one.
+    assert one["ema"].keys() == second[0]["ema"].keys() and one["ema"]
+    for n, v in one["ema"].items():
+        assert torch.equal(second[0]["ema"][n], second[1]["ema"][n]), n
+        torch.testing.assert_close(second[0]["ema"][n], v, atol=WEIGHT_ATOL, rtol=0)
+    assert [r["step"] for r in read_metrics(run2 / "metrics.jsonl")] == [1, 2]
+
+    # 2 -> 1 process (batch 4: the same global batch).
+    resumed = _one_process(
+        tmp_path / "resumed",
+        "--ragged",
+        *_common(tiny_cache, run2to1, *extra),
+        "trainer.batch_size=4",
+        "trainer.resume=true",
+    )
+    assert [m["step"] for m in resumed["metrics"]] == [2]
+    assert resumed["completions"][0] == one["completions"][1]
+    assert resumed["metrics"][0]["loss"] == pytest.approx(one["metrics"][1]["loss"], rel=LOSS_RTOL)
+    for n, p in one["params"].items():
+        torch.testing.assert_close(resumed["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
+    for n, v in one["ema"].items():
+        torch.testing.assert_close(resumed["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+    assert [r["step"] for r in read_metrics(run2to1 / "metrics.jsonl")] == [1, 2]
+
+
+# Full fine-tuning, fixed teacher (a frozen copy), one sequence per micro-batch, and some
+# completions rejected: in step 2, process 0 keeps 2 sequences and process 1 keeps 3.
+FULL_FT = ("--ragged", "--reject")
+
+
+def _full_ft(tiny_cache, run_dir):
+    return _common(tiny_cache, run_dir, "model.lora.enabled=false", "trainer.micro_batch_size=1")
+
+
+@pytest.fixture(scope="module")
+def one_full_ft(tiny_cache, tiny_text_dir, tmp_path_factory):
+    """1 process x batch 4."""
+    tmp = tmp_path_factory.mktemp("one-full")
+    return _one_process(
+        tmp / "out", *FULL_FT, *_full_ft(tiny_cache, tmp / "run"), "trainer.batch_size=4"
+    )
+
+
+def _rejected_per_step(run: dict) -> list[int]:
+    total = [0] + [m["rejected_completions"] for m in run["metrics"]]
+    return [b - a for a, b in zip(total, total[1:])]
+
+
+@pytest.mark.slow
+def test_ddp_full_finetune_frozen_teacher_matches_one_process(one_full_ft, tiny_cache, tmp_path):
+    two = _two_processes(
+        tmp_path / "two", *FULL_FT, *_full_ft(tiny_cache, tmp_path / "run"), "trainer.batch_size=2"
+    )
+    assert two[0]["model_class"] == "DistributedDataParallel"
+    assert two[0]["frozen_teacher_class"] == "Qwen3ForCausalLM"  # a plain module, not wrapped
+    _assert_matches(one_full_ft, two)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_finetune_matches_one_process(one_full_ft, tiny_cache, tmp_path):
+    """accelerate's FSDP2 path (fully_shard per decoder layer) over gloo. Every sharded forward
+    is collective, so this finishes only because the process with fewer micro-batches pads
+    them, and because generation is synchronised: afterwards each process samples with its
+    own max_new_tokens."""
+    two = _two_processes(
+        tmp_path / "two",
+        *FULL_FT,
+        "--fsdp2",
+        "--uneven-generate",
+        *_full_ft(tiny_cache, tmp_path / "run"),
+        "trainer.batch_size=2",
+        launcher="torchrun",
+    )
+    assert two[0]["model_class"] == "FSDPQwen3ForCausalLM"
+    assert [_rejected_per_step(r) for r in two] == [[1, 2], [1, 1]]
+    assert _rejected_per_step(one_full_ft) == [2, 3]
+    _assert_matches(one_full_ft, two)
+    short, long = (r["uneven_generate_lengths"] for r in two)
+    assert max(short) <= 3 < max(long) <= 8
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _launch_env(name: str) -> tuple[object, dict[str, str]]:
+    """What ``accelerate launch --config_file configs/accelerate/<name>.yaml`` resolves: its
+    arguments and the environment it gives the training processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(ACCELERATE_CONFIGS / f"{name}.yaml"), "x.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return args, env
+
+
+def test_ddp_config_resolves():
+    args, env = _launch_env("ddp")
+    assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+    assert env["ACCELERATE_DYNAMO_BACKEND"] == "NO"
+
+
+def test_fsdp2_config_builds_the_plugin(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    args, env = _launch_env("fsdp2")
+    assert args.use_fsdp
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+
+
+def test_zero3_config_builds_the_plugin(monkeypatch):
+    """The DeepSpeed plugin is built from the launch environment; that needs no deepspeed
+    install. With deepspeed importable, its own config class checks the result too."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    args, env = _launch_env("zero3")
+    assert args.use_deepspeed
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    plugin = DeepSpeedPlugin()
+    zero = plugin.deepspeed_config["zero_optimization"]
+    assert plugin.zero_stage == 3 and zero["stage"] == 3
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return
+    from deepspeed.runtime.config import DeepSpeedZeroConfig
+
+    assert DeepSpeedZeroConfig(**zero).stage == 3
+
+
+def test_unsupported_engines_are_refused_at_start():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from opsd_mm.config import ConfigError, load_config
+    from opsd_mm.trainer import check_distributed_support
+
+    def cfg(*extra):
+        return load_config(ROOT / "configs" / "tiny_text.yaml", [*extra])
+
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, is_fsdp2=False)
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
+    ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False)
+    check_distributed_support(cfg("teacher.kind=ema"), ddp)
+    check_distributed_support(cfg("trainer.save_every=0"), fsdp2)
+    with pytest.raises(ConfigError, match="teacher.kind=ema"):
+        check_distributed_support(cfg("teacher.kind=ema", "trainer.save_every=0"), fsdp2)
+    with pytest.raises(ConfigError, match="trainer.save_every=0"):
+        check_distributed_support(cfg(), fsdp2)
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        check_distributed_support(cfg(), fsdp1)
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        check_distributed_support(cfg(), ds)
