@@ -132,8 +132,9 @@ class LossConfig:
     token_clip: float | None = None
     skip_first_tokens: int = 0
     temperature: float = 1.0
-    # Fused chunked path from hidden states (never materialises tokens x vocab).
-    fused: bool = False
+    # Fused chunked path from hidden states (never materialises tokens x vocab); false: the
+    # naive reference on materialised logits.
+    fused: bool = True
     # Tokens per chunk of the fused path (0: derived from a memory budget).
     chunk_size: int = 0
 

@@ -53,7 +53,9 @@ class DivergenceOut:
     ``log p_s(y) - log p_t(y)``); ``clipped_N`` the fraction of clipped terms: 0/1 under a token
     clip, the fraction of support entries under a point-wise clip, and 1 where both are set and
     the token clip binds; the entropies are those of the full-vocabulary distributions at the
-    configured temperature (whatever the top-k support).
+    configured temperature (whatever the top-k support). ``student_logprob_N`` is the student's
+    log-probability of the sampled token under the unmodified (temperature-1) distribution - what
+    a rollout engine reports, for the rollout/trainer log-prob gap (NaN without sampled ids).
     """
 
     loss_N: torch.Tensor
@@ -61,6 +63,7 @@ class DivergenceOut:
     clipped_N: torch.Tensor
     student_entropy_N: torch.Tensor
     teacher_entropy_N: torch.Tensor
+    student_logprob_N: torch.Tensor
 
 
 def validate_loss_config(cfg: LossConfig) -> None:
@@ -188,6 +191,28 @@ def _entropy_N(logp_NV: torch.Tensor) -> torch.Tensor:
         return -(logp_NV.exp() * logp_NV).sum(-1)
 
 
+def _sampled_logprob_N(
+    student_logits_NV: torch.Tensor,
+    student_logp_NV: torch.Tensor,
+    sampled_ids_N: torch.Tensor | None,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """Detached temperature-1 log p_s(y) of the sampled tokens (reuses the loss's log-softmax
+    when the loss temperature is 1); NaN where no ids are given."""
+    with torch.no_grad():
+        if sampled_ids_N is None:
+            return torch.full(
+                student_logp_NV.shape[:1],
+                math.nan,
+                dtype=student_logp_NV.dtype,
+                device=student_logp_NV.device,
+            )
+        logp_NV = student_logp_NV
+        if cfg.temperature != 1.0:
+            logp_NV = F.log_softmax(student_logits_NV.to(student_logp_NV.dtype), dim=-1)
+        return logp_NV.gather(-1, sampled_ids_N.long()[:, None]).squeeze(-1)
+
+
 def token_divergence(
     student_logits_NV: torch.Tensor,
     teacher_logits_NV: torch.Tensor,
@@ -229,6 +254,7 @@ def token_divergence(
         t_logp_NV = F.log_softmax(t_NV, dim=-1)
     student_entropy_N = _entropy_N(s_logp_NV.detach())
     teacher_entropy_N = _entropy_N(t_logp_NV)
+    student_logprob_N = _sampled_logprob_N(student_logits_NV, s_logp_NV, sampled_ids_N, cfg)
 
     if cfg.divergence == "sampled_pg":
         if sampled_ids_N is None:
@@ -266,4 +292,5 @@ def token_divergence(
         clipped_N=clipped_N,
         student_entropy_N=student_entropy_N,
         teacher_entropy_N=teacher_entropy_N,
+        student_logprob_N=student_logprob_N,
     )

@@ -47,6 +47,17 @@ def default_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BUDGET_
     return chunk - chunk % 16 if chunk > 16 else chunk
 
 
+# The per-token rows of the fused path's stats tensor [S, N], in DivergenceOut's field order.
+_STATS = (
+    "loss_N",
+    "div_N",
+    "clipped_N",
+    "student_entropy_N",
+    "teacher_entropy_N",
+    "student_logprob_N",
+)
+
+
 def _chunk_divergence(
     student_logits_cV: torch.Tensor,
     teacher_logits_cV: torch.Tensor,
@@ -61,6 +72,7 @@ def _chunk_divergence(
         out.clipped_N,
         out.student_entropy_N,
         out.teacher_entropy_N,
+        out.student_logprob_N,
     )
 
 
@@ -93,7 +105,7 @@ class _FusedDivergence(torch.autograd.Function):
         device = student_hidden_NH.device
         need_h, need_w, need_b = needs_grad
         stats_dtype = torch.promote_types(student_hidden_NH.dtype, torch.float32)
-        stats_5N = torch.zeros(5, n_tokens, dtype=stats_dtype, device=device)
+        stats_SN = torch.zeros(len(_STATS), n_tokens, dtype=stats_dtype, device=device)
         grad_h_NH = torch.zeros_like(student_hidden_NH) if need_h else None
         # Weight/bias gradients accumulate in fp32 across chunks (bf16 accumulation would add a
         # rounding per chunk); they are cast back to the parameter dtype in backward.
@@ -118,13 +130,13 @@ class _FusedDivergence(torch.autograd.Function):
             ids_c = sampled_ids_N[start:end]
             if not any_grad:
                 outs = chunk_fn(s_logits_cV, t_logits_cV, ids_c, cfg)
-                stats_5N[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
+                stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
                 continue
             s_logits_cV = s_logits_cV.detach().requires_grad_(True)
             with torch.enable_grad():
                 outs = chunk_fn(s_logits_cV, t_logits_cV, ids_c, cfg)
                 (g_logits_cV,) = torch.autograd.grad(outs[0].sum(), s_logits_cV)
-            stats_5N[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
+            stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
             del s_logits_cV, t_logits_cV, outs
             g_cV = g_logits_cV.to(weight_VH.dtype)
             if grad_h_NH is not None:
@@ -140,9 +152,9 @@ class _FusedDivergence(torch.autograd.Function):
         ctx.scale = scale
         ctx.param_dtypes = (weight_VH.dtype, bias_V.dtype if bias_V is not None else None)
         ctx.save_for_backward(grad_h_NH, grad_w_VH, grad_b_V)
-        loss = stats_5N[0].sum() * scale
-        ctx.mark_non_differentiable(stats_5N)
-        return loss, stats_5N
+        loss = stats_SN[0].sum() * scale
+        ctx.mark_non_differentiable(stats_SN)
+        return loss, stats_SN
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
@@ -237,7 +249,7 @@ def fused_divergence(
         grad_on and bias_V is not None and bias_V.requires_grad,
     )
     chunk_fn = _compiled_chunk_divergence() if compile else _chunk_divergence
-    loss, stats_5N = _FusedDivergence.apply(
+    loss, stats_SN = _FusedDivergence.apply(
         student_hidden_NH,
         weight_VH,
         bias_V,
@@ -252,11 +264,4 @@ def fused_divergence(
         shared_head,
         chunk_fn,
     )
-    loss_N, div_N, clipped_N, s_ent_N, t_ent_N = stats_5N.unbind(0)
-    return loss, DivergenceOut(
-        loss_N=loss_N,
-        div_N=div_N,
-        clipped_N=clipped_N,
-        student_entropy_N=s_ent_N,
-        teacher_entropy_N=t_ent_N,
-    )
+    return loss, DivergenceOut(**dict(zip(_STATS, stats_SN.unbind(0))))

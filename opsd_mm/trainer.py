@@ -314,7 +314,7 @@ class Trainer:
                 batch = self.processor.collate(micro[min(i, len(micro) - 1)]).to(acc.device)
                 sync = i == n_micro - 1
                 with acc.no_sync(self.model) if not sync else nullcontext():
-                    loss, out, lp = self._micro_step(batch, n_global, timer)
+                    loss, out = self._micro_step(batch, n_global, timer)
                     if padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -322,11 +322,11 @@ class Trainer:
                 if not padding:
                     loss_total += loss.detach()
                     outs.append(out)
-                    if lp is not None and any(p.logprobs for p in micro[i]):
+                    if any(p.logprobs for p in micro[i]):
                         width_C = batch.completion_ids_BC.shape[1]
                         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
                         engine_BC = pad_logprobs([p.logprobs for p in micro[i]], width_C)
-                        logprobs.append((engine_BC[mask_BC.cpu()], lp))
+                        logprobs.append((engine_BC[mask_BC.cpu()], out.student_logprob_N.cpu()))
         if not n_micro:  # every completion rejected (on some process): nothing to learn from
             log.warning("step %d: no usable completions", self.step + 1)
 
@@ -393,10 +393,8 @@ class Trainer:
 
     def _micro_step(
         self, batch: PairBatch, n_global: float, timer: PhaseTimer
-    ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor | None]:
-        """Teacher forward (no grad), student forward, per-token divergence -> scaled loss,
-        plus the student's raw (temperature-1) log-probs of the sampled tokens where the
-        logits exist (naive path), for the rollout/trainer log-prob gap."""
+    ) -> tuple[torch.Tensor, DivergenceOut]:
+        """Teacher forward (no grad), student forward, per-token divergence -> scaled loss."""
         cfg, acc = self.cfg, self.accelerator
         width_C = batch.completion_ids_BC.shape[1]
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
@@ -440,10 +438,7 @@ class Trainer:
                     s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
                     out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
                     loss = out.loss_N.sum() * scale
-                    with torch.no_grad():
-                        lp_N = s_logits_NV.float().log_softmax(-1).gather(-1, ids_N[:, None])[:, 0]
-                    return loss, out, lp_N.cpu()
-        return loss, out, None
+        return loss, out
 
     # ------------------------------------------------------------------ helpers
 

@@ -449,3 +449,16 @@ def test_bf16_inputs_give_fp32_outputs(cfg):
     torch.testing.assert_close(out.loss_N, ref.loss_N)
     out.loss_N.sum().backward()
     assert s.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_student_logprob_is_raw_sampled_token_logprob(temperature):
+    """The rollout/trainer gap compares temperature-1 log p_s(y), whatever the loss temperature."""
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    ids = torch.tensor([0, 3, 6, 2])
+    cfg = LossConfig(temperature=temperature)
+    out = token_divergence(s, t, ids, cfg)
+    expected = torch.log_softmax(s, -1)[torch.arange(4), ids]
+    assert torch.allclose(out.student_logprob_N, expected, atol=1e-6)
+    assert torch.isnan(token_divergence(s, t, None, cfg).student_logprob_N).all()
