@@ -76,6 +76,24 @@ def model_vocab_size_of(model_path: str | Path) -> int | None:
     return raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size")
 
 
+def make_pair(
+    processor: Any,
+    ex: Example,
+    completion_ids: Sequence[int],
+    student: Prompt | None,
+    teacher: Prompt | None,
+) -> Pair:
+    """The shared body of every processor's ``pair``: check the completion with the
+    processor's own rules, then render whichever prompt was not given."""
+    ids = processor.check_completion(ex.id, completion_ids)
+    return Pair(
+        example_id=ex.id,
+        student=student if student is not None else processor.student_prompt(ex),
+        teacher=teacher if teacher is not None else processor.teacher_prompt(ex),
+        completion_ids=ids,
+    )
+
+
 class TextProcessor:
     """Processor for chat-template text models (see ``opsd_mm.types.Processor``).
 
@@ -277,13 +295,7 @@ class TextProcessor:
     ) -> Pair:
         """Both prompts for ``ex`` followed by the same completion. Pass ``student`` (the prompt
         the rollout was sampled from) and ``teacher`` to reuse them across samples."""
-        ids = self.check_completion(ex.id, completion_ids)
-        return Pair(
-            example_id=ex.id,
-            student=student if student is not None else self.student_prompt(ex),
-            teacher=teacher if teacher is not None else self.teacher_prompt(ex),
-            completion_ids=ids,
-        )
+        return make_pair(self, ex, completion_ids, student, teacher)
 
     def collate(self, pairs: Sequence[Pair]) -> PairBatch:
         """Collate pairs into the shared layout; each side has its own P, both the same C."""

@@ -31,7 +31,7 @@ from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
 
 from .images import BadImageError, load_example_images, load_image, resolve_source
 from .templates import PromptTemplate, get_template
-from .text import TextProcessor, model_vocab_size_of, pack_completions
+from .text import TextProcessor, make_pair, model_vocab_size_of, pack_completions
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
@@ -443,13 +443,7 @@ class QwenVLProcessor:
     ) -> Pair:
         """Both prompts for ``ex`` followed by the same completion. Pass ``student`` (the prompt
         the rollout was sampled from) and ``teacher`` to reuse them across samples."""
-        ids = self.check_completion(ex.id, completion_ids)
-        return Pair(
-            example_id=ex.id,
-            student=student if student is not None else self.student_prompt(ex),
-            teacher=teacher if teacher is not None else self.teacher_prompt(ex),
-            completion_ids=ids,
-        )
+        return make_pair(self, ex, completion_ids, student, teacher)
 
     def _side(self, pairs: Sequence[Pair], role: str, width_C: int) -> SideBatch:
         """One side laid out as ``[pad | prompt | completion | pad]`` [B, P + C]; images of
