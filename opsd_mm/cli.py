@@ -97,9 +97,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from opsd_mm.demo import run_demo
+    from opsd_mm.demo import Wiring, run_demo
+    from opsd_mm.eval.examples import evaluate_examples
+    from opsd_mm.processors import build_processor
 
-    return run_demo(args)
+    return run_demo(args, Wiring(build_processor=build_processor, evaluate=evaluate_examples))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,90 @@
+"""The offline demo end to end in its quick mode, plus the task and SFT pieces it relies on.
+
+The accuracy thresholds are the demo's own PASS/FAIL lines (a full run takes minutes); here a
+few steps on a few items check that every stage runs and writes sane outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from opsd_mm.demo_tasks import make_text_task, make_vision_task, solution
+
+
+def test_text_task_holds_out_expressions():
+    task = make_text_task(seed=0)
+    symbols = lambda exs: {ex.privileged for ex in exs}  # noqa: E731 - "In symbols: a + b - c."
+    assert symbols(task.test).isdisjoint(symbols(task.train) | symbols(task.val))
+    assert symbols(task.warm_student) <= symbols(task.train)
+    assert symbols(task.warm_teacher) <= symbols(task.train)
+    ex = task.test[0]
+    assert ex.question.startswith("What is ") and ("plus" in ex.question or "minus" in ex.question)
+    assert solution(ex).endswith(f"\\boxed{{{ex.answer}}}")
+    # the privileged text never carries an intermediate or final result
+    assert "=" not in ex.privileged and "boxed" not in ex.privileged
+
+
+def test_vision_task_codes_and_traces():
+    task = make_vision_task(seed=0, n_train=4, n_val=2, n_test=3, n_warm=3)
+    ex = task.test[0]
+    assert ex.images[0].size == (84, 84)  # 3 x 3 cells of 28 px: one vision token each
+    assert "red" not in ex.question and "cells" in ex.question
+    assert f"\\boxed{{{ex.answer}}}" in ex.privileged and "Colour code" in ex.privileged
+    assert all(e.meta["form"] == "named" for e in task.warm_student)
+
+
+def test_sft_trains_on_completion_tokens_only(tiny_text_dir):
+    from opsd_mm.config import ModelConfig, ProcessorConfig
+    from opsd_mm.models import load_model
+    from opsd_mm.processors.text import TextProcessor
+    from opsd_mm.sft import make_items, sft_loss, train_sft
+
+    proc = TextProcessor.from_pretrained(
+        tiny_text_dir, ProcessorConfig(student_template="plain", teacher_template="hint_v1")
+    )
+    task = make_text_task(seed=0, n_warm=8)
+    items = make_items(proc, task.warm_student[:4], "student", solution)
+    n_completion = sum(len(it.completion_ids) for it in items)
+    model = load_model(str(tiny_text_dir), ModelConfig(dtype="float32"))
+    loss0, n_tokens = sft_loss(model, proc, items)
+    assert n_tokens == n_completion  # prompt tokens are never targets
+    history = train_sft(model, proc, items, steps=8, batch_size=4, lr=3e-3)
+    assert len(history) == 8 and history[-1]["loss"] < loss0.item()
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
+    from opsd_mm.cli import main
+
+    torch_threads = torch.get_num_threads()
+    run_dir = tmp_path / "demo"
+    rc = main(["demo", "--quick", "--run-dir", str(run_dir), "--tiny-cache", str(tiny_cache)])
+    torch.set_num_threads(torch_threads)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| task | seed | student before | after OPSD | after SFT | teacher context" in out
+    assert "SKIP text: OPSD gain" in out and "SKIP vision: OPSD gain" in out
+
+    png = run_dir / "accuracy_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["tasks"]) == {"text", "vision"}
+    for name, r in results["tasks"].items():
+        for key in ("before", "teacher", "known_phrasing"):
+            assert 0.0 <= r[key] <= 100.0
+        assert (run_dir / name / "warm_start" / "config.json").exists()
+        ((seed, runs),) = r["seeds"].items()
+        opsd, sft = runs["opsd"], runs["sft"]
+        assert 0.0 <= opsd["test_acc"] <= 100.0 and 0.0 <= sft["test_acc"] <= 100.0
+        assert len(opsd["loss"]) == len(sft["loss"]) == r["steps"]
+        assert all(math.isfinite(x) for x in opsd["loss"] + sft["loss"])
+        assert opsd["rollout_tokens"] > 0
+        assert [s for s, _ in opsd["val_curve"]] == list(range(r["steps"] + 1))
+        metrics = (run_dir / name / f"seed{seed}" / "opsd" / "metrics.jsonl").read_text()
+        assert len(metrics.splitlines()) == r["steps"]
+        preds = run_dir / name / f"seed{seed}" / "opsd" / "eval" / "test" / "predictions.jsonl"
+        assert len(preds.read_text().splitlines()) == r["data"]["test"]
