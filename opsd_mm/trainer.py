@@ -11,22 +11,22 @@ several processes therefore give the same gradients as one big batch.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from opsd_mm import checkpoint as ckpt
-from opsd_mm.config import ConfigError, RunConfig, save_config
+from opsd_mm.config import RunConfig, save_config
 from opsd_mm.data import ExampleStream
+from opsd_mm.distributed import check_distributed_support
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.forward import completion_hidden, completion_logits, unwrap
 from opsd_mm.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -34,6 +34,7 @@ from opsd_mm.metrics import (
     pad_logprobs,
     repetition_rate,
     summarize_tokens,
+    truncate_metrics,
 )
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
@@ -43,7 +44,6 @@ from opsd_mm.types import (
     Processor,
     RolloutEngine,
     SamplingConfig,
-    SideBatch,
 )
 
 log = logging.getLogger(__name__)
@@ -53,69 +53,8 @@ class NonFiniteLossError(RuntimeError):
     """Raised after ``trainer.max_nonfinite_in_row`` consecutive non-finite steps."""
 
 
-def completion_logits(model: torch.nn.Module, side: SideBatch, width_C: int) -> torch.Tensor:
-    """Logits predicting each completion token: columns P-1 .. P+C-2 only -> [B, C, V]."""
-    P = side.prompt_width
-    keep = torch.arange(P - 1, P - 1 + width_C, device=side.input_ids_BT.device)
-    return model(**side.model_inputs, logits_to_keep=keep, use_cache=False).logits
-
-
-@contextmanager
-def lm_head_bypassed(model: torch.nn.Module):
-    """Make the output projection an identity, so the model's 'logits' are the final hidden
-    states; the fused loss applies the projection chunk by chunk instead. Yields the head."""
-    head = model.get_output_embeddings()
-    head.forward = lambda hidden: hidden  # instance attribute shadows the class method
-    try:
-        yield head
-    finally:
-        del head.forward
-
-
-def completion_hidden(
-    model: torch.nn.Module, side: SideBatch, width_C: int
-) -> tuple[torch.Tensor, torch.nn.Module]:
-    """Final hidden states at the columns predicting the completion -> ([B, C, H], lm_head)."""
-    with lm_head_bypassed(_unwrap(model)) as head:
-        return completion_logits(model, side, width_C), head
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
-    """Refuse at start-up, naming the setting, what the trainer cannot yet do under a sharding
-    engine - rather than a DTensor error at step 1 or a broken checkpoint hours later.
-
-    DDP supports everything. FSDP2 trains (LoRA and full fine-tuning, fixed and live teachers,
-    fused loss) but checkpoints would need full state dicts gathered from every process, and
-    the EMA copy would need the parameters' sharding. DeepSpeed: accelerate steps the engine
-    inside ``backward()``, which conflicts with the trainer's own micro-batch accumulation.
-    """
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            "DeepSpeed is not supported by the trainer yet; launch with "
-            "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp.yaml"
-        )
-    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
-        raise ConfigError(
-            "FSDP1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
-        )
-    if acc.distributed_type == DistributedType.FSDP:
-        problems = []
-        if cfg.teacher.kind == "ema":
-            problems.append("teacher.kind=ema (use fixed or live)")
-        if cfg.trainer.save_every or cfg.trainer.resume:
-            problems.append("checkpoints (set trainer.save_every=0, trainer.resume=false)")
-        if problems:
-            raise ConfigError(f"not supported under FSDP2 yet: {'; '.join(problems)}")
 
 
 class Trainer:
@@ -211,11 +150,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             # Rows past the starting step came from a run that died after its last checkpoint
             # (or from an earlier run in this directory): drop them, so no step appears twice.
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             if cfg.logging.report_to:
-                from opsd_mm.config import config_to_dict
+                from opsd_mm.config import config_to_dict, flatten_config
 
-                acc.init_trackers(cfg.logging.project, config=_flat(config_to_dict(cfg)))
+                acc.init_trackers(cfg.logging.project, config=flatten_config(config_to_dict(cfg)))
         writer = MetricsWriter(self.run_dir / "metrics.jsonl") if acc.is_main_process else None
         history = []
         from tqdm.auto import tqdm
@@ -307,7 +246,7 @@ class Trainer:
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processor's step context (VL: each image encoded once for the whole step).
         step_ctx = getattr(self.processor, "step_context", None)
-        step_scope = step_ctx(_unwrap(self.model)) if step_ctx else nullcontext()
+        step_scope = step_ctx(unwrap(self.model)) if step_ctx else nullcontext()
         with step_scope:
             for i in range(n_micro):
                 padding = i >= len(micro)
@@ -354,10 +293,10 @@ class Trainer:
 
         # 7-8. teacher update and engine weight sync.
         if finite:
-            self.teacher.update(_unwrap(self.model), self.step)
+            self.teacher.update(unwrap(self.model), self.step)
         if self.step % cfg.rollout.sync_every == 0:
             with timer.phase("sync"):
-                self.engine.sync_weights(_unwrap(self.model))
+                self.engine.sync_weights(unwrap(self.model))
 
         # 9. metrics.
         wall = time.perf_counter() - t_start
@@ -402,7 +341,7 @@ class Trainer:
         scale = acc.num_processes / max(n_global, 1.0)
         with acc.autocast():
             with timer.phase("teacher"), torch.no_grad():
-                with self.teacher.as_teacher(_unwrap(self.model)) as teacher_model:
+                with self.teacher.as_teacher(unwrap(self.model)) as teacher_model:
                     if cfg.loss.fused:
                         t_hidden_BCH, t_head = completion_hidden(
                             teacher_model, batch.teacher, width_C
@@ -491,7 +430,7 @@ class Trainer:
             path = ckpt.save_checkpoint(
                 self.run_dir,
                 self.step,
-                model=_unwrap(self.model),
+                model=unwrap(self.model),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 state={
@@ -521,7 +460,7 @@ class Trainer:
             return
         state, teacher_state = ckpt.load_checkpoint(
             path,
-            model=_unwrap(self.model),
+            model=unwrap(self.model),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             process_index=acc.process_index,
@@ -544,42 +483,11 @@ class Trainer:
         self.stream.load_state(state["data"])
         self.counters.update(state.get("counters", {}))
         self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
-        self.engine.sync_weights(_unwrap(self.model))
+        self.engine.sync_weights(unwrap(self.model))
         log.info("resumed from %s at step %d", path, self.step)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step``, rewritten atomically; a torn last
-    line (a kill mid-write) is dropped too."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step and line.endswith("\n"):
-            kept.append(line)
-    if kept != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
 
 
 def _mean_of(outs: Sequence[DivergenceOut], name: str) -> float:
     vals = [getattr(o, name) for o in outs]
     vals = [v for v in vals if v.numel()]
     return torch.cat(vals).float().mean().item() if vals else 0.0
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

@@ -308,7 +308,7 @@ def test_unsupported_engines_are_refused_at_start():
     from accelerate.utils import DistributedType
 
     from opsd_mm.config import ConfigError, load_config
-    from opsd_mm.trainer import check_distributed_support
+    from opsd_mm.distributed import check_distributed_support
 
     def cfg(*extra):
         return load_config(ROOT / "configs" / "tiny_text.yaml", [*extra])

@@ -15,6 +15,7 @@ from PIL import Image
 
 from opsd_mm.config import LoraConfig, ProcessorConfig
 from opsd_mm.fixtures.vl_tasks import draw_grid
+from opsd_mm.forward import completion_logits
 from opsd_mm.processors import build_processor
 from opsd_mm.processors.vision_cache import VisionCache, find_vision_tower
 from opsd_mm.processors.vl import QwenVLProcessor
@@ -92,13 +93,6 @@ def completion(proc: QwenVLProcessor, n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     ids = allowed[torch.randint(len(allowed), (n,), generator=g)].tolist()
     return ids[:-1] + [proc.eos_token_ids[0]]
-
-
-def completion_logits(model, side, width_C: int) -> torch.Tensor:
-    """As the trainer computes them: columns P-1 .. P+C-2 -> [B, C, V]."""
-    P = side.prompt_width
-    keep = torch.arange(P - 1, P - 1 + width_C)
-    return model(**side.model_inputs, logits_to_keep=keep, use_cache=False).logits
 
 
 # ----------------------------------------------------------------------------- fixture

@@ -1,0 +1,37 @@
+"""What the trainer supports under each accelerate distributed engine, checked at start-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opsd_mm.config import ConfigError, RunConfig
+
+
+def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
+    """Refuse at start-up, naming the setting, what the trainer cannot yet do under a sharding
+    engine - rather than a DTensor error at step 1 or a broken checkpoint hours later.
+
+    DDP supports everything. FSDP2 trains (LoRA and full fine-tuning, fixed and live teachers,
+    fused loss) but checkpoints would need full state dicts gathered from every process, and
+    the EMA copy would need the parameters' sharding. DeepSpeed: accelerate steps the engine
+    inside ``backward()``, which conflicts with the trainer's own micro-batch accumulation.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported by the trainer yet; launch with "
+            "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp.yaml"
+        )
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise ConfigError(
+            "FSDP1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
+        )
+    if acc.distributed_type == DistributedType.FSDP:
+        problems = []
+        if cfg.teacher.kind == "ema":
+            problems.append("teacher.kind=ema (use fixed or live)")
+        if cfg.trainer.save_every or cfg.trainer.resume:
+            problems.append("checkpoints (set trainer.save_every=0, trainer.resume=false)")
+        if problems:
+            raise ConfigError(f"not supported under FSDP2 yet: {'; '.join(problems)}")
