@@ -73,12 +73,7 @@ def default_runtime(args: argparse.Namespace) -> Runtime:
     from opsd_mm.rollout import HFEngine
 
     model = load_for_inference(path, args.adapter, device, args.dtype)
-    engine = HFEngine(
-        model,
-        pad_token_id=processor.pad_token_id,
-        eos_token_ids=processor.eos_token_ids,
-        suppress_token_ids=processor.suppress_token_ids,
-    )
+    engine = HFEngine.for_processor(model, processor)
     return Runtime(engine, processor, decode)
 
 

@@ -92,12 +92,7 @@ def evaluate_examples(
     from opsd_mm.rollout import HFEngine
 
     shutil.rmtree(out_dir / name, ignore_errors=True)  # the runner would resume stale records
-    engine = HFEngine(
-        model,
-        pad_token_id=processor.pad_token_id,
-        eos_token_ids=processor.eos_token_ids,
-        suppress_token_ids=processor.suppress_token_ids,
-    )
+    engine = HFEngine.for_processor(model, processor)
     view = processor if context == "student" else TeacherView(processor)
     summary = run_benchmark(
         ExamplesBenchmark(name, examples, max_new_tokens),

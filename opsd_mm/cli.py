@@ -37,12 +37,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, model_path: str, proces
         )
     from opsd_mm.rollout import HFEngine
 
-    return HFEngine(
-        model,
-        pad_token_id=processor.pad_token_id,
-        eos_token_ids=processor.eos_token_ids,
-        suppress_token_ids=processor.suppress_token_ids,
-    )
+    return HFEngine.for_processor(model, processor)
 
 
 def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -105,6 +106,19 @@ class HFEngine:
         self.eos_token_ids = list(eos_token_ids)
         self.suppress_token_ids = list(suppress_token_ids)
         self.batch_size = batch_size
+
+    @classmethod
+    def for_processor(
+        cls, model: torch.nn.Module, processor: Any, batch_size: int | None = None
+    ) -> HFEngine:
+        """An engine with the processor's pad, EOS and never-generate token ids."""
+        return cls(
+            model,
+            pad_token_id=processor.pad_token_id,
+            eos_token_ids=processor.eos_token_ids,
+            suppress_token_ids=processor.suppress_token_ids,
+            batch_size=batch_size,
+        )
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """The HF engine samples from the training model itself: nothing to copy."""

@@ -59,12 +59,7 @@ def tiny(tiny_text_dir):
 def _engine(model, proc):
     from opsd_mm.rollout import HFEngine
 
-    return HFEngine(
-        model,
-        pad_token_id=proc.pad_token_id,
-        eos_token_ids=proc.eos_token_ids,
-        suppress_token_ids=proc.suppress_token_ids,
-    )
+    return HFEngine.for_processor(model, proc)
 
 
 def test_hf_engine_batch_invariant_seeded_sampling(tiny):

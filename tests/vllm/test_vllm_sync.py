@@ -36,12 +36,7 @@ def engine(text_setup):
 
 
 def _hf(model, proc) -> HFEngine:
-    return HFEngine(
-        model,
-        pad_token_id=proc.pad_token_id,
-        eos_token_ids=proc.eos_token_ids,
-        suppress_token_ids=proc.suppress_token_ids,
-    )
+    return HFEngine.for_processor(model, proc)
 
 
 def _ids(rollouts_P_G):
