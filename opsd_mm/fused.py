@@ -8,7 +8,9 @@ logits are computed, then the per-token loss (the very same
 gradient w.r.t. the chunk's student logits are taken right away, and that gradient is pushed
 through the lm_head into the hidden-state gradient (and the weight/bias gradients when those
 train). Only one chunk's logits ever exist. The gradients are stored during forward; backward
-only scales them by ``grad_output``.
+only scales them by ``grad_output``. The chunk's logit gradient comes in closed form
+(``opsd_mm.divergence_grad``) on the full vocabulary, and by autograd through
+``token_divergence`` under top-k, whose gather/renormalisation has no short closed form.
 
 Consequences worth knowing: the forward pass does the backward work too (skipped when no input
 needs a gradient, e.g. under ``torch.no_grad``); the graph cannot be differentiated twice.
@@ -24,15 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from opsd_mm.config import LossConfig
+from opsd_mm.divergence_grad import (
+    consume_divergence_and_grad,
+    divergence_and_grad,
+    has_closed_form,
+)
 from opsd_mm.divergences import DivergenceOut, token_divergence, validate_loss_config
 
 # Default chunk: ~256 MiB of fp32 logits per chunk, student and teacher together. The whole
-# working set of one chunk is larger: token_divergence's forward + backward peaks at ~13 fp32
-# [chunk, V] tensors for the JSD (logits, log-softmaxes, mixture, terms, autograd buffers);
-# measured on CPU at V = 151,936 (208-token chunks): 1.7 GiB extra peak, against 15.1 GiB for
-# the naive path at 2,048 tokens. Larger chunks stream the [V, H] weight from memory fewer times
-# (2 passes per chunk): on CPU, 48-token chunks cost ~25% more CPU time than the naive path,
-# 208-token chunks were within 10% of it (bench/divergence.py).
+# working set of one chunk is larger, counted in fp32 [chunk, V] tensors by bench/live_bytes.py
+# (the CPU analog of CUDA's max_memory_allocated): 6 for the JSD and 5 for the other modes with
+# the closed-form gradients; 13-14 for the JSD by autograd through token_divergence (top-k's
+# path). At V = 151,936 a 208-token chunk is 121 MiB. Larger chunks stream the [V, H] weight
+# from memory fewer times (2 passes per chunk): on CPU, 48-token chunks cost ~25% more CPU time
+# than the naive path, 208-token chunks were within 10% of it (bench/divergence.py).
 CHUNK_LOGITS_BUDGET_BYTES = 256 * 2**20
 _LOGITS_PER_CHUNK = 2  # student + teacher
 
@@ -76,11 +83,52 @@ def _chunk_divergence(
     )
 
 
+def _chunk_divergence_and_grad(
+    logits: list[torch.Tensor | None], sampled_ids_c: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, ...]:
+    """The closed form on one chunk, ``logits = [student_cV, teacher_cV]`` (emptied, so that
+    they are freed as soon as they are used): the stats of ``_chunk_divergence``, then the
+    gradient of the chunk's summed loss w.r.t. its student logits."""
+    out, grad_cV = consume_divergence_and_grad(logits, sampled_ids_c, cfg)
+    return (*(getattr(out, name) for name in _STATS), grad_cV)
+
+
+def _compiled_closed_form(compiled: ChunkFn) -> ChunkFn:
+    # Under torch.compile the generated kernels manage their own buffers: pass the tensors.
+    def fn(logits, sampled_ids_c, cfg):
+        out, grad_cV = compiled(*logits, sampled_ids_c, cfg)
+        logits.clear()
+        return (*(getattr(out, name) for name in _STATS), grad_cV)
+
+    return fn
+
+
+def _autograd_chunk_divergence_and_grad(chunk_fn: ChunkFn) -> ChunkFn:
+    """The same contract by autograd through ``chunk_fn`` (a possibly compiled
+    ``_chunk_divergence``): for top-k, and as the reference the closed form is tested against."""
+
+    def fn(logits, sampled_ids_c, cfg):
+        s_logits_cV = logits[0].detach().requires_grad_(True)
+        t_logits_cV = logits[1]
+        logits.clear()
+        with torch.enable_grad():
+            outs = chunk_fn(s_logits_cV, t_logits_cV, sampled_ids_c, cfg)
+            (grad_cV,) = torch.autograd.grad(outs[0].sum(), s_logits_cV)
+        return (*(o.detach() for o in outs), grad_cV)
+
+    return fn
+
+
+# Built on first use (no import-time side effect); dynamic shapes cover the last, shorter chunk
+# without a recompile.
 @functools.cache
 def _compiled_chunk_divergence() -> ChunkFn:
-    # Built on first use (no import-time side effect); dynamic shapes cover the last, shorter
-    # chunk without a recompile.
     return torch.compile(_chunk_divergence, dynamic=True)
+
+
+@functools.cache
+def _compiled_chunk_divergence_and_grad() -> ChunkFn:
+    return _compiled_closed_form(torch.compile(divergence_and_grad, dynamic=True))
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -100,6 +148,7 @@ class _FusedDivergence(torch.autograd.Function):
         needs_grad: tuple[bool, bool, bool],
         shared_head: bool,
         chunk_fn: ChunkFn,
+        chunk_grad_fn: ChunkFn,
     ):
         n_tokens = student_hidden_NH.shape[0]
         device = student_hidden_NH.device
@@ -122,23 +171,24 @@ class _FusedDivergence(torch.autograd.Function):
             if shared_head:
                 # One matmul for both sides streams the [V, H] weight from memory once, not twice.
                 both_2cV = F.linear(torch.cat([h_cH, ht_cH]), weight_VH, bias_V)
-                s_logits_cV, t_logits_cV = both_2cV[: end - start], both_2cV[end - start :]
+                logits = [both_2cV[: end - start], both_2cV[end - start :]]
                 del both_2cV
             else:
-                s_logits_cV = F.linear(h_cH, weight_VH, bias_V)
-                t_logits_cV = F.linear(ht_cH, teacher_weight_VH, teacher_bias_V)
+                logits = [
+                    F.linear(h_cH, weight_VH, bias_V),
+                    F.linear(ht_cH, teacher_weight_VH, teacher_bias_V),
+                ]
             ids_c = sampled_ids_N[start:end]
             if not any_grad:
-                outs = chunk_fn(s_logits_cV, t_logits_cV, ids_c, cfg)
+                outs = chunk_fn(*logits, ids_c, cfg)
                 stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
                 continue
-            s_logits_cV = s_logits_cV.detach().requires_grad_(True)
-            with torch.enable_grad():
-                outs = chunk_fn(s_logits_cV, t_logits_cV, ids_c, cfg)
-                (g_logits_cV,) = torch.autograd.grad(outs[0].sum(), s_logits_cV)
-            stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
-            del s_logits_cV, t_logits_cV, outs
+            # The list is the only reference to the logits: the chunk function frees them.
+            *outs, g_logits_cV = chunk_grad_fn(logits, ids_c, cfg)
+            stats_SN[:, start:end] = torch.stack([o.to(stats_dtype) for o in outs])
+            del outs
             g_cV = g_logits_cV.to(weight_VH.dtype)
+            del g_logits_cV  # the fp32 gradient, when the weight is bf16
             if grad_h_NH is not None:
                 grad_h_NH[start:end] = g_cV @ weight_VH
             if grad_w_VH is not None:
@@ -148,6 +198,7 @@ class _FusedDivergence(torch.autograd.Function):
                     grad_w_VH += g_cV.t() @ h_cH
             if grad_b_V is not None:
                 grad_b_V += g_cV.float().sum(0)
+            del g_cV  # before the next chunk's logits: one chunk's working set at a time
 
         ctx.scale = scale
         ctx.param_dtypes = (weight_VH.dtype, bias_V.dtype if bias_V is not None else None)
@@ -169,7 +220,7 @@ class _FusedDivergence(torch.autograd.Function):
             gw = (grad_w_VH * mult).to(w_dtype)
         if grad_b_V is not None:
             gb = (grad_b_V * mult).to(b_dtype)
-        return gh, gw, gb, *([None] * 10)
+        return gh, gw, gb, *([None] * 11)
 
 
 def fused_divergence(
@@ -185,6 +236,7 @@ def fused_divergence(
     scale: float = 1.0,
     chunk_size: int | None = None,
     compile: bool = False,
+    closed_form: bool | None = None,
 ) -> tuple[torch.Tensor, DivergenceOut]:
     """``scale * sum_n loss_n`` over N loss tokens, without materialising [N, V] logits.
 
@@ -203,6 +255,9 @@ def fused_divergence(
             ``reduce_loss`` gives on the naive path.
         chunk_size: tokens per chunk; None -> :func:`default_chunk_size` (~256 MiB of logits).
         compile: run each chunk's divergence through ``torch.compile`` (off by default).
+        closed_form: the chunk's logit gradient in closed form (``opsd_mm.divergence_grad``);
+            None (default) uses it wherever it applies (full vocabulary), False forces autograd
+            through ``token_divergence`` (the reference), True raises where it does not apply.
 
     Returns:
         (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
@@ -248,7 +303,20 @@ def fused_divergence(
         grad_on and weight_VH.requires_grad,
         grad_on and bias_V is not None and bias_V.requires_grad,
     )
+    if closed_form is None:
+        closed_form = has_closed_form(cfg, weight_VH.shape[0])
+    elif closed_form and not has_closed_form(cfg, weight_VH.shape[0]):
+        raise ValueError(
+            f"closed_form=True: no closed-form gradient for loss.top_k={cfg.top_k} "
+            f"(< V={weight_VH.shape[0]}); pass closed_form=None"
+        )
     chunk_fn = _compiled_chunk_divergence() if compile else _chunk_divergence
+    if closed_form:
+        chunk_grad_fn = (
+            _compiled_chunk_divergence_and_grad() if compile else _chunk_divergence_and_grad
+        )
+    else:
+        chunk_grad_fn = _autograd_chunk_divergence_and_grad(chunk_fn)
     loss, stats_SN = _FusedDivergence.apply(
         student_hidden_NH,
         weight_VH,
@@ -263,5 +331,6 @@ def fused_divergence(
         needs_grad,
         shared_head,
         chunk_fn,
+        chunk_grad_fn,
     )
     return loss, DivergenceOut(**dict(zip(_STATS, stats_SN.unbind(0))))

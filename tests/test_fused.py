@@ -273,18 +273,51 @@ def test_shape_errors_are_clear():
         )
 
 
+@pytest.mark.parametrize("cfg", [MODES[2], MODES[6], MODES[7], CLIPS[0], CLIPS[2]], ids=_cfg_id)
+def test_parity_autograd_chunks(cfg):
+    # Full-vocabulary modes use the closed-form chunk gradient by default; the autograd path
+    # (top-k's, and the closed form's reference) must agree with the naive loss too.
+    check_parity(cfg, chunk_size=50, closed_form=False)
+
+
+def test_closed_form_is_chosen_where_it_applies():
+    data = _leaves(_make(n=8))
+    with pytest.raises(ValueError, match="closed_form=True.*top_k=5"):
+        _fused(data, LossConfig(top_k=5), 8, chunk_size=4, closed_form=True)
+    grads = {}
+    for closed in (True, False):
+        d = _leaves(_make(n=8))
+        loss, _ = _fused(d, LossConfig(beta=0.3), 8, chunk_size=4, closed_form=closed)
+        grads[closed] = torch.autograd.grad(loss, d["h"])[0]
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.slow
-def test_parity_compiled_chunks():
+@pytest.mark.parametrize(
+    "cfg",
+    [LossConfig(divergence="jsd", top_k=5, top_k_tail_bucket=True), MODES[3], CLIPS[0]],
+    ids=_cfg_id,
+)
+def test_parity_compiled_chunks(cfg):
+    check_parity(cfg, chunk_size=50, compile=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("closed_form", [None, False], ids=["auto", "autograd"])
+@pytest.mark.parametrize("chunk_size", [50, None])
+@pytest.mark.parametrize("cfg", [*BF16, MODES[0], MODES[4]], ids=_cfg_id)
+def test_parity_cuda_bf16(cfg, chunk_size, closed_form):
+    if closed_form is False and cfg.top_k:
+        pytest.skip("top-k always takes the autograd path")
     check_parity(
-        LossConfig(divergence="jsd", top_k=5, top_k_tail_bucket=True), chunk_size=50, compile=True
+        cfg, dtype=torch.bfloat16, device="cuda", chunk_size=chunk_size, closed_form=closed_form
     )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk_size", [50, None])
-@pytest.mark.parametrize("cfg", [*BF16, MODES[0], MODES[4]], ids=_cfg_id)
-def test_parity_cuda_bf16(cfg, chunk_size):
-    check_parity(cfg, dtype=torch.bfloat16, device="cuda", chunk_size=chunk_size)
+@pytest.mark.parametrize("cfg", [MODES[2], CLIPS[0]], ids=_cfg_id)
+def test_parity_cuda_fp32_compiled(cfg):
+    check_parity(cfg, device="cuda", chunk_size=50, compile=True)
 
 
 def test_parity_under_autocast():
