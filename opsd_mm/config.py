@@ -137,6 +137,9 @@ class LossConfig:
     fused: bool = True
     # Tokens per chunk of the fused path (0: derived from a memory budget).
     chunk_size: int = 0
+    # torch.compile each chunk's loss computation in the fused path (fuses its elementwise
+    # passes into few kernels; costs a compile on the first step).
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -372,6 +372,7 @@ class Trainer:
                         teacher_bias_V=t_head.bias,
                         scale=scale,
                         chunk_size=cfg.loss.chunk_size or None,
+                        compile=cfg.loss.compile,
                     )
                 else:
                     s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]

@@ -266,11 +266,19 @@ def _step_with_grads(trainer):
 
 
 @pytest.mark.parametrize(
-    "lora, teacher",
-    [(True, "fixed"), (False, "fixed"), (False, "ema")],
-    ids=["lora", "full", "ema"],
+    "lora, teacher, extra",
+    [
+        (True, "fixed", []),
+        (False, "fixed", []),
+        (False, "ema", []),
+        (True, "fixed", ["loss.top_k=5"]),  # the fused path's autograd chunks
+        pytest.param(True, "fixed", ["loss.compile=true"], marks=pytest.mark.slow),
+    ],
+    ids=["lora", "full", "ema", "lora-topk", "lora-compiled"],
 )
-def test_fused_loss_matches_naive_in_training(tiny_cache, tmp_path, tiny_text_dir, lora, teacher):
+def test_fused_loss_matches_naive_in_training(
+    tiny_cache, tmp_path, tiny_text_dir, lora, teacher, extra
+):
     """The trainer's fused path (hidden states + chunked lm_head) gives the naive path's loss
     and gradients, including lm_head's under full fine-tuning."""
     results = []
@@ -284,6 +292,7 @@ def test_fused_loss_matches_naive_in_training(tiny_cache, tmp_path, tiny_text_di
             "loss.chunk_size=7",
             f"teacher.kind={teacher}",
             "teacher.ema_decay=0.5",
+            *(extra if fused else [x for x in extra if "compile" not in x]),
         )
         results.append(_step_with_grads(build_trainer(cfg)))
     (m_naive, g_naive), (m_fused, g_fused) = results
