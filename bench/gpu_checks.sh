@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The fused-loss GPU checks of issue 6, as ONE prepared run for a session that holds the device
-# (about 8 of its 15 minutes on an H200; every step has its own timeout, so one slow step
-# cannot eat the rest). Here, first:   make gpu-wheels      (Liger-Kernel as a wheel in .whl/)
-# Then through the device tool:        bash bench/gpu_checks.sh      with carry [".whl"]
-# Logs land in $OUT (the device tool brings them back) or ./gpu-checks-out elsewhere.
+# The fused-loss GPU checks of issue 6, as ONE prepared run for a session that holds the device:
+# about 5 minutes expected, 9 at most, of the session's 15 on an H200. Every step has its own
+# time limit, so one slow step cannot eat the rest.
+#   here, first:                   make gpu-wheels     (Liger-Kernel as a wheel in .whl/)
+#   then through the device tool:  bash bench/gpu_checks.sh    with carry [".whl"], timeout_s 600
+# Logs land in $OUT (the device tool brings them back), or in ./gpu-checks-out elsewhere.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-checks-out}
 mkdir -p "$OUT"
@@ -15,27 +16,38 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt, never abort the script
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name (limit ${limit}s): $*" | tee "$OUT/$name.txt"
+# step LOG NAME SECONDS COMMAND...: run, append to $OUT/LOG.txt, never abort the script. Few
+# logs on purpose: the device tool brings back at most 8 files.
+# The whole script stops starting steps at BUDGET seconds (default 540: the device tool allows
+# 600 per command), and cuts each step's limit to what is left; steps run most important first.
+DEADLINE=$((SECONDS + ${BUDGET:-540}))
+step() {
+  local log="$OUT/$1.txt" name=$2 limit=$3
+  shift 3
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 15)); then
+    echo "=== $name: skipped, the script's budget is spent" | tee -a "$log"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
   local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
-  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$log"
 }
 
-step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+step checks env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
   $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, torch.cuda.get_device_name())'; \
   $PY -c 'import liger_kernel; print(\"liger_kernel importable\")' || echo 'no liger_kernel: run make gpu-wheels here and carry .whl'"
 
 # bf16 parity of the fused path on CUDA (closed-form and autograd chunks), naive as reference.
-step parity 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py
+step checks parity 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py
 
 # The issue's shapes, JSD, against Liger; --compile adds torch.compile'd chunks.
 for n in 8192 16384; do
   for h in 2048 4096; do
-    step "jsd_n${n}_h${h}" 150 $PY bench/divergence.py --device cuda --dtype bf16 \
-      --n "$n" --hidden "$h" --compile --autograd-chunks --repeat 5
+    step jsd "jsd_n${n}_h${h}" 120 $PY bench/divergence.py --device cuda --dtype bf16 \
+      --n "$n" --hidden "$h" --compile --autograd-chunks --repeat 3
   done
 done
 
@@ -43,7 +55,7 @@ done
 for mode in "--mode forward_kl" "--mode reverse_kl" "--mode sampled_pg" \
   "--mode jsd --top-k 50 --tail-bucket" "--mode jsd --train-weight"; do
   tag=$(echo "$mode" | tr -d -- '-' | tr ' ' '_')
-  step "modes_${tag}" 90 $PY bench/divergence.py --device cuda --dtype bf16 --n 8192 \
+  step modes "${tag}" 60 $PY bench/divergence.py --device cuda --dtype bf16 --n 8192 \
     --hidden 2048 --repeat 3 $mode
 done
 echo "logs in $OUT"
