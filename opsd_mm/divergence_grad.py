@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from opsd_mm.config import LossConfig
-from opsd_mm.divergences import DivergenceOut, _sampled_logprob_N, validate_loss_config
+from opsd_mm.divergences import DivergenceOut, sampled_logprob_N, validate_loss_config
 
 
 def has_closed_form(cfg: LossConfig, vocab_size: int) -> bool:
@@ -92,7 +92,7 @@ def consume_divergence_and_grad(
     dtype = torch.promote_types(logits[0].dtype, torch.float32)
     tau = cfg.temperature
     s_NV = _log_probs(logits[0], dtype, tau)
-    student_logprob_N = _sampled_logprob_N(logits[0].detach(), s_NV, sampled_ids_N, cfg)
+    student_logprob_N = sampled_logprob_N(logits[0].detach(), s_NV, sampled_ids_N, cfg)
     logits[0] = None
     t_NV = _log_probs(logits[1], dtype, tau)
     logits[1] = None

@@ -191,7 +191,7 @@ def _entropy_N(logp_NV: torch.Tensor) -> torch.Tensor:
         return -(logp_NV.exp() * logp_NV).sum(-1)
 
 
-def _sampled_logprob_N(
+def sampled_logprob_N(
     student_logits_NV: torch.Tensor,
     student_logp_NV: torch.Tensor,
     sampled_ids_N: torch.Tensor | None,
@@ -254,7 +254,7 @@ def token_divergence(
         t_logp_NV = F.log_softmax(t_NV, dim=-1)
     student_entropy_N = _entropy_N(s_logp_NV.detach())
     teacher_entropy_N = _entropy_N(t_logp_NV)
-    student_logprob_N = _sampled_logprob_N(student_logits_NV, s_logp_NV, sampled_ids_N, cfg)
+    student_logprob_N = sampled_logprob_N(student_logits_NV, s_logp_NV, sampled_ids_N, cfg)
 
     if cfg.divergence == "sampled_pg":
         if sampled_ids_N is None:
