@@ -3,14 +3,17 @@
 Why: the naive path materialises fp32 logits for student and teacher, [N, V] each, plus the
 log-softmaxes and the autograd buffers of the divergence; at N = 8,192 tokens and V = 151,936
 that is ~70 GiB. Here tokens are processed in chunks: for each chunk the student and teacher
-logits are computed, then the per-token loss (the very same
-:func:`opsd_mm.divergences.token_divergence`, so every mode has one implementation) and its
-gradient w.r.t. the chunk's student logits are taken right away, and that gradient is pushed
-through the lm_head into the hidden-state gradient (and the weight/bias gradients when those
-train). Only one chunk's logits ever exist. The gradients are stored during forward; backward
-only scales them by ``grad_output``. The chunk's logit gradient comes in closed form
-(``opsd_mm.divergence_grad``) on the full vocabulary, and by autograd through
-``token_divergence`` under top-k, whose gather/renormalisation has no short closed form.
+logits are computed, then the per-token loss and its gradient w.r.t. the chunk's student
+logits are taken right away, and that gradient is pushed through the lm_head into the
+hidden-state gradient (and the weight/bias gradients when those train). Only one chunk's logits
+ever exist. The gradients are stored during forward; backward only scales them by
+``grad_output``.
+
+Per chunk, the loss and its logit gradient come in closed form on the full vocabulary
+(``opsd_mm.divergence_grad``: half the working set and fewer passes over [chunk, V] than
+autograd), and by autograd through :func:`opsd_mm.divergences.token_divergence` under top-k,
+whose gather/renormalisation has no short closed form. ``token_divergence`` stays the one
+reference: both are tested against it, values and gradients.
 
 Consequences worth knowing: the forward pass does the backward work too (skipped when no input
 needs a gradient, e.g. under ``torch.no_grad``); the graph cannot be differentiated twice.
