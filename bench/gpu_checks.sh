@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fused-loss GPU checks of issue 6, as ONE prepared run for a session that holds the device:
-# about 5 minutes expected, 9 at most, of the session's 15 on an H200. Every step has its own
+# about 6 minutes expected, 9 at most, of the session's 15 on an H200. Every step has its own
 # time limit, so one slow step cannot eat the rest.
 #   here, first:                   make gpu-wheels     (Liger-Kernel as a wheel in .whl/)
 #   then through the device tool:  bash bench/gpu_checks.sh    with carry [".whl"], timeout_s 600
@@ -42,6 +42,12 @@ step checks env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_vers
 
 # bf16 parity of the fused path on CUDA (closed-form and autograd chunks), naive as reference.
 step checks parity 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py
+
+# The trainer on CUDA (bf16 autocast, fused loss by default) against its naive path. The tests
+# import opsd_mm.processors, which only an install maps (pyproject's package-dir): editable, as
+# in CI, with the machine's own packages (--no-deps; nothing can be fetched there).
+step checks install 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
+step checks trainer 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_trainer.py
 
 # The issue's shapes, JSD, against Liger; --compile adds torch.compile'd chunks.
 for n in 8192 16384; do
