@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -331,6 +332,10 @@ def _verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
 
+def _out_of_memory(row: dict) -> bool:
+    return math.isinf(row["seconds"])
+
+
 def report(args, rows: dict) -> bool:
     gib = 2**30
     print(
@@ -365,7 +370,11 @@ def report(args, rows: dict) -> bool:
     naive = rows["naive"]
     met = True
     for name, r in rows.items():
-        if name in ("baseline", "naive"):
+        if name != "baseline" and _out_of_memory(r):
+            print(f"{name}: out of memory at N={args.n}")
+            met = met and name not in TARGETED
+    for name, r in rows.items():
+        if name in ("baseline", "naive") or _out_of_memory(r) or _out_of_memory(naive):
             continue
         mem_ratio = r["peak"] / max(naive["peak"], 1)
         time_ratio = r["seconds"] / naive["seconds"]
@@ -394,7 +403,7 @@ def report_vs_liger(rows: dict) -> bool:
     """The GPU targets of issue 6: fused peak <= 1.5x Liger's, time <= 1.2x Liger's (JSD)."""
     liger, met = rows["liger"], True
     for name in TARGETED:
-        if name not in rows:
+        if name not in rows or _out_of_memory(rows[name]) or _out_of_memory(liger):
             continue
         r = rows[name]
         mem_ratio = r["peak"] / max(liger["peak"], 1)

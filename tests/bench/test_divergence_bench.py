@@ -56,3 +56,31 @@ def test_bench_runs_and_fused_working_set_is_smaller():
         assert losses > 0
     # 96 tokens x 4,096 fp32: naive keeps ~13 such [N, V] buffers; fused ~6 of [16, V].
     assert peaks["fused"] < peaks["fused-autograd"] < peaks["naive"]
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_divergence", BENCH / "divergence.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_report_with_liger_and_a_naive_out_of_memory(capsys):
+    # The shape of bench_cuda's rows at N=16,384, where the naive path cannot fit.
+    bench = _bench_module()
+    args = bench.parse_args(["--device", "cuda", "--dtype", "bf16", "--n", "16384"])
+    gib = 2**30
+    oom = {"loss": float("nan"), "seconds": float("inf"), "peak": float("inf")}
+    rows = {
+        "naive": oom,
+        "fused": {"loss": 0.25, "seconds": 0.150, "peak": 0.8 * gib},
+        "liger": {"loss": 0.25, "seconds": 0.137, "peak": 1.3 * gib},
+    }
+    assert bench.report(args, rows)  # 0.62x Liger's memory, 1.09x its time: both targets met
+    out = capsys.readouterr().out
+    assert "naive: out of memory at N=16384" in out
+    assert "fused vs naive" not in out
+    assert re.search(r"fused vs liger.*\n.*peak memory ratio 0\.615.*MET", out)
+    rows["fused"]["seconds"] = 0.2  # 1.46x Liger's time
+    assert not bench.report(args, rows)
+    assert "time ratio        1.460 (target <= 1.2) NOT MET" in capsys.readouterr().out
