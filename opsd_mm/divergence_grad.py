@@ -47,10 +47,15 @@ def has_closed_form(cfg: LossConfig, vocab_size: int) -> bool:
 
 
 def _log_probs(logits_NV: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
-    x_NV = logits_NV.detach().to(dtype)
-    if temperature != 1.0:
-        x_NV = x_NV / temperature
-    return F.log_softmax(x_NV, dim=-1)
+    if temperature == 1.0:
+        # Upcasts inside the kernel: no fp32 copy of bf16 logits (bitwise the same result).
+        return F.log_softmax(logits_NV.detach(), dim=-1, dtype=dtype)
+    return F.log_softmax(logits_NV.detach().to(dtype) / temperature, dim=-1)
+
+
+def _entropy_N(p_NV: torch.Tensor, logp_NV: torch.Tensor) -> torch.Tensor:
+    # A batched dot product reads both once and writes no [N, V] product.
+    return -torch.einsum("nv,nv->n", p_NV, logp_NV)
 
 
 def divergence_and_grad(
@@ -80,7 +85,8 @@ def consume_divergence_and_grad(
     Why a list: a caller that hands over its only references lets each [N, V] logits tensor be
     freed mid-computation (arguments passed directly stay referenced by the caller until the call
     returns). Buffers are reused in place where the formulas allow, so the working set stays at
-    about six fp32 [N, V] tensors (the fused path's per-chunk peak).
+    six fp32 [N, V] tensors for the JSD, four for the other modes (the fused path's per-chunk
+    peak; bench/chunk_working_set.py).
     """
     validate_loss_config(cfg)
     n_vocab = logits[0].shape[-1]
@@ -97,9 +103,9 @@ def consume_divergence_and_grad(
     t_NV = _log_probs(logits[1], dtype, tau)
     logits[1] = None
     S_NV = s_NV.exp()
-    student_entropy_N = -(S_NV * s_NV).sum(-1)
+    student_entropy_N = _entropy_N(S_NV, s_NV)
     T_NV = t_NV.exp()
-    teacher_entropy_N = -(T_NV * t_NV).sum(-1)
+    teacher_entropy_N = _entropy_N(T_NV, t_NV)
 
     if cfg.divergence == "sampled_pg":
         if sampled_ids_N is None:
@@ -164,7 +170,7 @@ def _consume_terms_and_grad(
     s_NV, t_NV, T_NV = sides
     sides.clear()
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        terms_NV = T_NV * t_NV.sub_(s_NV)
+        terms_NV = t_NV.sub_(s_NV).mul_(T_NV)  # T (t - s), in t's memory
         return terms_NV, T_NV.neg_()
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
         del T_NV

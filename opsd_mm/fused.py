@@ -38,7 +38,7 @@ from opsd_mm.divergences import DivergenceOut, token_divergence, validate_loss_c
 
 # Default chunk: ~256 MiB of fp32 logits per chunk, student and teacher together. The whole
 # working set of one chunk is larger, counted in fp32 [chunk, V] tensors by bench/live_bytes.py
-# (the CPU analog of CUDA's max_memory_allocated): 6 for the JSD and 5 for the other modes with
+# (the CPU analog of CUDA's max_memory_allocated): 6 for the JSD and 4 for the other modes with
 # the closed-form gradients; 13-14 for the JSD by autograd through token_divergence (top-k's
 # path). At V = 151,936 a 208-token chunk is 121 MiB. Larger chunks stream the [V, H] weight
 # from memory fewer times (2 passes per chunk): on CPU, 48-token chunks cost ~25% more CPU time
