@@ -68,6 +68,11 @@ _STATS = (
 )
 
 
+def _stats(out: DivergenceOut) -> tuple[torch.Tensor, ...]:
+    """A DivergenceOut's per-token tensors in ``_STATS`` order."""
+    return tuple(getattr(out, name) for name in _STATS)
+
+
 def _chunk_divergence(
     student_logits_cV: torch.Tensor,
     teacher_logits_cV: torch.Tensor,
@@ -75,15 +80,7 @@ def _chunk_divergence(
     cfg: LossConfig,
 ) -> tuple[torch.Tensor, ...]:
     """token_divergence on one chunk, as a plain tuple (what torch.compile handles best)."""
-    out = token_divergence(student_logits_cV, teacher_logits_cV, sampled_ids_c, cfg)
-    return (
-        out.loss_N,
-        out.div_N,
-        out.clipped_N,
-        out.student_entropy_N,
-        out.teacher_entropy_N,
-        out.student_logprob_N,
-    )
+    return _stats(token_divergence(student_logits_cV, teacher_logits_cV, sampled_ids_c, cfg))
 
 
 def _chunk_divergence_and_grad(
@@ -93,7 +90,7 @@ def _chunk_divergence_and_grad(
     they are freed as soon as they are used): the stats of ``_chunk_divergence``, then the
     gradient of the chunk's summed loss w.r.t. its student logits."""
     out, grad_cV = consume_divergence_and_grad(logits, sampled_ids_c, cfg)
-    return (*(getattr(out, name) for name in _STATS), grad_cV)
+    return (*_stats(out), grad_cV)
 
 
 def _compiled_closed_form(compiled: ChunkFn) -> ChunkFn:
@@ -101,7 +98,7 @@ def _compiled_closed_form(compiled: ChunkFn) -> ChunkFn:
     def fn(logits, sampled_ids_c, cfg):
         out, grad_cV = compiled(*logits, sampled_ids_c, cfg)
         logits.clear()
-        return (*(getattr(out, name) for name in _STATS), grad_cV)
+        return (*_stats(out), grad_cV)
 
     return fn
 
