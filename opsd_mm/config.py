@@ -88,8 +88,18 @@ class ProcessorConfig:
     kind: Literal["auto", "text", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "auto"
     student_template: str = "opsd_student_v1"
     teacher_template: str = "opsd_teacher_v1"
+    # Thinking mode per role (the chat template's ``enable_thinking``). A difference between
+    # the two is a config error unless allow_thinking_mismatch=true: the teacher would score the
+    # student's completion after a different generation prompt (e.g. an empty closed think block
+    # on one side only).
     student_thinking: bool = False
     teacher_thinking: bool = False
+    allow_thinking_mismatch: bool = False
+    # How the student prompt is tokenised. ``chat_template``: the ids of one chat-template
+    # application. ``specials_stripped``: the OPSD reference's documented quirk (its reported
+    # results): the chat-template text with every special token removed, then tokenised as plain
+    # text, so the student sees ``user\n...\nassistant\n`` without <|im_start|>/<|im_end|>.
+    student_prompt_format: Literal["chat_template", "specials_stripped"] = "chat_template"
     max_prompt_tokens: int = 1024
     # Teacher prompt budget: the privileged text is truncated (and counted) to fit it.
     max_teacher_prompt_tokens: int = 4096
@@ -131,7 +141,14 @@ class LossConfig:
     pointwise_clip: float | None = None
     token_clip: float | None = None
     skip_first_tokens: int = 0
-    temperature: float = 1.0
+    # Softmax temperature of both distributions in the loss. null: the sampling temperature
+    # (rollout.temperature), as the OPSD reference ties them; resolved at load, so the run's
+    # config.yaml shows the number used.
+    temperature: float | None = None
+    # ``step_tokens``: sum of per-token losses / the step's global loss-token count (every token
+    # weighs the same). ``micro_batch_mean``: the mean over micro-batches (and processes) of each
+    # micro-batch's token mean, as a transformers-Trainer-based reference (OPSD, TRL) reduces.
+    normalize: Literal["step_tokens", "micro_batch_mean"] = "step_tokens"
     # Fused chunked path from hidden states (never materialises tokens x vocab); false: the
     # naive reference on materialised logits.
     fused: bool = True
@@ -163,6 +180,10 @@ class TrainerConfig:
     adam_beta2: float = 0.999
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    # Horizon of the LR schedule in optimizer steps (null: trainer.max_steps). A recipe that
+    # reproduces a reference run decaying over N epochs sets it to that run's total steps and
+    # may stop earlier with max_steps.
+    schedule_steps: int | None = None
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     gradient_checkpointing: bool = False
@@ -335,7 +356,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 node[part] = child
             node = child
         node[parts[-1]] = value
-    return _build(RunConfig, raw)
+    return resolve_config(_build(RunConfig, raw))
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Fill the values that default to other keys and check the cross-key rules; idempotent.
+
+    - ``loss.temperature`` null -> ``rollout.temperature`` (the reference ties them; the loss
+      then scores the distribution the completion was sampled from).
+    - ``processor.student_thinking != processor.teacher_thinking`` is an error unless
+      ``processor.allow_thinking_mismatch``.
+    """
+    pc = cfg.processor
+    if pc.student_thinking != pc.teacher_thinking and not pc.allow_thinking_mismatch:
+        raise ConfigError(
+            f"processor.student_thinking={str(pc.student_thinking).lower()} but "
+            f"processor.teacher_thinking={str(pc.teacher_thinking).lower()}: the teacher would "
+            "score the student's completion after a different generation prompt (with a hybrid "
+            "template one side gets an empty closed think block, and a completion that thinks "
+            "then reads as a second think block to the other side). Set both the same, or set "
+            "processor.allow_thinking_mismatch=true to do this on purpose"
+        )
+    if cfg.loss.temperature is None:
+        loss = dataclasses.replace(cfg.loss, temperature=cfg.rollout.temperature)
+        cfg = dataclasses.replace(cfg, loss=loss)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

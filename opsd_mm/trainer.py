@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from opsd_mm import checkpoint as ckpt
-from opsd_mm.config import RunConfig, save_config
+from opsd_mm.config import RunConfig, resolve_config, save_config
 from opsd_mm.data import ExampleStream
 from opsd_mm.distributed import check_distributed_support
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
@@ -72,6 +72,7 @@ class Trainer:
     ) -> None:
         from accelerate import Accelerator
 
+        cfg = resolve_config(cfg)
         self.cfg = cfg
         tc = cfg.trainer
         mp = tc.mixed_precision
@@ -106,7 +107,7 @@ class Trainer:
             tc.lr_schedule,
             self.optimizer,
             num_warmup_steps=tc.warmup_steps,
-            num_training_steps=tc.max_steps,
+            num_training_steps=tc.schedule_steps or tc.max_steps,
         )
         # Model and optimizer are prepared together: FSDP2 replaces the parameters with sharded
         # DTensors and must re-point the optimizer at them. The scheduler stays unprepared: an
@@ -253,7 +254,8 @@ class Trainer:
                 batch = self.processor.collate(micro[min(i, len(micro) - 1)]).to(acc.device)
                 sync = i == n_micro - 1
                 with acc.no_sync(self.model) if not sync else nullcontext():
-                    loss, out = self._micro_step(batch, n_global, timer)
+                    scale = self._loss_scale(batch, n_global, n_micro)
+                    loss, out = self._micro_step(batch, scale, timer)
                     if padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -330,15 +332,29 @@ class Trainer:
         }
         return metrics
 
+    def _loss_scale(self, batch: PairBatch, n_global: float, n_micro: int) -> float:
+        """The factor on this micro-batch's summed per-token loss (``loss.normalize``).
+
+        Gradients are averaged over processes (DDP/FSDP), hence the ``num_processes`` factor in
+        ``step_tokens``: sum / global token count, every token of the step weighing the same.
+        ``micro_batch_mean``: this micro-batch's token mean / micro-batches per process, so the
+        step's loss is the mean of the micro-batch means, as in a transformers-Trainer-based
+        reference (each micro-batch's ``batchmean`` divided by the accumulation steps).
+        """
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.loss.normalize == "micro_batch_mean":
+            mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
+            return 1.0 / (max(int(mask_BC.sum()), 1) * max(n_micro, 1))
+        return acc.num_processes / max(n_global, 1.0)
+
     def _micro_step(
-        self, batch: PairBatch, n_global: float, timer: PhaseTimer
+        self, batch: PairBatch, scale: float, timer: PhaseTimer
     ) -> tuple[torch.Tensor, DivergenceOut]:
-        """Teacher forward (no grad), student forward, per-token divergence -> scaled loss."""
+        """Teacher forward (no grad), student forward, per-token divergence -> loss * scale."""
         cfg, acc = self.cfg, self.accelerator
         width_C = batch.completion_ids_BC.shape[1]
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
         ids_N = batch.completion_ids_BC[mask_BC]
-        scale = acc.num_processes / max(n_global, 1.0)
         with acc.autocast():
             with timer.phase("teacher"), torch.no_grad():
                 with self.teacher.as_teacher(unwrap(self.model)) as teacher_model:
