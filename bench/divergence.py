@@ -11,8 +11,8 @@ Peak memory, honestly measured:
   resident set size" minus that of a baseline subprocess that only imports torch and allocates
   the same inputs is the contender's extra peak.
 - CUDA: ``torch.cuda.max_memory_allocated`` above what the inputs already hold; time from CUDA
-  events. LigerFusedLinearJSD is added when ``liger_kernel`` imports (jsd without top-k, at
-  beta 0, 0.5 or 1, where its TRL-style beta weighting and ours give the same loss); a contender
+  events. LigerFusedLinearJSD is added when ``liger_kernel`` imports (jsd without top-k: its
+  beta weighting is TRL's, which ``loss.beta`` follows, so the losses agree); a contender
   that runs out of memory is reported as such.
 - ``--tensor-peak`` (CPU): also the peak bytes of live tensors (bench/live_bytes.py), the CPU
   analog of ``max_memory_allocated``: counts the working set, not the allocator's caching.
@@ -288,8 +288,8 @@ def bench_cuda(args) -> dict:
     try:
         import liger_kernel.transformers  # noqa: F401
 
-        # Same loss only where the beta conventions agree (tests/test_fused_vs_liger.py).
-        if args.mode == "jsd" and args.top_k == 0 and args.beta in (0.0, 0.5, 1.0):
+        # The same loss at every beta (tests/test_fused_vs_liger.py); Liger has no top-k.
+        if args.mode == "jsd" and args.top_k == 0:
             contenders["liger"] = run_liger
     except ImportError:
         print("liger_kernel not importable: skipping LigerFusedLinearJSD")

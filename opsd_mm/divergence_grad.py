@@ -20,10 +20,12 @@ dL/dz = (g - S * sum_v g_v) / tau. Per mode:
 
 - forward KL, KL(T || S), terms T (t - s): g = -T, so dL/dz = (S - T) / tau.
 - reverse KL, KL(S || T), terms S (s - t): g = S (s - t + 1).
-- JSD(beta) = (1-beta) KL(T || M) + beta KL(S || M), M = beta T + (1-beta) S, m = log M,
-  a = t - m, b = s - m: dJSD/dS_v = beta (b_v + 1) - (1-beta) ((1-beta) T_v + beta S_v) / M_v,
-  and ((1-beta) T + beta S) / M = (1-beta) e^a + beta e^b, where a <= -log(beta) and
-  b <= -log(1-beta): bounded, no 0/0 where M underflows. g = S * dJSD/dS.
+- JSD(beta) = beta KL(T || M) + (1-beta) KL(S || M), M = beta T + (1-beta) S, m = log M,
+  a = t - m, b = s - m: dJSD/dS_v = (1-beta) (b_v + 1) - (1-beta) (beta T_v + (1-beta) S_v) / M_v
+  = (1-beta) b_v, since the mixture weights are the KL weights (beta T + (1-beta) S = M): the
+  derivative through M cancels the "+1". b <= -log(1-beta) and a <= -log(beta) are bounded, so
+  nothing is 0/0 where M underflows. g = (1-beta) S b. Each entry's term depends on S_v alone,
+  so a point-wise clip zeroes exactly that entry's g_v.
 - point-wise clip c: g_v = 0 where terms_v > c (``clamp``'s gradient); token clip c: g = 0 on
   the rows whose (point-wise clipped) loss exceeds c.
 - sampled_pg, loss = -A log p_s(y) with A detached: dL/dz = A (S - onehot(y)) / tau.
@@ -37,7 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from opsd_mm.config import LossConfig
-from opsd_mm.divergences import DivergenceOut, sampled_logprob_N, validate_loss_config
+from opsd_mm.divergences import (
+    DivergenceOut,
+    loss_temperature,
+    sampled_logprob_N,
+    validate_loss_config,
+)
 
 
 def has_closed_form(cfg: LossConfig, vocab_size: int) -> bool:
@@ -96,7 +103,7 @@ def consume_divergence_and_grad(
             "through token_divergence"
         )
     dtype = torch.promote_types(logits[0].dtype, torch.float32)
-    tau = cfg.temperature
+    tau = loss_temperature(cfg)
     s_NV = _log_probs(logits[0], dtype, tau)
     student_logprob_N = sampled_logprob_N(logits[0].detach(), s_NV, sampled_ids_N, cfg)
     logits[0] = None
@@ -163,8 +170,8 @@ def consume_divergence_and_grad(
 def _consume_terms_and_grad(
     sides: list[torch.Tensor | None], S_NV: torch.Tensor, divergence: str, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-entry terms of ``divergences.divergence_terms`` (same formulas; the JSD's two
-    halves summed in the other order, within an ulp) and
+    """The per-entry terms of ``divergences.divergence_terms`` (same formulas, within an ulp)
+    and
     g = d(sum of terms)/ds with s taken as free, from ``sides = [s, t, T]``, which it empties.
     S is left intact."""
     s_NV, t_NV, T_NV = sides
@@ -183,13 +190,8 @@ def _consume_terms_and_grad(
     a_NV = t_NV.sub_(m_NV)  # log T/M <= -log(beta), in t's memory
     b_NV = torch.sub(s_NV, m_NV, out=m_NV)  # log S/M <= -log(1-beta), in m's memory
     del s_NV, t_NV, m_NV
-    # terms = beta S b + (1-beta) T a: one temporary, the product fused into it.
-    terms_NV = torch.mul(S_NV, b_NV).mul_(beta).addcmul_(T_NV, a_NV, value=1.0 - beta)
-    del T_NV
-    # g = S (beta (b + 1) - (1-beta)^2 e^a - beta (1-beta) e^b), in a's and b's memory.
-    eb_NV = b_NV.exp()
-    g_NV = b_NV.add_(1.0).mul_(beta)
-    g_NV.add_(a_NV.exp_(), alpha=-((1.0 - beta) ** 2))
-    g_NV.add_(eb_NV, alpha=-beta * (1.0 - beta))
-    del a_NV, eb_NV
-    return terms_NV, g_NV.mul_(S_NV)
+    # terms = beta T a + (1-beta) S b: one temporary, the second product fused into it.
+    terms_NV = torch.mul(T_NV, a_NV).mul_(beta).addcmul_(S_NV, b_NV, value=1.0 - beta)
+    del T_NV, a_NV
+    # g = (1-beta) S b, in b's memory.
+    return terms_NV, b_NV.mul_(S_NV).mul_(1.0 - beta)

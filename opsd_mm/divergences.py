@@ -13,13 +13,17 @@ Directions, in words (S = student, T = teacher, both at the configured temperatu
 
 - ``forward_kl``: KL(T || S) = sum_v T_v (log T_v - log S_v), mass-covering.
 - ``reverse_kl``: KL(S || T) = sum_v S_v (log S_v - log T_v), mode-seeking.
-- ``jsd`` (generalized, weight beta): with the mixture M = beta*T + (1-beta)*S,
-  ``JSD_beta = (1-beta) * KL(T || M) + beta * KL(S || M)``.
-  beta=0 is *exactly* KL(T || S) and beta=1 *exactly* KL(S || T) (both special-cased), and the
-  value is continuous in beta in between (as beta -> 0, M -> S and the first term -> KL(T||S)).
-  At beta=0.5 it is the textbook JSD. This differs from TRL's GKD weighting
-  (``beta*KL(T||M) + (1-beta)*KL(S||M)`` with ``M = beta*T + (1-beta)*S``), which tends to 0 as
-  beta -> 0 but is defined as KL(T||S) at beta=0, i.e. is discontinuous at both endpoints.
+- ``jsd`` (generalized, weight beta), as defined by the GKD paper (arXiv 2306.13649, Eq. 1) and
+  used by the OPSD reference code, TRL and Liger: with the mixture M = beta*T + (1-beta)*S,
+  ``JSD_beta = beta * KL(T || M) + (1-beta) * KL(S || M)``. beta=0 is *exactly* KL(T || S)
+  (forward) and beta=1 *exactly* KL(S || T) (reverse): both endpoints are special-cased, as the
+  reference does, because the formula itself tends to 0 at either end (the heavily weighted
+  KL compares a distribution with a mixture that tends to it, and the other term's weight
+  vanishes). The per-token values at beta=0.1 are thus much smaller than at 0.5 on the same
+  distributions; tune the learning rate with beta, as in the reference. At beta=0.5 it is the
+  textbook JSD. So ``loss.beta`` means what it means in the paper and in TRL: a recipe's
+  ``--beta`` carries over unchanged. (Until version 0.1 this project swapped the two weights to
+  be continuous at the ends; the two agree at 0, 0.5 and 1 only.)
 - ``sampled_pg``: the on-policy reverse-KL policy gradient on the sampled token y only.
 
 Reminder for readers of other code: ``torch.nn.functional.kl_div(input, target)`` computes
@@ -66,6 +70,12 @@ class DivergenceOut:
     student_logprob_N: torch.Tensor
 
 
+def loss_temperature(cfg: LossConfig) -> float:
+    """``loss.temperature``; null (unresolved: a LossConfig built outside ``load_config`` /
+    ``resolve_config``, as in tests) means 1."""
+    return 1.0 if cfg.temperature is None else cfg.temperature
+
+
 def validate_loss_config(cfg: LossConfig) -> None:
     """Raise a ValueError naming the ``loss.*`` key when the settings cannot be computed."""
     if cfg.divergence not in DIVERGENCES:
@@ -74,7 +84,7 @@ def validate_loss_config(cfg: LossConfig) -> None:
         )
     if not 0.0 <= cfg.beta <= 1.0:
         raise ValueError(f"loss.beta must lie in [0, 1], got {cfg.beta}")
-    if not cfg.temperature > 0.0:
+    if not loss_temperature(cfg) > 0.0:
         raise ValueError(f"loss.temperature must be > 0, got {cfg.temperature}")
     if cfg.top_k < 0:
         raise ValueError(f"loss.top_k must be >= 0 (0: full vocabulary), got {cfg.top_k}")
@@ -170,8 +180,8 @@ def divergence_terms(
 
     Point-wise clipping acts on these terms, so their split matters: forward KL's term is
     T_v (log T_v - log S_v), reverse KL's S_v (log S_v - log T_v), and the JSD's
-    (1-beta) T_v (log T_v - log M_v) + beta S_v (log S_v - log M_v), with log M computed as a
-    log-sum-exp of the two log-distributions.
+    beta T_v (log T_v - log M_v) + (1-beta) S_v (log S_v - log M_v), with log M computed as a
+    log-sum-exp of the two log-distributions (as the reference and TRL compute it).
     """
     s, t = student_logp_NK, teacher_logp_NK
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
@@ -182,8 +192,8 @@ def divergence_terms(
         raise ValueError(f"loss.divergence={divergence!r} has no vocabulary terms")
     m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
     # Scalars applied last: S = exp(s) is then saved once for backward (by exp and by the
-    # product alike) instead of also saving beta * S, one [N, K] tensor less at the peak.
-    return (1.0 - beta) * (t.exp() * (t - m)) + beta * (s.exp() * (s - m))
+    # product alike) instead of also saving (1-beta) * S, one [N, K] tensor less at the peak.
+    return beta * (t.exp() * (t - m)) + (1.0 - beta) * (s.exp() * (s - m))
 
 
 def _entropy_N(logp_NV: torch.Tensor) -> torch.Tensor:
@@ -208,7 +218,7 @@ def sampled_logprob_N(
                 device=student_logp_NV.device,
             )
         logp_NV = student_logp_NV
-        if cfg.temperature != 1.0:
+        if loss_temperature(cfg) != 1.0:
             logp_NV = F.log_softmax(student_logits_NV.to(student_logp_NV.dtype), dim=-1)
         return logp_NV.gather(-1, sampled_ids_N.long()[:, None]).squeeze(-1)
 
@@ -246,9 +256,10 @@ def token_divergence(
     dtype = torch.promote_types(student_logits_NV.dtype, torch.float32)
     s_NV = student_logits_NV.to(dtype)
     t_NV = teacher_logits_NV.detach().to(dtype)
-    if cfg.temperature != 1.0:
-        s_NV = s_NV / cfg.temperature
-        t_NV = t_NV / cfg.temperature
+    tau = loss_temperature(cfg)
+    if tau != 1.0:
+        s_NV = s_NV / tau
+        t_NV = t_NV / tau
     s_logp_NV = F.log_softmax(s_NV, dim=-1)
     with torch.no_grad():
         t_logp_NV = F.log_softmax(t_NV, dim=-1)

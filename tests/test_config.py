@@ -78,3 +78,24 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     load_config(path)
+
+
+def test_loss_temperature_defaults_to_the_sampling_temperature(tmp_path):
+    cfg = load_config(None, ["rollout.temperature=1.1"])
+    assert cfg.loss.temperature == 1.1  # resolved at load: config.yaml shows the number
+    assert (
+        load_config(None, ["rollout.temperature=1.1", "loss.temperature=1.0"]).loss.temperature
+        == 1.0
+    )
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["loss"]["temperature"] == 1.1 and saved["rollout"]["temperature"] == 1.1
+
+
+def test_thinking_mismatch_is_an_error_unless_allowed():
+    with pytest.raises(ConfigError, match=r"processor\.allow_thinking_mismatch"):
+        load_config(None, ["processor.student_thinking=true"])
+    cfg = load_config(
+        None, ["processor.student_thinking=true", "processor.allow_thinking_mismatch=true"]
+    )
+    assert cfg.processor.student_thinking and not cfg.processor.teacher_thinking

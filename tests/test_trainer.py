@@ -203,6 +203,57 @@ def test_accumulation_matches_one_big_batch(tiny_cache, tmp_path, tiny_text_dir)
         assert torch.allclose(g1[n], g4[n], rtol=1e-4, atol=1e-9), n
 
 
+def test_micro_batch_mean_normalisation_and_schedule_horizon(tiny_cache, tmp_path, tiny_text_dir):
+    """loss.normalize=micro_batch_mean: the step loss is the mean of the micro-batches' token
+    means (the reference's reduction), and with one micro-batch it equals the token mean.
+    trainer.schedule_steps sets the LR schedule's horizon independently of max_steps."""
+    common = ("trainer.batch_size=2", "rollout.n=2", "trainer.save_every=0")
+    losses = {}
+    for norm, micro in (("micro_batch_mean", 1), ("micro_batch_mean", 4), ("step_tokens", 4)):
+        t = build_trainer(
+            _cfg(
+                tiny_cache,
+                tmp_path / f"{norm}{micro}",
+                *common,
+                f"trainer.micro_batch_size={micro}",
+                f"loss.normalize={norm}",
+                "trainer.lr_schedule=linear",
+                "trainer.schedule_steps=100",
+            )
+        )
+        seen = []
+        real = t._micro_step
+
+        def record(batch, scale, timer, real=real, seen=seen):
+            loss, out = real(batch, scale, timer)
+            seen.append(out.loss_N.detach())
+            return loss, out
+
+        t._micro_step = record
+        real_generate = t.engine.generate
+
+        def ragged(prompts, n, sampling, real_generate=real_generate):
+            # Cut the real rollouts to different lengths (prefixes of on-policy samples), so
+            # that the two reductions differ.
+            out = real_generate(prompts, n, sampling)
+            for i, r in enumerate(x for row in out for x in row):
+                r.completion_ids = r.completion_ids[: 4 + 5 * i]
+                r.logprobs = r.logprobs[: 4 + 5 * i] if r.logprobs else r.logprobs
+            return out
+
+        t.engine.generate = ragged
+        m = t.train_step()
+        losses[(norm, micro)] = m["loss"]
+        if (norm, micro) == ("micro_batch_mean", 1):
+            assert len(seen) == 4 and len({len(x) for x in seen}) > 1  # ragged lengths
+            expected = sum(float(x.mean()) for x in seen) / len(seen)
+            token_mean = float(torch.cat(seen).mean())
+            assert m["loss"] == pytest.approx(expected, rel=1e-5)
+            assert abs(expected - token_mean) > 1e-6 * abs(token_mean)  # a different reduction
+        assert t.scheduler.get_last_lr()[0] == pytest.approx(t.cfg.trainer.lr * (1 - 1 / 100))
+    assert losses[("micro_batch_mean", 4)] == pytest.approx(losses[("step_tokens", 4)], rel=1e-6)
+
+
 def test_full_finetuning_with_frozen_teacher_copy(tiny_cache, tmp_path, tiny_text_dir):
     cfg = _cfg(
         tiny_cache,
