@@ -248,7 +248,7 @@ class TextProcessor:
           reported results: the chat-template text with every *special* added token removed
           (the reference decodes the template ids with ``skip_special_tokens=True``), tokenised
           again as plain text without special tokens. The student sees
-          ``user\n<message>\nassistant\n`` (plus whatever non-special text the template adds,
+          ``user\\n<message>\\nassistant\\n`` (plus whatever non-special text the template adds,
           such as ``<think>`` tags or a default system message, minus its special tokens). The
           teacher prompt is unaffected.
         """
@@ -259,10 +259,11 @@ class TextProcessor:
         meta: dict[str, Any] = {"template": self.student_template.name}
         if self.cfg.student_prompt_format == "specials_stripped":
             # What this does to the ids: every <|im_start|> / <|im_end|> (and any other special
-            # token) id disappears, and the text between them is encoded again, so BPE merges
-            # can now cross the old boundaries (e.g. a question's last characters with the
-            # following "\n"): the ids are not the chat-template ids minus the special ones.
-            # This is a deliberate decode/re-encode round trip, made here only.
+            # token) id disappears, and the text between them is encoded again, so tokens can
+            # now span the old boundaries: the message's final "." and the "\n" that followed
+            # <|im_end|> become one ".\n" token with Qwen's pre-tokenizer. The ids are therefore
+            # not the chat-template ids minus the special ones. A deliberate re-encode, made
+            # here only (the student's default and the teacher stay one template application).
             text = strip_special_tokens(text, self._control_strings)
             ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             meta["student_prompt_format"] = "specials_stripped"

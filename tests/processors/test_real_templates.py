@@ -238,7 +238,10 @@ def test_specials_stripped_student_prompt(tiny_text_dir, name, thinking):
     assert student.text == proc.tokenizer.decode(reference.input_ids, skip_special_tokens=True)
     assert student.text == strip_special_tokens(reference.text, proc._control_strings)
     assert student.input_ids == proc.tokenizer(student.text, add_special_tokens=False).input_ids
-    assert not set(student.input_ids) & {proc.tokenizer.convert_tokens_to_ids("<|im_start|>")}
+    # Not the template ids minus the special ones: "{}." + "\n" are re-encoded as "{}" ".\n".
+    special = {proc.tokenizer.convert_tokens_to_ids(t) for t in proc._control_strings}
+    assert student.input_ids != [i for i in reference.input_ids if i not in special]
+    assert not set(student.input_ids) & special
     assert student.meta["student_prompt_format"] == "specials_stripped"
     assert student.meta["think_state"] == plain.student_think_state
     # The teacher keeps the chat template; suppression is unchanged.
@@ -336,3 +339,22 @@ def test_vl_mrope_per_side_under_real_template(vl_models, family, kind, name, st
                 ref_CV = completion_logits(model, alone, lengths[i])[0]
                 diff = (got_BCV[i, : lengths[i]] - ref_CV).abs().max().item()
                 assert diff < 1e-4, (name, side_name, pair.example_id, diff)
+
+
+def test_prompt_think_state_must_match_the_probe(tiny_text_dir):
+    """The suppress list is set once, from a probe prompt; a template that ends some prompts
+    differently (here: opening a block for 'deep' questions) is an error naming the example."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{% if 'deep' in messages[-1].content %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+    )
+    proc = TextProcessor(tok, ProcessorConfig())
+    assert proc.student_think_state == "none"
+    assert proc.student_prompt(EX).meta["think_state"] == "none"
+    deep = Example(id="deep-1", question="A deep question?", privileged="Yes.")
+    with pytest.raises(ValueError, match="deep-1.*student prompt's think block is 'open'.*'none'"):
+        proc.student_prompt(deep)
