@@ -147,10 +147,16 @@ def test_real_template_facts(tiny_text_dir):
     for thinking in (False, True):
         thinking_2507 = render("qwen3-4b-thinking-2507", thinking)
         assert thinking_2507 == "<|im_start|>user\nHi<|im_end|>\n" + GENERATION_PROMPT["open"]
-        for name in ("qwen3-4b-instruct-2507", "qwen3-vl-8b-instruct", "qwen3-vl-8b-thinking"):
-            assert render(name, thinking).startswith("<|im_start|>user\nHi<|im_end|>\n"), name
+        for name, state in (
+            ("qwen3-4b-instruct-2507", "none"),
+            ("qwen3-vl-8b-instruct", "none"),
+            ("qwen3-vl-8b-thinking", "open"),
+        ):
+            expected = "<|im_start|>user\nHi<|im_end|>\n" + GENERATION_PROMPT[state]
+            assert render(name, thinking) == expected, name
         system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-        assert render("qwen2-vl-7b-instruct", thinking).startswith(system)
+        user = "<|im_start|>user\nHi<|im_end|>\n"
+        assert render("qwen2-vl-7b-instruct", thinking) == system + user + GENERATION_PROMPT["none"]
     assert render("qwen3-1.7b", False).endswith(GENERATION_PROMPT["closed"])
     assert render("qwen3-1.7b", True).endswith("<|im_end|>\n" + GENERATION_PROMPT["none"])
     assert template("qwen2-vl-7b-instruct") == template("qwen2.5-vl-7b-instruct")
