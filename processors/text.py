@@ -20,10 +20,25 @@ from opsd_mm.config import ProcessorConfig
 from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
 
 from .templates import PromptTemplate, get_template
+from .thinking import THINK_CLOSE, THINK_OPEN, ThinkState, think_state, think_tags_to_suppress
 
 # Chat-end tokens that stop a ChatML turn; Qwen3 generation configs list both.
 _EOS_CANDIDATES = ("<|im_end|>", "<|endoftext|>")
-_THINK_TAGS = ("<think>", "</think>")
+# The user message rendered once at start-up to see how the template ends a generation prompt.
+THINK_PROBE = "x"
+
+
+def strip_special_tokens(text: str, specials: Sequence[str]) -> str:
+    """``text`` with every occurrence of each string in ``specials`` removed (longest first, so a
+    special token containing another is removed whole).
+
+    For a byte-level BPE tokenizer this equals decoding the text's ids with
+    ``skip_special_tokens=True``: special added tokens vanish, every other token (non-special
+    added tokens such as ``<think>`` included) decodes to its exact text.
+    """
+    for token in sorted(specials, key=len, reverse=True):
+        text = text.replace(token, "")
+    return text
 
 
 def pack_side(
@@ -104,14 +119,23 @@ class TextProcessor:
     - ``suppress_token_ids``: ids a rollout must never sample. Every *special* added token that
       is not an EOS (``<|im_start|>`` - a new turn inside a completion; the vision and image/video
       pad tokens - a sampled ``<|image_pad|>`` breaks the VL re-forward; FIM and box tokens of
-      real Qwen vocabularies); ``<think>``/``</think>`` when the student's thinking is off (its
-      prompt already holds the closed empty think block); and the model's extra embedding rows
-      beyond the tokenizer (real Qwen checkpoints pad the vocabulary; random tiny models sample
-      them). ``<|endoftext|>`` is NOT suppressed although it is the pad token: it is an EOS, and
+      real Qwen vocabularies); the think tags the student's generation prompt rules out
+      (:mod:`.thinking`: ``<think>`` after an open block, both after a closed one, both when
+      neither and the student's thinking is off); and the model's extra embedding rows beyond
+      the tokenizer (real Qwen checkpoints pad the vocabulary; random tiny models sample them).
+      ``<|endoftext|>`` is NOT suppressed although it is the pad token: it is an EOS, and
       completions are masked by length, never by ``id != pad``.
+
+    The think state of each role (``student_think_state``, ``teacher_think_state``) comes from
+    rendering a probe message with that role's thinking flag at start-up (or is passed in as
+    ``think_states`` by a processor that renders with its own chat template); every prompt is
+    checked against it, so the suppress list the rollout engine read stays right.
 
     ``pair`` rejects completions holding a suppressed id, an id outside the tokenizer, or an
     EOS before the last position (a sign of un-stripped engine padding).
+
+    ``processor.student_prompt_format=specials_stripped`` tokenises the student prompt as the
+    OPSD reference did (see ``student_prompt``).
     """
 
     def __init__(
@@ -119,6 +143,7 @@ class TextProcessor:
         tokenizer: Any,
         cfg: ProcessorConfig | None = None,
         model_vocab_size: int | None = None,
+        think_states: tuple[ThinkState, ThinkState] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg or ProcessorConfig()
@@ -143,8 +168,16 @@ class TextProcessor:
         # Control-token strings in user data would be encoded as real control tokens.
         self._control_strings = tuple(sorted(set(special.values())))
         suppress = {i for i in special if i not in self.eos_token_ids}
-        if not self.cfg.student_thinking:
-            suppress |= {vocab[t] for t in _THINK_TAGS if t in vocab}
+        if think_states is None:
+            think_states = (
+                think_state(self._render_text(THINK_PROBE, self.cfg.student_thinking)),
+                think_state(self._render_text(THINK_PROBE, self.cfg.teacher_thinking)),
+            )
+        self.student_think_state: ThinkState = think_states[0]
+        self.teacher_think_state: ThinkState = think_states[1]
+        # Rollouts are sampled after the student prompt: its think block decides.
+        tags = think_tags_to_suppress(self.student_think_state, self.cfg.student_thinking)
+        suppress |= {vocab[t] for t in tags if t in vocab}
         if model_vocab_size is not None and model_vocab_size > self.vocab_size:
             suppress |= set(range(self.vocab_size, model_vocab_size))
         self.suppress_token_ids: list[int] = sorted(suppress)
@@ -192,20 +225,58 @@ class TextProcessor:
                         "which would be encoded as a real control token; remove it from the data"
                     )
 
+    def think_meta(self, ex: Example, role: str, text: str) -> dict[str, Any]:
+        """``{"think_state": ...}`` for a rendered prompt, or a ValueError naming the example if
+        it differs from the state found at start-up (which set ``suppress_token_ids``)."""
+        state = think_state(text)
+        expected = self.student_think_state if role == "student" else self.teacher_think_state
+        if state != expected:
+            raise ValueError(
+                f"example '{ex.id}': the {role} prompt's think block is '{state}', but the chat "
+                f"template's probe prompt gave '{expected}' (processor.suppress_token_ids was "
+                "set from it); the template must end every generation prompt the same way"
+            )
+        return {"think_state": state}
+
     def student_prompt(self, ex: Example) -> Prompt:
-        """The student's context: the question in the student template, nothing privileged."""
+        """The student's context: the question in the student template, nothing privileged.
+
+        ``processor.student_prompt_format``:
+
+        - ``chat_template`` (default): the ids of one chat-template application.
+        - ``specials_stripped``: the OPSD reference's documented quirk, which produced its
+          reported results: the chat-template text with every *special* added token removed
+          (the reference decodes the template ids with ``skip_special_tokens=True``), tokenised
+          again as plain text without special tokens. The student sees
+          ``user\\n<message>\\nassistant\\n`` (plus whatever non-special text the template adds,
+          such as ``<think>`` tags or a default system message, minus its special tokens). The
+          teacher prompt is unaffected.
+        """
         self._check_text(ex)
         content = self.student_template.render(question=ex.question)
         thinking = self.cfg.student_thinking
-        ids = self._render_ids(content, thinking)
+        text = self._render_text(content, thinking)
+        meta: dict[str, Any] = {"template": self.student_template.name}
+        if self.cfg.student_prompt_format == "specials_stripped":
+            # What this does to the ids: every <|im_start|> / <|im_end|> (and any other special
+            # token) id disappears, and the text between them is encoded again, so tokens can
+            # now span the old boundaries: the message's final "." and the "\n" that followed
+            # <|im_end|> become one ".\n" token with Qwen's pre-tokenizer. The ids are therefore
+            # not the chat-template ids minus the special ones. A deliberate re-encode, made
+            # here only (the student's default and the teacher stay one template application).
+            text = strip_special_tokens(text, self._control_strings)
+            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            meta["student_prompt_format"] = "specials_stripped"
+        else:
+            ids = self._render_ids(content, thinking)
         if len(ids) > self.cfg.max_prompt_tokens:
             raise ValueError(
                 f"example '{ex.id}': student prompt has {len(ids)} tokens, more than "
                 f"processor.max_prompt_tokens={self.cfg.max_prompt_tokens}; raise the limit or "
                 "drop the example"
             )
-        text = self._render_text(content, thinking)
-        return Prompt(input_ids=ids, text=text, meta={"template": self.student_template.name})
+        meta.update(self.think_meta(ex, "student", text))
+        return Prompt(input_ids=ids, text=text, meta=meta)
 
     def teacher_prompt(self, ex: Example) -> Prompt:
         """The teacher's context: question plus privileged text in the teacher template.
@@ -258,6 +329,7 @@ class TextProcessor:
             meta["privileged_tokens"] = n_priv
             meta["privileged_tokens_kept"] = kept
         text = self._render_text(content, thinking)
+        meta.update(self.think_meta(ex, "teacher", text))
         return Prompt(input_ids=ids, text=text, meta=meta)
 
     # ------------------------------------------------------------------------- pairs
@@ -274,10 +346,18 @@ class TextProcessor:
                     f"tokenizer's {self.vocab_size} ids (mask the model's extra rows in sampling)"
                 )
             if tok in self._suppress_set:
+                name = self.tokenizer.convert_ids_to_tokens(tok)
+                why = (
+                    f" (the student's generation prompt leaves its think block "
+                    f"'{self.student_think_state}', processor.student_thinking="
+                    f"{str(self.cfg.student_thinking).lower()})"
+                    if name in (THINK_OPEN, THINK_CLOSE)
+                    else ""
+                )
                 raise ValueError(
                     f"example '{example_id}': completion token {j} is the suppressed id {tok} "
-                    f"({self.tokenizer.convert_ids_to_tokens(tok)!r}); the rollout engine must "
-                    "suppress processor.suppress_token_ids"
+                    f"({name!r}){why}; the rollout engine must suppress "
+                    "processor.suppress_token_ids"
                 )
             if tok in self.eos_token_ids and j != len(ids) - 1:
                 raise ValueError(

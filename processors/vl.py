@@ -31,7 +31,8 @@ from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
 
 from .images import BadImageError, load_example_images, load_image, resolve_source
 from .templates import PromptTemplate, get_template
-from .text import TextProcessor, make_pair, model_vocab_size_of, pack_completions
+from .text import THINK_PROBE, TextProcessor, make_pair, model_vocab_size_of, pack_completions
+from .thinking import ThinkState, think_state
 from .vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ class QwenVLProcessor:
 
     Token sets come from the text processor's rules (``eos_token_ids``, ``pad_token_id``,
     ``suppress_token_ids``: every special non-EOS token, which includes ``<|im_start|>`` and the
-    vision start/end and image/video pad tokens), so both processors reject the same completions.
+    vision start/end and image/video pad tokens, and the think tags the student's generation
+    prompt rules out), so both processors reject the same completions. The think state of each
+    role is read from this processor's own chat template (the Hugging Face processor's, which
+    may differ from its tokenizer's), rendered once at start-up for a probe message.
     ``step_context(model)`` returns a :class:`VisionCache` (vision encoded once per step) when
     ``reuse_vision`` is on.
     """
@@ -92,6 +96,13 @@ class QwenVLProcessor:
         if family not in FAMILIES:
             raise ValueError(f"processor.kind: unknown VL family '{family}'; use {list(FAMILIES)}")
         self.cfg = cfg or ProcessorConfig()
+        if self.cfg.student_prompt_format != "chat_template":
+            raise ValueError(
+                f"processor.student_prompt_format={self.cfg.student_prompt_format} is not "
+                "supported for vision-language models (stripping special tokens would remove the "
+                "vision start/end and image pad tokens the images are placed by); use "
+                "chat_template"
+            )
         self.family = family
         self.hf = hf_processor
         self.tokenizer = hf_processor.tokenizer
@@ -112,7 +123,13 @@ class QwenVLProcessor:
         self.min_pixels: int = self.cfg.min_pixels or size.get("shortest_edge") or ip.min_pixels
         self.max_pixels: int = self.cfg.max_pixels or size.get("longest_edge") or ip.max_pixels
 
-        text = TextProcessor(self.tokenizer, self.cfg, model_vocab_size=model_vocab_size)
+        think_states = (
+            self._probe_think_state(self.cfg.student_thinking),
+            self._probe_think_state(self.cfg.teacher_thinking),
+        )
+        text = TextProcessor(
+            self.tokenizer, self.cfg, model_vocab_size=model_vocab_size, think_states=think_states
+        )
         self._text = text
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in _VISION_TOKENS if t not in vocab]
@@ -131,6 +148,19 @@ class QwenVLProcessor:
         # they are special tokens; listed explicitly so no tokenizer variant can drop them).
         extra = set(self.vision_token_ids) | {vocab[t] for t in ("<|im_start|>",) if t in vocab}
         self.suppress_token_ids: list[int] = sorted(set(text.suppress_token_ids) | extra)
+        self.student_think_state: ThinkState = text.student_think_state
+        self.teacher_think_state: ThinkState = text.teacher_think_state
+
+    def _probe_think_state(self, thinking: bool) -> ThinkState:
+        """How this processor's chat template leaves the think block after a generation prompt
+        (a one-text-part user message, rendered as prompts are)."""
+        text = self.hf.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": THINK_PROBE}]}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=thinking,
+        )
+        return think_state(text)
 
     @classmethod
     def from_pretrained(
@@ -327,6 +357,7 @@ class QwenVLProcessor:
             template=template.name,
             n_images=len(resized),
             image_tokens=self.check_image_tokens(prompt, ex.id, role),
+            **self._text.think_meta(ex, role, text),
         )
         return prompt
 
