@@ -21,13 +21,21 @@ Role = Literal["student", "teacher"]
 _BOXED = "Please reason step by step, and put your final answer within \\boxed{{}}."
 
 # The OPSD reference implementation's transition instruction (arXiv 2601.18734; wording as in
-# its data collator), kept verbatim, including the em dash.
+# its data collator from the code revision of 2026-03-18 on), kept verbatim, including the em dash.
 _OPSD_TRANSITION = (
     "After reading the reference solution above, make sure you truly understand the reasoning "
     "behind each step — do not copy or paraphrase it. Now, using your own words and independent "
     "reasoning, derive the same final answer to the problem above. Think step by step, explore "
     "different approaches, and don't be afraid to backtrack or reconsider if something doesn't "
     "work out:"
+)
+
+# The transition of the reference's first release (data_collator.py up to 2026-03-10; the
+# configuration of its originally reported results), kept verbatim.
+_OPSD_TRANSITION_RELEASE = (
+    "After understanding the reference solution and the rationale behind each step, now "
+    "articulate your own step-by-step reasoning that derives the same final answer to the problem "
+    "below:"
 )
 
 
@@ -72,6 +80,20 @@ _TEMPLATES = (
             "\n\n" + _OPSD_TRANSITION + "\n\n" + _BOXED
         ),
         description="OPSD reference teacher message: reference solution plus transition.",
+    ),
+    PromptTemplate(
+        name="opsd_teacher_v0",
+        role="teacher",
+        text=(
+            "{question}\n\n"
+            "Here is a reference solution to this problem:\n{privileged}\n"
+            "\n\n" + _OPSD_TRANSITION_RELEASE + "\n\n" + _BOXED
+        ),
+        description=(
+            "OPSD reference teacher message of its first release (the configuration behind its "
+            "originally reported results): no 'Problem:' prefix, no solution markers, the milder "
+            "transition. opsd_teacher_v1 is the later revision's wording."
+        ),
     ),
     PromptTemplate(
         name="answer_only_v1",
