@@ -95,10 +95,8 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
         accelerator = Accelerator(
             mixed_precision=mp, log_with=cfg.logging.report_to or None, project_dir=cfg.run_dir
         )
-    wiring = data_wiring()
-    processor = wiring.build_processor(cfg)
     # Data (and its errors: missing images, splits, columns) before the model loads.
-    examples, _report = load_training_data(cfg, wiring, processor)
+    examples, _report, processor = load_training_data(cfg, data_wiring())
     path = processor_path(cfg)
     model = setup_trainable(load_model(path, cfg.model, accelerator.device), cfg.model)
     engine = build_engine(cfg, model, path, processor)

@@ -36,13 +36,16 @@ class DataWiring:
 
 
 def load_training_data(
-    cfg: RunConfig, wiring: DataWiring, processor: Any = None, *, exclude: bool | None = None
-) -> tuple[list[Example], LoadReport]:
-    """Examples as training sees them: rows mapped and checked, images checked by the processor
-    (when given), contaminated rows dropped when ``data.exclude_contaminated`` (or
-    ``exclude``); every drop is counted in the report with its reason. ``cfg`` is resolved."""
+    cfg: RunConfig, wiring: DataWiring, *, with_processor: bool = True, exclude: bool | None = None
+) -> tuple[list[Example], LoadReport, Any]:
+    """Examples as training sees them, the report and the processor (None without
+    ``with_processor``): rows mapped and checked first (data errors come before any tokenizer or
+    model loads), then images checked by the processor, then contaminated rows dropped when
+    ``data.exclude_contaminated`` (or ``exclude``); every drop is counted in the report with its
+    reason. ``cfg`` is resolved (``opsd_mm.presets.resolve_data``)."""
     fields = wiring.template_fields(cfg.processor.teacher_template)
     examples, report = load_examples(cfg.data, seed=cfg.seed, teacher_fields=fields)
+    processor = wiring.build_processor(cfg) if with_processor else None
     prepare = getattr(processor, "prepare_examples", None)
     if prepare is not None:  # the VL processor drops (and counts) rows with bad images
         examples = prepare(examples, data_dir=cfg.data.data_dir)
@@ -65,7 +68,7 @@ def load_training_data(
             len(examples) + len(first),
             ", ".join(cfg.data.contamination_benchmarks),
         )
-    return examples, report
+    return examples, report, processor
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -114,8 +117,7 @@ def render_prompt(prompt: Any, processor: Any) -> list[str]:
 
 def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     cfg = _config(args)
-    processor = wiring.build_processor(cfg)
-    examples, report = load_training_data(cfg, wiring, processor)
+    examples, report, processor = load_training_data(cfg, wiring)
     lines = [f"config: {args.config} {' '.join(args.overrides)}".rstrip()]
     lines += summary_lines(cfg, report, len(examples))
     if examples and examples[0].images and not hasattr(processor, "prepare_examples"):
@@ -139,7 +141,7 @@ def cmd_check(args: argparse.Namespace, wiring: DataWiring) -> int:
     cfg = _config(args)
     names = [n for n in (args.against or "").split(",") if n] or cfg.data.contamination_benchmarks
     data_dir = args.data_dir or cfg.data.contamination_data_dir
-    examples, report = load_training_data(cfg, wiring, exclude=False)
+    examples, report, _ = load_training_data(cfg, wiring, with_processor=False, exclude=False)
     refs = wiring.load_references(names, data_dir)
     index = ContaminationIndex(
         refs, n=args.ngram, text_threshold=args.text_threshold, max_distance=args.max_distance
