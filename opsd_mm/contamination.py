@@ -6,10 +6,12 @@ quietly see test items. Two cheap, explainable signals, each reported with the i
 
 - **text**: questions are normalised (NFKC, lower case, ``<image N>`` tags removed, words and
   math symbols kept, punctuation and spacing dropped) and cut into word n-grams (``n=8``). The
-  score is the share of the shorter side's n-grams found in the other: 1.0 for the same question
-  re-spaced or re-cased, or embedded in a longer prompt (options appended); a question that
-  shares only its template ("area of a triangle with base 3" vs "base 5") stays low. Questions
-  shorter than ``n`` words compare whole, and only from 5 words up (shorter ones are generic).
+  score is the share of the benchmark question's n-grams found in the training question: 1.0
+  for the same question re-spaced or re-cased, or embedded in a longer prompt (options or a hint
+  added). A benchmark question shorter than ``n`` words matches when it occurs whole, and only
+  from ``MIN_WORDS`` words up (shorter ones are generic). On top, every number of the benchmark
+  question must occur in the training question: the same template with other numbers ("a
+  rectangle of width 7" vs "width 5") is another problem, not a leak.
 - **image**: a 128-bit difference hash (``dhash``: 9x8 and 8x9 greyscale thumbnails, one bit
   per neighbour comparison, rows and columns) that survives re-encoding (PNG -> JPEG), resizing
   and mild colour changes; a match is a Hamming distance of at most ``max_distance``. Flat or
@@ -70,13 +72,14 @@ def tokens(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def ngrams(text: str, n: int = 8) -> frozenset[tuple[str, ...]]:
-    """The word n-grams of ``text``; the whole token tuple when shorter than ``n`` (and at
-    least ``MIN_WORDS`` long); empty for shorter texts."""
-    toks = tokens(text)
-    if len(toks) < n:
-        return frozenset([tuple(toks)]) if len(toks) >= MIN_WORDS else frozenset()
+def ngrams(toks: Sequence[str], n: int = 8) -> frozenset[tuple[str, ...]]:
+    """The word n-grams of a token list (empty when it is shorter than ``n``)."""
     return frozenset(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+
+
+def numbers(toks: Sequence[str]) -> Counter:
+    """The tokens holding a digit, counted (``7``, ``2x``, ``3.5`` splits into ``3``, ``5``)."""
+    return Counter(t for t in toks if any(c.isdigit() for c in t))
 
 
 def open_image(src: Any) -> Image.Image | None:
@@ -124,32 +127,46 @@ class ContaminationIndex:
         self.n, self.text_threshold, self.max_distance = n, text_threshold, max_distance
         self.items: list[ReferenceItem] = list(items)
         self.sizes: list[int] = []
+        self.numbers: list[Counter] = []
         self.by_gram: dict[tuple[str, ...], list[int]] = {}
+        self.short: dict[tuple[str, ...], list[int]] = {}  # questions under n words, whole
         hashes, owners = [], []
         for idx, item in enumerate(self.items):
-            grams = ngrams(item.text, n)
+            toks = tokens(item.text)
+            grams = ngrams(toks, n)
             self.sizes.append(len(grams))
+            self.numbers.append(numbers(toks))
             for g in grams:
                 self.by_gram.setdefault(g, []).append(idx)
+            if MIN_WORDS <= len(toks) < n:
+                self.short.setdefault(tuple(toks), []).append(idx)
             for src in item.images:
                 h = image_hash(src)
                 if h is not None:
                     hashes.append(h)
                     owners.append(idx)
+        self.short_lengths = sorted({len(k) for k in self.short})
         self.hashes_M2 = np.array(hashes, dtype=np.uint64).reshape(-1, 2)
         self.owners_M = np.array(owners, dtype=np.int64)
 
     def text_matches(self, text: str) -> list[tuple[int, float]]:
-        """(item index, containment score) of every item over the threshold."""
-        grams = ngrams(text, self.n)
-        if not grams:
-            return []
+        """(item index, score) of every item whose question this text contains (see the
+        module docstring): n-gram share over the threshold, or a short question found whole;
+        and the item's numbers all present."""
+        toks = tokens(text)
+        grams = ngrams(toks, self.n)
         shared = Counter(i for g in grams for i in self.by_gram.get(g, ()))
-        out = []
-        for idx, count in shared.items():
-            score = count / min(len(grams), self.sizes[idx])
-            if score >= self.text_threshold:
-                out.append((idx, score))
+        scores = {i: c / self.sizes[i] for i, c in shared.items()}
+        for length in self.short_lengths:
+            for start in range(len(toks) - length + 1):
+                for i in self.short.get(tuple(toks[start : start + length]), ()):
+                    scores[i] = 1.0
+        have = numbers(toks)
+        out = [
+            (i, s)
+            for i, s in scores.items()
+            if s >= self.text_threshold and not (self.numbers[i] - have)
+        ]
         return sorted(out, key=lambda t: -t[1])
 
     def image_matches(self, images: Sequence[Any]) -> list[tuple[int, int]]:
