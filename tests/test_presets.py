@@ -157,3 +157,18 @@ def test_messages_variants_and_counted_skips(tmp_path):
     }
     (ex,), _ = load_examples_from_rows("messages", [parts])
     assert (ex.question, ex.privileged) == ("<image>Q?", "T")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "split", "template"),
+    [
+        ("qwen2.5_vl_7b_wemath.yaml", "standard", "hint_v1"),
+        ("qwen3_vl_8b_mathvision_style.yaml", "train", "opsd_teacher_v1"),
+    ],
+)
+def test_recipes_resolve_their_preset(recipe, split, template):
+    from pathlib import Path
+
+    cfg = resolve_data(load_config(Path(__file__).resolve().parents[1] / "configs" / recipe))
+    assert (cfg.data.split, cfg.processor.teacher_template) == (split, template)
+    assert cfg.data.exclude_contaminated and "mathvision" in cfg.data.contamination_benchmarks
