@@ -1,4 +1,4 @@
-"""Command line: ``opsd-mm train | eval | demo``.
+"""Command line: ``opsd-mm train | eval | demo | data``.
 
 This is the one module that wires processors and evaluation into the modality-agnostic core.
 """
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from opsd_mm.config import ConfigError, RunConfig, load_config
+from opsd_mm.data import DataError
 
 
 def set_seed(seed: int) -> None:
@@ -40,15 +41,52 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, model_path: str, proces
     return HFEngine.for_processor(model, processor)
 
 
+def processor_path(cfg: RunConfig) -> str:
+    from opsd_mm.models import resolve_model_path
+
+    return resolve_model_path(cfg.model)
+
+
+def data_wiring() -> Any:
+    """Processors and benchmark loaders for the data commands and the trainer's data set-up."""
+    from opsd_mm.data_cli import DataWiring
+
+    def build(cfg: RunConfig) -> Any:
+        from opsd_mm.models import model_type_of
+        from opsd_mm.processors import build_processor
+
+        path = processor_path(cfg)
+        return build_processor(cfg.processor, path, model_type_of(path))
+
+    def template_fields(name: str) -> frozenset[str]:
+        from opsd_mm.processors.templates import get_template
+
+        return get_template(name, "teacher").fields
+
+    def load_references(names: Any, data_dir: str | None) -> Any:
+        from opsd_mm.eval.references import load_references as load
+
+        return load(names, data_dir)
+
+    return DataWiring(build, template_fields, load_references)
+
+
+def cmd_data(command: str, args: argparse.Namespace) -> int:
+    from opsd_mm.data_cli import cmd_check, cmd_inspect
+
+    return (cmd_inspect if command == "inspect" else cmd_check)(args, data_wiring())
+
+
 def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
     """Everything a run needs, from the config alone: model, processor, data, engine, trainer."""
     from accelerate import Accelerator
 
-    from opsd_mm.data import load_examples
-    from opsd_mm.models import load_model, model_type_of, resolve_model_path, setup_trainable
-    from opsd_mm.processors import build_processor
+    from opsd_mm.data_cli import load_training_data
+    from opsd_mm.models import load_model, setup_trainable
+    from opsd_mm.presets import resolve_data
     from opsd_mm.trainer import Trainer
 
+    cfg = resolve_data(cfg)  # the preset's split and teacher template, before anything loads
     set_seed(cfg.seed)
     if accelerator is None:
         mp = cfg.trainer.mixed_precision
@@ -57,12 +95,9 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
         accelerator = Accelerator(
             mixed_precision=mp, log_with=cfg.logging.report_to or None, project_dir=cfg.run_dir
         )
-    path = resolve_model_path(cfg.model)
-    processor = build_processor(cfg.processor, path, model_type_of(path))
-    examples, _report = load_examples(cfg.data, seed=cfg.seed)
-    prepare = getattr(processor, "prepare_examples", None)
-    if prepare is not None:  # e.g. the VL processor drops (and counts) rows with bad images
-        examples = prepare(examples, data_dir=cfg.data.data_dir)
+    # Data (and its errors: missing images, splits, columns) before the model loads.
+    examples, _report, processor = load_training_data(cfg, data_wiring())
+    path = processor_path(cfg)
     model = setup_trainable(load_model(path, cfg.model, accelerator.device), cfg.model)
     engine = build_engine(cfg, model, path, processor)
     return Trainer(
@@ -133,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
+    from opsd_mm.data_cli import add_data_parser
+
+    add_data_parser(sub, cmd_data)
+
     try:
         from opsd_mm.eval.cli import add_eval_parser
     except ImportError:  # evaluation package incomplete
@@ -145,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
 
 

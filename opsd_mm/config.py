@@ -70,17 +70,32 @@ class DataConfig:
     # A hub dataset id, a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory,
     # or ``synthetic:<task>`` (generated in-process; see opsd_mm.tasks).
     source: str = "synthetic:arithmetic"
-    split: str = "train"
+    # null: the preset's split (We-Math 2.0 ships ``standard`` / ``pro``), else ``train``.
+    split: str | None = None
     subset: str | None = None
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # A known dataset (opsd_mm.presets): its row mapping, split and teacher template.
     preset: str | None = None
-    # Base directory for relative image paths.
+    # Base directory for relative image paths (null: the directory of data.source).
     data_dir: str | None = None
     bad_row_policy: Literal["skip", "raise"] = "skip"
-    require_privileged: bool = True
+    # null: rows must hold what the teacher template shows ({privileged} and/or {answer});
+    # true/false force or waive the privileged-text requirement.
+    require_privileged: bool | None = None
     limit: int | None = None
     shuffle: bool = True
     synthetic_size: int = 256
+    # Drop training rows whose question (n-gram overlap) or image (perceptual hash) matches an
+    # item of these benchmarks, loaded from contamination_data_dir (save_to_disk copies named
+    # after the benchmarks, as for ``opsd-mm eval --data-dir``) or from the hub.
+    exclude_contaminated: bool = False
+    contamination_benchmarks: list[str] = field(
+        default_factory=lambda: [
+            "mmmu", "mathvision", "mathvista", "wemath", "zerobench",
+            "math500", "aime24", "aime25", "hmmt25",
+        ]
+    )  # fmt: skip
+    contamination_data_dir: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,26 @@
 """Training data: rows from a hub id, a local file, a ``save_to_disk`` directory, or a synthetic
-task, mapped to ``Example`` by a configurable column mapping, and iterated in a resumable,
-shardable order.
+task, mapped to ``Example`` by a dataset preset (``opsd_mm.presets``) or a column mapping, and
+iterated in a resumable, shardable order.
 
 Bad rows follow ``data.bad_row_policy``: ``skip`` (counted, logged with their ids) or ``raise``.
-Image columns are carried through as-is (PIL, bytes, dicts or paths); decoding and validation
-belong to the VL processor, which applies the image policy.
+Relative image paths are resolved and checked here (``opsd_mm.data_images``); otherwise image
+columns are carried through as-is (PIL, bytes, dicts or paths): decoding and validation belong
+to the VL processor, which applies the image policy.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from opsd_mm.config import ColumnsConfig, DataConfig
+from opsd_mm import data_images
+from opsd_mm.config import ColumnsConfig, ConfigError, DataConfig
+from opsd_mm.preset_rows import RowSkip
+from opsd_mm.presets import TEMPLATE_NEEDS, Preset, columns_preset, get_preset
+from opsd_mm.stream import ExampleStream  # noqa: F401 - its home before the split
 from opsd_mm.types import Example
 
 log = logging.getLogger(__name__)
@@ -25,27 +29,6 @@ log = logging.getLogger(__name__)
 class DataError(ValueError):
     """A data problem; the message names the source, the column or the example."""
 
-
-# Column presets for known datasets (see shared BENCHMARKS.md, "Training data").
-PRESETS: dict[str, ColumnsConfig] = {
-    "opsd_math": ColumnsConfig(question="problem", privileged="solution", answer="Answer"),
-    "mmfinereason": ColumnsConfig(
-        question="question",
-        privileged="qwen3vl_235b_thinking_response",
-        answer="answer",
-        images="image",
-    ),
-    "wemath2_sft": ColumnsConfig(
-        question="question", privileged="response", answer="answer", images="image"
-    ),
-    # Answers only: the privileged information is the answer itself.
-    "virl39k": ColumnsConfig(
-        question="question", privileged="answer", answer="answer", images="image"
-    ),
-    "jsonl_images": ColumnsConfig(
-        id="id", question="question", privileged="solution", answer="answer", images="images"
-    ),
-}
 
 # Synthetic sources: name -> (n, seed) -> examples. The VL task registers lazily.
 _SYNTHETIC: dict[str, Callable[..., list[Example]]] = {}
@@ -75,6 +58,7 @@ def load_rows(cfg: DataConfig) -> Any:
     import datasets
 
     src = cfg.source
+    split = cfg.split or (preset_for(cfg).split if cfg.preset else "train")
     path = Path(src)
     if src.startswith("synthetic:"):
         raise DataError("synthetic sources produce Examples directly; use load_examples")
@@ -82,11 +66,12 @@ def load_rows(cfg: DataConfig) -> Any:
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
-                if cfg.split not in ds:
+                if split not in ds:
                     raise DataError(
-                        f"data.split: '{cfg.split}' not in {path}; splits: {sorted(ds.keys())}"
+                        f"data.split: '{split}' not in {path}; splits: {sorted(ds.keys())}. "
+                        f"Set data.split to one of them (e.g. data.split={sorted(ds.keys())[0]})"
                     )
-                ds = ds[cfg.split]
+                ds = ds[split]
             return ds
         raise DataError(
             f"data.source: {path} is a directory but not a datasets.save_to_disk directory"
@@ -105,7 +90,12 @@ def load_rows(cfg: DataConfig) -> Any:
     if path.exists():
         raise DataError(f"data.source: unsupported file type '{suffix}' ({path})")
     # A hub dataset id (needs the network; offline this fails with the hub's own error).
-    return datasets.load_dataset(src, cfg.subset, split=cfg.split)
+    try:
+        return datasets.load_dataset(src, cfg.subset, split=split)
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise
+        raise DataError(f"data.split: {e} (source {src}). Set data.split to one of them") from e
 
 
 def lazy_images(ds: Any, columns: Sequence[str | None]) -> Any:
@@ -125,83 +115,113 @@ def lazy_images(ds: Any, columns: Sequence[str | None]) -> Any:
     return ds
 
 
-def _columns(cfg: DataConfig) -> ColumnsConfig:
-    if cfg.preset is None:
-        return cfg.columns
-    if cfg.preset not in PRESETS:
-        raise DataError(f"data.preset: unknown preset '{cfg.preset}'; available: {sorted(PRESETS)}")
-    return PRESETS[cfg.preset]
-
-
-def _as_tuple(value: Any) -> tuple[Any, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(v for v in value if v is not None)
-    return (value,)
+def preset_for(cfg: DataConfig) -> Preset:
+    """The row mapping of ``cfg``: its preset, or the plain ``data.columns`` mapping."""
+    try:
+        return get_preset(cfg.preset) if cfg.preset else columns_preset(cfg.columns)
+    except ConfigError as e:
+        raise DataError(str(e)) from e
 
 
 @dataclass
 class LoadReport:
-    """What loading did: rows kept and rows skipped with the reason and example id."""
+    """What loading did: rows read, rows kept, rows skipped with the reason and example id, and
+    (filled in by the CLI) rows dropped later for bad images or benchmark contamination."""
 
     kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    rows: int = 0
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+
+    def reasons(self) -> dict[str, int]:
+        """Skip and drop counts by reason (paths and ids folded out of the reason)."""
+        counts: dict[str, int] = {}
+        for _, why in self.skipped + self.dropped:
+            key = why.split(":", 1)[0]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def _check_columns(names: Sequence[str], preset: Preset, source: str) -> None:
+    for alternatives in preset.requires:
+        if not any(a in names for a in alternatives):
+            wanted = " or ".join(f"'{a}'" for a in alternatives)
+            key = (
+                f"data.preset={preset.name}"
+                if preset.name != "columns"
+                else f"data.columns.{_field_of(preset, alternatives[0])}"
+            )
+            raise DataError(
+                f"{key}: column {wanted} not found in {source or 'the dataset'}; "
+                f"available columns: {', '.join(names)}"
+            )
+
+
+def _field_of(preset: Preset, column: str) -> str:
+    for part in preset.columns_used.split("; "):
+        col, _, name = part.partition(" -> ")
+        if col == column:
+            return name
+    return column
 
 
 def rows_to_examples(
     rows: Sequence[dict[str, Any]] | Any,
-    columns: ColumnsConfig,
+    columns: ColumnsConfig | Preset,
     *,
     policy: str = "skip",
     require_privileged: bool = True,
+    require_answer: bool = False,
     source: str = "",
+    image_base: tuple[Path | None, str] | None = None,
 ) -> tuple[list[Example], LoadReport]:
-    """Map rows to Examples; bad rows are skipped (and reported) or raise, by ``policy``."""
+    """Map rows to Examples through a preset (or a column mapping); bad rows are skipped (and
+    reported) or raise, by ``policy``. With ``image_base`` (directory, how it is set), relative
+    image paths are resolved and checked here: a missing image skips its row, and when no row's
+    images are found the error says where it looked and names ``data.data_dir``."""
+    preset = columns if isinstance(columns, Preset) else columns_preset(columns)
     names = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
     if len(rows) == 0:
         raise DataError(f"data.source: {source or 'the dataset'} is empty (0 rows)")
-    wanted = {
-        "question": columns.question,
-        "privileged": columns.privileged,
-        "answer": columns.answer,
-        "id": columns.id,
-        "images": columns.images,
-        "teacher_images": columns.teacher_images,
-    }
-    for field_name, col in wanted.items():
-        if col is not None and col not in names:
-            raise DataError(
-                f"data.columns.{field_name}: column '{col}' not found in {source or 'the dataset'}; "
-                f"available columns: {', '.join(names)}"
-            )
-    report = LoadReport()
+    _check_columns(names, preset, source)
+    report = LoadReport(rows=len(rows))
     out: list[Example] = []
+    first_missing = None
     for i, row in enumerate(rows):
-        ex_id = str(row[columns.id]) if columns.id else f"row-{i}"
-        question = row[columns.question]
-        privileged = row[columns.privileged] if columns.privileged else ""
-        problem = None
-        if not isinstance(question, str) or not question.strip():
-            problem = "missing question"
-        elif require_privileged and (not isinstance(privileged, str) or not privileged.strip()):
-            problem = "empty privileged trace"
-        if problem:
+        ex_id = f"row-{i}"
+        try:
+            fields = preset.map_row(dict(row))
+            ex_id = str(fields.get("id") or ex_id)
+            _validate(fields, require_privileged, require_answer)
+            images = tuple(fields["images"])
+            teacher_images = tuple(fields.get("teacher_images", ()))
+            if image_base is not None:
+                images, missing = data_images.resolve_images(images, image_base[0])
+                if missing is None:
+                    teacher_images, missing = data_images.resolve_images(
+                        teacher_images, image_base[0]
+                    )
+                if missing is not None:
+                    first_missing = first_missing or (ex_id, missing)
+                    raise RowSkip(f"image not found: {missing}")
+        except RowSkip as skip:
             if policy == "raise":
-                raise DataError(f"example '{ex_id}' ({source}): {problem}")
-            report.skipped.append((ex_id, problem))
+                if str(skip).startswith("image not found") and image_base is not None:
+                    msg = data_images.missing_image_message(ex_id, missing, *image_base)
+                    raise DataError(msg) from skip
+                raise DataError(f"example '{ex_id}' ({source}): {skip}") from skip
+            report.skipped.append((ex_id, str(skip)))
             continue
-        answer = row[columns.answer] if columns.answer else None
+        answer = fields.get("answer")
         out.append(
             Example(
                 id=ex_id,
-                question=question,
-                privileged=privileged if isinstance(privileged, str) else str(privileged or ""),
+                question=fields["question"],
+                privileged=_as_text(fields.get("privileged")),
                 answer=None if answer is None else str(answer),
-                images=_as_tuple(row[columns.images]) if columns.images else (),
-                teacher_images=_as_tuple(row[columns.teacher_images])
-                if columns.teacher_images
-                else (),
+                images=images,
+                teacher_images=teacher_images,
+                meta=dict(fields.get("meta") or {}),
             )
         )
     report.kept = len(out)
@@ -210,84 +230,67 @@ def rows_to_examples(
         more = "" if len(report.skipped) <= 10 else f" and {len(report.skipped) - 10} more"
         log.warning("skipped %d bad rows: %s%s", len(report.skipped), shown, more)
     if not out:
+        if first_missing is not None and image_base is not None:
+            raise DataError(data_images.missing_image_message(*first_missing, *image_base))
+        why = ", ".join(f"{n} x {r}" for r, n in report.reasons().items())
         raise DataError(
             f"data.source: no usable rows in {source or 'the dataset'} "
-            f"({len(report.skipped)} skipped as bad)"
+            f"({len(report.skipped)} skipped as bad: {why})"
         )
     return out, report
 
 
-def load_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], LoadReport]:
-    """All training Examples for ``cfg`` (limited to ``cfg.limit``), with a load report."""
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value or "")
+
+
+def _validate(fields: dict[str, Any], require_privileged: bool, require_answer: bool) -> None:
+    question, privileged = fields.get("question"), fields.get("privileged")
+    if not isinstance(question, str) or not question.strip():
+        raise RowSkip("missing question")
+    if require_privileged and (not isinstance(privileged, str) or not privileged.strip()):
+        raise RowSkip("empty privileged trace")
+    answer = fields.get("answer")
+    if require_answer and (answer is None or not str(answer).strip()):
+        raise RowSkip("missing answer (the teacher template shows it)")
+
+
+def load_examples(
+    cfg: DataConfig, seed: int = 0, *, teacher_fields: frozenset[str] | None = None
+) -> tuple[list[Example], LoadReport]:
+    """All training Examples for ``cfg`` (limited to ``cfg.limit``), with a load report.
+
+    ``teacher_fields``: the placeholders of the run's teacher template (the CLI passes them);
+    rows must hold what it shows (``data.require_privileged`` overrides the privileged part).
+    Without it, the preset's template decides.
+    """
+    if cfg.preset:
+        preset_for(cfg)  # an unknown preset is an error whatever the source
     if cfg.source.startswith("synthetic:"):
         make = _synthetic(cfg.source.split(":", 1)[1])
         examples = make(cfg.synthetic_size, seed=seed)
-        report = LoadReport(kept=len(examples))
+        report = LoadReport(kept=len(examples), rows=len(examples))
     else:
-        columns = _columns(cfg)
-        rows = lazy_images(load_rows(cfg), [columns.images, columns.teacher_images])
+        preset = preset_for(cfg)
+        needs = teacher_fields
+        if needs is None:
+            needs = TEMPLATE_NEEDS.get(preset.teacher_template, frozenset({"privileged"}))
+        require_priv = (
+            "privileged" in needs if cfg.require_privileged is None else cfg.require_privileged
+        )
+        rows = load_rows(cfg)
+        rows = lazy_images(rows, [c for c in getattr(rows, "column_names", []) or []])
         if cfg.limit is not None:
             rows = rows.select(range(min(cfg.limit, len(rows))))
         examples, report = rows_to_examples(
             rows,
-            columns,
+            preset,
             policy=cfg.bad_row_policy,
-            require_privileged=cfg.require_privileged,
+            require_privileged=require_priv,
+            require_answer="answer" in needs,
             source=cfg.source,
+            image_base=data_images.image_base(cfg.source, cfg.data_dir),
         )
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     return examples, report
-
-
-class ExampleStream:
-    """Endless, resumable iteration over examples in seeded per-epoch order, sharded by rank.
-
-    Each global batch takes ``batch_size * world_size`` consecutive positions of the epoch's
-    permutation; rank r keeps its contiguous slice, so no example is duplicated or dropped
-    within an epoch (the tail that does not fill a global batch is carried into the next
-    epoch's order). ``state()``/``load_state()`` make resume exact.
-    """
-
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if not examples:
-            raise DataError("no training examples")
-        self.examples = list(examples)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.consumed = 0  # global positions consumed so far
-        self._epoch = -1
-        self._order: list[int] = []
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.examples))
-        if epoch != self._epoch:
-            self._order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
-            self._epoch = epoch
-        return self._order[offset]
-
-    def next_batch(self) -> list[Example]:
-        start = self.consumed + self.rank * self.batch_size
-        batch = [self.examples[self._index(start + j)] for j in range(self.batch_size)]
-        self.consumed += self.batch_size * self.world_size
-        return batch
-
-    def state(self) -> dict[str, int]:
-        return {"consumed": self.consumed}
-
-    def load_state(self, state: dict[str, int]) -> None:
-        self.consumed = int(state["consumed"])

@@ -15,6 +15,8 @@ RECIPES = {
     "tiny_vl.yaml": ("tiny:qwen2.5-vl", "auto", 28),
     "qwen2.5_vl_7b_mm_math.yaml": ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 28),
     "qwen3_vl_8b_mm_math.yaml": ("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", 32),
+    "qwen2.5_vl_7b_wemath.yaml": ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", 28),
+    "qwen3_vl_8b_mathvision_style.yaml": ("Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl", 32),
 }
 
 
