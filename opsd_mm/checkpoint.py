@@ -8,7 +8,12 @@ a finished temporary directory is atomic on one filesystem), so a crash mid-writ
     scheduler.pt         LR scheduler state
     teacher.safetensors  EMA teacher parameters (when the teacher is ``ema``)
     rng.pt               torch / CUDA / python RNG states, one per process
-    state.json           step, data position, counters
+    state.json           step, run id, data position, counters, the trainer settings it ran with
+
+Every checkpoint records the id of the run that wrote it (``state.json`` ``run_id``, see
+``opsd_mm/run_dir.py``); pruning removes only checkpoints of the same run. A checkpoint that
+fails to load is renamed ``corrupt-step-*`` (out of the ``step-*`` namespace, kept for
+inspection) by :func:`set_aside_corrupt`, so resume can fall back to the previous one.
 
 Only the main process writes; under DDP the weights and optimizer state are the same on every
 process, and the per-process RNG states are gathered to it first. Removing a checkpoint (pruning,
@@ -41,6 +46,10 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoint_dir(run_dir)
@@ -57,6 +66,24 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id a checkpoint was written by (None: unreadable, or written before run ids)."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def set_aside_corrupt(path: Path) -> Path:
+    """Rename an unloadable checkpoint to ``corrupt-step-*`` so it is neither resumed from nor
+    counted by pruning, but stays on disk for inspection."""
+    dest = path.with_name(f"corrupt-{path.name}")
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    os.replace(path, dest)
+    return dest
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,16 +129,18 @@ def save_checkpoint(
     teacher_state: dict[str, torch.Tensor] | None = None,
     rng_states: list[dict[str, Any]] | None = None,
     keep_last: int = 2,
+    run_id: str | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last``.
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep_last`` of run
+    ``run_id`` (checkpoints of other runs are never removed).
 
     ``rng_states``: one entry per process (default: this process's only)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"{STEP_PREFIX}{step:06d}"
-    tmp = root / f".tmp-{STEP_PREFIX}{step:06d}-{os.getpid()}"
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -122,7 +151,7 @@ def save_checkpoint(
     if teacher_state:
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
     # state.json last: its presence marks the content complete even before the rename.
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "run_id": run_id, **state}, indent=2))
     for f in tmp.rglob("*"):
         if f.is_file():
             with f.open("rb") as fh:
@@ -131,7 +160,8 @@ def save_checkpoint(
         _remove(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    ours = [p for p in list_checkpoints(run_dir) if checkpoint_run_id(p) == run_id]
+    for old in ours[:-keep_last] if keep_last > 0 else []:
         _remove(old)
     return final
 
@@ -174,8 +204,10 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and RNG; return (state.json, teacher state).
 
     Process ``process_index`` takes its own saved RNG state; one the checkpoint lacks (resuming
-    on more processes than saved it) keeps its current state."""
+    on more processes than saved it) keeps its current state. ``state.json`` is read first, so
+    a garbled one fails before anything is restored."""
     path = Path(path)
+    state = json.loads((path / "state.json").read_text())
     load_model_weights(model, path / "model")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -186,4 +218,4 @@ def load_checkpoint(
     teacher = None
     if (path / "teacher.safetensors").exists():
         teacher = load_file(str(path / "teacher.safetensors"))
-    return json.loads((path / "state.json").read_text()), teacher
+    return state, teacher

@@ -96,7 +96,7 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
             mixed_precision=mp, log_with=cfg.logging.report_to or None, project_dir=cfg.run_dir
         )
     # Data (and its errors: missing images, splits, columns) before the model loads.
-    examples, _report, processor = load_training_data(cfg, data_wiring())
+    examples, report, processor = load_training_data(cfg, data_wiring())
     path = processor_path(cfg)
     model = setup_trainable(load_model(path, cfg.model, accelerator.device), cfg.model)
     engine = build_engine(cfg, model, path, processor)
@@ -107,6 +107,7 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
         engine=engine,
         examples=examples,
         accelerator=accelerator,
+        load_skips=report.reasons(),
     )
 
 
@@ -114,9 +115,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("trainer.resume=true")
+    if args.overwrite:
+        overrides.append("trainer.overwrite=true")
     cfg = load_config(args.config, overrides)
+    if not (cfg.trainer.resume or cfg.trainer.overwrite):
+        from opsd_mm.run_dir import check_fresh
+
+        check_fresh(cfg.run_dir)  # before any data or model loads (the trainer checks again)
     trainer = build_trainer(cfg)
-    history = trainer.train()
+    from opsd_mm.trainer import TrainingInterrupted
+
+    try:
+        history = trainer.train()
+    except TrainingInterrupted as stop:
+        if trainer.accelerator.is_main_process:
+            print(f"interrupted: {stop} (run dir {cfg.run_dir})", file=sys.stderr)
+        return stop.exit_code
     if history and trainer.accelerator.is_main_process:
         last = history[-1]
         print(
@@ -154,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     train.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in run_dir"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run_dir that holds another run: the old one is renamed to "
+        "RUN_DIR.replaced-TIME first (nothing is deleted)",
     )
     train.set_defaults(func=cmd_train)
 

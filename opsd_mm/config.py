@@ -204,8 +204,13 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     save_every: int = 50
     keep_last: int = 2
-    max_nonfinite_in_row: int = 3
+    # Abort after this many bad steps in a row: a non-finite loss or gradient norm, or no usable
+    # completion (every one rejected, e.g. a diverged model sampling ids outside the vocabulary).
+    max_bad_steps_in_row: int = 3
     resume: bool = False
+    # A fresh run refuses a run_dir holding another run's checkpoints or metrics; with overwrite
+    # the old run directory is renamed to <run_dir>.replaced-<time> first (nothing is deleted).
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,8 @@ class HFEngine:
     ) -> list[list[Rollout]]:
         rows = [(p_idx, j) for p_idx in range(len(prompts)) for j in range(n)]
         out: list[list[Rollout]] = [[] for _ in prompts]
+        if not rows:  # every example of the step was skipped
+            return out
         step = self.batch_size or len(rows)
         for start in range(0, len(rows), step):
             chunk = rows[start : start + step]

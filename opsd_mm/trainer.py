@@ -3,6 +3,13 @@
 sample -> pair -> teacher forward -> student forward -> loss -> backward/step -> teacher update
 -> engine sync -> log -> checkpoint.
 
+Failure behaviour (README "Failure behaviour"): a fresh run refuses a used run_dir
+(``opsd_mm/run_dir.py``); resume falls back past an unloadable newest checkpoint and applies
+changed optimizer settings with a warning; SIGTERM/SIGINT finish the step, checkpoint and raise
+:class:`TrainingInterrupted`; a step without usable completions, or with a non-finite loss, is a
+bad step, and ``trainer.max_bad_steps_in_row`` of them abort; skipped rows and examples are
+counted by reason (``skipped/load/*``, ``skipped/run/*``) in every metrics row.
+
 Loss normalisation: a step's rollouts are split into micro-batches; each micro-batch's per-token
 losses are summed and divided by the number of loss tokens of the WHOLE step across all
 processes (times the process count, since DDP averages gradients). Gradient accumulation and
@@ -13,6 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -22,6 +32,7 @@ from typing import Any
 import torch
 
 from opsd_mm import checkpoint as ckpt
+from opsd_mm import run_dir as rundir
 from opsd_mm.config import RunConfig, resolve_config, save_config
 from opsd_mm.data import ExampleStream
 from opsd_mm.distributed import check_distributed_support
@@ -38,6 +49,7 @@ from opsd_mm.metrics import (
 )
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
+    BadImageError,
     Example,
     Pair,
     PairBatch,
@@ -49,8 +61,30 @@ from opsd_mm.types import (
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised after ``trainer.max_nonfinite_in_row`` consecutive non-finite steps."""
+class BadStepsError(RuntimeError):
+    """Raised after ``trainer.max_bad_steps_in_row`` consecutive bad steps (non-finite loss or
+    gradient norm, or no usable completion)."""
+
+
+NonFiniteLossError = BadStepsError  # the name before bad steps covered empty steps
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM/SIGINT: the step in progress finished and a checkpoint was written.
+    ``exit_code`` is the shell's 128 + signal number (143 SIGTERM, 130 SIGINT)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: stopped after step {step}; checkpoint {checkpoint}; continue with --resume"
+        )
+
+
+def _reason_key(reason: str) -> str:
+    """A skip reason as a metrics key part: ``image not found`` -> ``image_not_found``."""
+    return re.sub(r"[^a-z0-9]+", "_", reason.lower()).strip("_") or "other"
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -69,7 +103,10 @@ class Trainer:
         engine: RolloutEngine,
         examples: Sequence[Example],
         accelerator: Any = None,
+        load_skips: dict[str, int] | None = None,
     ) -> None:
+        """``load_skips``: rows skipped or dropped while loading the data, by reason (the data
+        loader's ``LoadReport.reasons()``); logged as ``skipped/load/<reason>`` counters."""
         from accelerate import Accelerator
 
         cfg = resolve_config(cfg)
@@ -130,13 +167,20 @@ class Trainer:
             world_size=acc.num_processes,
         )
         self.step = 0
-        self.counters = {
+        self.counters: dict[str, int] = {
             "nonfinite_steps": 0,
+            "empty_steps": 0,  # steps where every completion was rejected
             "rejected_completions": 0,
             "privileged_truncated": 0,
-            "bad_examples": 0,
+            "bad_examples": 0,  # examples skipped at run time (by reason: skipped/run/*)
         }
-        self._nonfinite_in_row = 0
+        self.load_counters = {
+            f"skipped/load/{_reason_key(r)}": n for r, n in (load_skips or {}).items()
+        }
+        self.counters.update(self.load_counters)
+        self._bad_in_row = 0
+        self.run_id: str | None = None
+        self._stop_signal: int | None = None
         self.timer_cuda = acc.device.type == "cuda"
 
     # ------------------------------------------------------------------ the loop
@@ -144,6 +188,7 @@ class Trainer:
     def train(self) -> list[dict[str, Any]]:
         """Run until ``trainer.max_steps``; returns the logged metrics of this call."""
         cfg, acc = self.cfg, self.accelerator
+        self._claim_run_dir()
         if cfg.trainer.resume:
             self.resume()
         if acc.is_main_process:
@@ -166,6 +211,7 @@ class Trainer:
             desc="opsd",
             disable=not (cfg.logging.progress and acc.is_main_process),
         )
+        handlers = self._catch_stop_signals()
         try:
             while self.step < cfg.trainer.max_steps:
                 metrics = self.train_step()
@@ -178,11 +224,23 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4g}", len=f"{metrics['completion_len_mean']:.0f}"
                 )
-                if cfg.trainer.save_every and (
+                saved = bool(cfg.trainer.save_every) and (
                     self.step % cfg.trainer.save_every == 0 or self.step == cfg.trainer.max_steps
-                ):
+                )
+                if saved:
                     self.save()
+                signum = self._stop_requested()
+                if signum:  # every process agrees (one collective), so all save together
+                    if not saved:
+                        self.save()
+                    raise TrainingInterrupted(
+                        signum,
+                        self.step,
+                        ckpt.checkpoint_dir(self.run_dir) / ckpt.step_name(self.step),
+                    )
         finally:
+            for signum, previous in handlers.items():
+                signal.signal(signum, previous)
             bar.close()
             if writer:
                 writer.close()
@@ -207,8 +265,7 @@ class Trainer:
             try:
                 teacher_prompt = self.processor.teacher_prompt(ex)
             except ValueError as e:  # e.g. a teacher-only image that fails to load
-                self.counters["bad_examples"] += 1
-                log.warning("skipped example: %s", e)
+                self._skip_example(e, "teacher_prompt")
                 continue
             self.counters["privileged_truncated"] += int(
                 bool(teacher_prompt.meta.get("privileged_truncated"))
@@ -220,6 +277,7 @@ class Trainer:
                         ex, r.completion_ids, student=prompt, teacher=teacher_prompt
                     )
                 except ValueError as e:
+                    self._raise_if_policy(e)
                     self.counters["rejected_completions"] += 1
                     log.warning("rejected completion: %s", e)
                     continue
@@ -268,33 +326,47 @@ class Trainer:
                         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
                         engine_BC = pad_logprobs([p.logprobs for p in micro[i]], width_C)
                         logprobs.append((engine_BC[mask_BC.cpu()], out.student_logprob_N.cpu()))
-        if not n_micro:  # every completion rejected (on some process): nothing to learn from
-            log.warning("step %d: no usable completions", self.step + 1)
-
-        # 6. optimizer step, unless the loss or the gradients are not finite.
+        # 6. optimizer step, unless the step is bad: no usable completion (every one rejected, on
+        # some process: nothing to learn from; a diverged model samples ids outside the
+        # vocabulary), or a non-finite loss or gradient norm. A bad step changes no weights and
+        # does not advance the LR schedule; its loss is logged as NaN (null in metrics.jsonl).
         with timer.phase("optimizer"):
             loss_value = acc.reduce(loss_total, "sum").item() / acc.num_processes
             grad_norm = self._clip_grad_norm()
+            empty = n_micro == 0
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-            if finite:
+            good = finite and not empty
+            if good:
                 self.optimizer.step()
                 self.scheduler.step()
-                self._nonfinite_in_row = 0
+                self._bad_in_row = 0
             else:
-                self.counters["nonfinite_steps"] += 1
-                self._nonfinite_in_row += 1
-                log.warning("step %d: non-finite loss/grad norm; step skipped", self.step + 1)
+                self._bad_in_row += 1
+                if empty:
+                    loss_value = math.nan
+                    self.counters["empty_steps"] += 1
+                    log.warning(
+                        "step %d: no usable completion (%d rejected); step skipped",
+                        self.step + 1,
+                        self.counters["rejected_completions"],
+                    )
+                else:
+                    self.counters["nonfinite_steps"] += 1
+                    log.warning("step %d: non-finite loss/grad norm; step skipped", self.step + 1)
             self.optimizer.zero_grad(set_to_none=True)
-        if self._nonfinite_in_row >= cfg.trainer.max_nonfinite_in_row:
-            raise NonFiniteLossError(
-                f"{self._nonfinite_in_row} non-finite steps in a row (limit "
-                f"trainer.max_nonfinite_in_row={cfg.trainer.max_nonfinite_in_row}); "
-                f"last good checkpoint: {ckpt.latest_checkpoint(self.run_dir)}"
+        limit = cfg.trainer.max_bad_steps_in_row
+        if self._bad_in_row >= limit:
+            raise BadStepsError(
+                f"{self._bad_in_row} bad steps in a row ({self.counters['nonfinite_steps']} "
+                f"non-finite, {self.counters['empty_steps']} without a usable completion so far; "
+                f"limit trainer.max_bad_steps_in_row={limit}): the model has probably diverged "
+                f"(lower trainer.lr?); last good checkpoint: "
+                f"{ckpt.latest_checkpoint(self.run_dir)}"
             )
         self.step += 1
 
         # 7-8. teacher update and engine weight sync.
-        if finite:
+        if good:
             self.teacher.update(unwrap(self.model), self.step)
         if self.step % cfg.rollout.sync_every == 0:
             with timer.phase("sync"):
@@ -310,7 +382,7 @@ class Trainer:
             "loss": loss_value,
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm,
-            "skipped": not finite,
+            "skipped": not good,
             "loss_tokens": n_global,
             **summarize_tokens(div_N, "divergence"),
             "clip_fraction": _mean_of(outs, "clipped_N"),
@@ -407,13 +479,63 @@ class Trainer:
             try:
                 prompt = self.processor.student_prompt(ex)
             except ValueError as e:
-                self.counters["bad_examples"] += 1
-                log.warning("skipped example: %s", e)
+                self._skip_example(e, "student_prompt")
                 continue
             prompt.meta["key"] = ex.id
             examples.append(ex)
             prompts.append(prompt)
         return examples, prompts
+
+    def _raise_if_policy(self, e: ValueError) -> None:
+        """``processor.bad_image_policy=raise`` holds at run time too (an image that went
+        missing or bad after the load-time check)."""
+        if isinstance(e, BadImageError) and self.cfg.processor.bad_image_policy == "raise":
+            raise e
+
+    def _skip_example(self, e: ValueError, what: str) -> None:
+        """Count an example left out of this step, by reason (``skipped/run/bad_image``,
+        ``skipped/run/student_prompt``, ``skipped/run/teacher_prompt``), and log its error."""
+        self._raise_if_policy(e)
+        reason = "bad_image" if isinstance(e, BadImageError) else what
+        key = f"skipped/run/{reason}"
+        self.counters["bad_examples"] += 1
+        self.counters[key] = self.counters.get(key, 0) + 1
+        log.warning("skipped example: %s", e)
+
+    # ------------------------------------------------------------------ stop signals
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGTERM (preemption) and SIGINT (Ctrl-C) only set a flag: the step in progress
+        finishes, a checkpoint is written, then :class:`TrainingInterrupted` is raised. A second
+        signal gets the previous handler at once. Only possible on the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:  # second signal: stop now
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+                return
+            self._stop_signal = signum
+            log.warning(
+                "%s: finishing step %d, then writing a checkpoint and stopping "
+                "(send it again to stop at once)",
+                signal.Signals(signum).name,
+                self.step + 1,
+            )
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, on_signal)
+        return previous
+
+    def _stop_requested(self) -> int:
+        """The stop signal any process received (0: none); a collective with >1 process."""
+        signum = self._stop_signal or 0
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.accelerator.device)
+            signum = int(self.accelerator.gather(flag).max().item())
+        return signum
 
     def _sampling(self) -> SamplingConfig:
         r = self.cfg.rollout
@@ -453,53 +575,151 @@ class Trainer:
                 state={
                     "data": self.stream.state(),
                     "counters": self.counters,
-                    "nonfinite_in_row": self._nonfinite_in_row,
+                    "bad_in_row": self._bad_in_row,
                     "num_processes": acc.num_processes,
                     "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
+                    "settings": self._settings(),
                 },
                 teacher_state=self.teacher.state_dict() or None,
                 rng_states=rng_states,
                 keep_last=self.cfg.trainer.keep_last,
+                run_id=self.run_id,
             )
         acc.wait_for_everyone()
         return path
 
+    def _claim_run_dir(self) -> None:
+        """One run per run_dir (``opsd_mm/run_dir.py``). Fresh: refuse a directory that holds
+        another run's checkpoints or metrics, unless ``trainer.overwrite`` (then it is renamed to
+        ``<run_dir>.replaced-<time>``); write a new run id. Resume: keep the directory's id."""
+        tc, acc = self.cfg.trainer, self.accelerator
+        if tc.resume:
+            self.run_id = rundir.read_run_id(self.run_dir)
+        elif not tc.overwrite:
+            rundir.check_fresh(self.run_dir)  # on every process: all raise, none waits
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if not tc.resume and tc.overwrite:
+                moved = rundir.move_aside(self.run_dir)
+                if moved is not None:
+                    log.warning(
+                        "trainer.overwrite: moved the previous %s to %s", self.run_dir, moved
+                    )
+            if self.run_id is None:
+                self.run_id = rundir.new_run_id()
+                rundir.write_run_id(self.run_dir, self.run_id)
+        acc.wait_for_everyone()
+
+    def _settings(self) -> dict[str, Any]:
+        """The trainer settings a checkpoint records, compared on resume."""
+        tc = self.cfg.trainer
+        return {
+            "trainer.lr": tc.lr,
+            "trainer.lr_schedule": tc.lr_schedule,
+            "trainer.warmup_steps": tc.warmup_steps,
+            "trainer.schedule_steps": tc.schedule_steps or tc.max_steps,
+            "trainer.weight_decay": tc.weight_decay,
+            "trainer.adam_beta1": tc.adam_beta1,
+            "trainer.adam_beta2": tc.adam_beta2,
+            "global batch (trainer.batch_size x processes)": tc.batch_size
+            * self.accelerator.num_processes,
+            "rollout.n": self.cfg.rollout.n,
+        }
+
+    def _apply_settings(self, saved: dict[str, Any], path: Path) -> None:
+        """The config wins over what the checkpoint restored, never silently: each changed
+        setting is logged with its old and new value. The optimizer's lr, weight decay and betas
+        are set from the config, and the lr is recomputed from the config's schedule at the
+        restored step. A changed batch (or rollout.n) applies from the next step: the data
+        position is an example count, so the next step reads the examples after the last one
+        the checkpoint consumed."""
+        now = self._settings()
+        if "trainer.lr" not in saved and self.scheduler.base_lrs:  # checkpoints before settings
+            saved = {**saved, "trainer.lr": self.scheduler.base_lrs[0]}
+        changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+        for key, (old, new) in changed.items():
+            log.warning(
+                "resuming %s: %s changed from %s (checkpoint) to %s (config); the config's value "
+                "applies from step %d",
+                path,
+                key,
+                old,
+                new,
+                self.step + 1,
+            )
+        tc, sched = self.cfg.trainer, self.scheduler
+        sched.base_lrs = [tc.lr for _ in sched.base_lrs]
+        for group, fn in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"] = tc.lr
+            group["lr"] = tc.lr * fn(sched.last_epoch)
+            group["weight_decay"] = tc.weight_decay
+            group["betas"] = (tc.adam_beta1, tc.adam_beta2)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def resume(self) -> None:
-        """Continue from the latest complete checkpoint in run_dir (none: start fresh).
+        """Continue from the latest complete checkpoint of this run in run_dir (none: start
+        fresh). A checkpoint that fails to load (a truncated weight file, garbled JSON) is
+        skipped for the previous one, with a warning naming both, and renamed
+        ``corrupt-step-*``; when none loads, the error names them all.
 
         Every process loads the same files. The data position is a global example count, so a
         different process count resumes at the same place in the data; the same global batch
         (batch_size x processes) keeps the run identical to an uninterrupted one."""
         acc = self.accelerator
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        if self.run_id is None:  # resume() called on its own, not from train()
+            self.run_id = rundir.read_run_id(self.run_dir)
+        ours = [
+            p
+            for p in ckpt.list_checkpoints(self.run_dir)
+            if ckpt.checkpoint_run_id(p) in (self.run_id, None)  # None: unreadable or older
+        ]
+        if not ours:
             log.warning("trainer.resume: no checkpoint in %s; starting from step 0", self.run_dir)
             return
-        state, teacher_state = ckpt.load_checkpoint(
-            path,
-            model=unwrap(self.model),
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            process_index=acc.process_index,
-        )
-        saved_batch = state.get("global_batch_size")
-        global_batch = self.cfg.trainer.batch_size * acc.num_processes
-        if saved_batch is not None and saved_batch != global_batch:
-            log.warning(
-                "resuming %s with a global batch of %d (trainer.batch_size=%d x %d processes); "
-                "it was saved with %d: set trainer.batch_size to keep the run's batch",
-                path,
-                global_batch,
-                self.cfg.trainer.batch_size,
-                acc.num_processes,
-                saved_batch,
+        failed: list[tuple[Path, Exception]] = []
+        for path in reversed(ours):
+            try:
+                state, teacher_state = ckpt.load_checkpoint(
+                    path,
+                    model=unwrap(self.model),
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    process_index=acc.process_index,
+                )
+                break
+            except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
+                failed.append((path, e))
+        else:
+            raise RuntimeError(
+                f"trainer.resume: no checkpoint in {self.run_dir} loads: "
+                + "; ".join(f"{p.name}: {type(e).__name__}: {e}" for p, e in failed)
             )
+        if failed:
+            log.warning(
+                "checkpoint %s cannot be loaded (%s: %s); resuming from the previous complete "
+                "checkpoint %s instead%s",
+                failed[0][0],
+                type(failed[0][1]).__name__,
+                str(failed[0][1])[:200],
+                path,
+                f" ({len(failed) - 1} more unloadable)" if len(failed) > 1 else "",
+            )
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                for bad, _ in failed:
+                    ckpt.set_aside_corrupt(bad)
         if teacher_state:
             self.teacher.load_state_dict(teacher_state)
         self.step = int(state["step"])
+        settings = dict(state.get("settings") or {})
+        if "global_batch_size" in state:
+            key = "global batch (trainer.batch_size x processes)"
+            settings.setdefault(key, state["global_batch_size"])
+        self._apply_settings(settings, path)
         self.stream.load_state(state["data"])
         self.counters.update(state.get("counters", {}))
-        self._nonfinite_in_row = int(state.get("nonfinite_in_row", 0))
+        self.counters.update(self.load_counters)  # this load's skips, not the saved run's
+        self._bad_in_row = int(state.get("bad_in_row", state.get("nonfinite_in_row", 0)))
         self.engine.sync_weights(unwrap(self.model))
         log.info("resumed from %s at step %d", path, self.step)
 

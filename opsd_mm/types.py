@@ -28,6 +28,22 @@ import torch
 FinishReason = Literal["eos", "length"]
 
 
+class BadImageError(ValueError):
+    """An image that cannot be used. ``source`` says where it came from (a path, or a short
+    description such as ``<bytes: 812 B>``); ``reason`` says what is wrong with it. Raised by the
+    VL processors; defined in the core so that the trainer can tell it from other prompt errors
+    and honour ``processor.bad_image_policy=raise`` at run time."""
+
+    def __init__(self, example_id: str, source: str, reason: str):
+        self.example_id = example_id
+        self.source = source
+        self.reason = reason
+        super().__init__(
+            f"example '{example_id}': bad image {source}: {reason}. Fix or drop the image, or set "
+            "processor.bad_image_policy=skip to skip (and count) such examples."
+        )
+
+
 @dataclass(frozen=True)
 class Example:
     """One training or evaluation item.

@@ -21,24 +21,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from opsd_mm.types import BadImageError
+
 logger = logging.getLogger(__name__)
 
 # Qwen's smart_resize rejects images whose longer side exceeds 200x the shorter one.
 MAX_ASPECT_RATIO = 200.0
-
-
-class BadImageError(ValueError):
-    """An image that cannot be used. ``source`` says where it came from (a path, or a short
-    description such as ``<bytes: 812 B>``); ``reason`` says what is wrong with it."""
-
-    def __init__(self, example_id: str, source: str, reason: str):
-        self.example_id = example_id
-        self.source = source
-        self.reason = reason
-        super().__init__(
-            f"example '{example_id}': bad image {source}: {reason}. Fix or drop the image, or set "
-            "processor.bad_image_policy=skip to skip (and count) such examples."
-        )
 
 
 def describe_source(src: Any) -> str:

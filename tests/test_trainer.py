@@ -154,7 +154,7 @@ def test_nonfinite_loss_skips_counts_and_aborts(tiny_cache, tmp_path, tiny_text_
         tiny_cache,
         tmp_path,
         "trainer.max_steps=5",
-        "trainer.max_nonfinite_in_row=2",
+        "trainer.max_bad_steps_in_row=2",
         "loss.fused=false",  # the poison is injected into the naive path's function
         "trainer.save_every=0",
     )
@@ -164,7 +164,7 @@ def test_nonfinite_loss_skips_counts_and_aborts(tiny_cache, tmp_path, tiny_text_
     m = trainer.train_step()
     assert m["skipped"] and m["nonfinite_steps"] == 1
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
-    with pytest.raises(trainer_mod.NonFiniteLossError, match="max_nonfinite_in_row=2"):
+    with pytest.raises(trainer_mod.NonFiniteLossError, match="max_bad_steps_in_row=2"):
         trainer.train_step()
     monkeypatch.setattr(trainer_mod, "token_divergence", real)
 
