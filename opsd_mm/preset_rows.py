@@ -88,8 +88,9 @@ def wemath2_standard(row: dict[str, Any]) -> dict[str, Any]:
     ``question``, ``image`` (one image), ``knowledge-level1`` .. ``knowledge-level4``,
     ``knowledge``, ``principle`` (the knowledge principle the problem exercises), ``idx``,
     ``answer``. The privileged text is the principle (``hint_v1``); the answer goes to
-    ``Example.answer``. Source: the dataset's hub page and file tree (split file
-    ``data/standard-*.parquet``) and the We-Math 2.0 README (github We-Math/We-Math2.0)."""
+    ``Example.answer``. Source: the dataset card's ``dataset_info`` (huggingface.co/datasets/
+    We-Math/We-Math2.0-Standard README, commit 5febc68: these ten columns, split ``standard``,
+    5,843 rows) and its file tree (``data/standard-*.parquet``)."""
     return {
         "id": text(row.get("id") if row.get("id") is not None else row.get("idx")) or None,
         "question": text(row["question"]),
