@@ -16,9 +16,13 @@ from typing import Any, Literal
 
 import yaml
 
+from opsd_mm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem; the message names the key (``section.field``)."""
+
+    kind = "config error"
 
 
 # ----------------------------------------------------------------------------- sections

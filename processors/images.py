@@ -21,15 +21,19 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from opsd_mm.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Qwen's smart_resize rejects images whose longer side exceeds 200x the shorter one.
 MAX_ASPECT_RATIO = 200.0
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot be used. ``source`` says where it came from (a path, or a short
     description such as ``<bytes: 812 B>``); ``reason`` says what is wrong with it."""
+
+    kind = "image error"
 
     def __init__(self, example_id: str, source: str, reason: str):
         self.example_id = example_id
