@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opsd_mm.eval.benchmarks._common import EvalError
 from opsd_mm.eval.registry import DEFAULT_SUITE, TEXT_MATH, get_benchmark, list_benchmarks
 from opsd_mm.types import Processor, RolloutEngine
 
@@ -43,7 +44,7 @@ def default_runtime(args: argparse.Namespace) -> Runtime:
     from opsd_mm.models import load_for_inference, model_type_of, resolve_model_path
     from opsd_mm.processors import build_processor
 
-    path = resolve_model_path(ModelConfig(name_or_path=args.model))
+    path = resolve_model_path(ModelConfig(name_or_path=args.model), key="--model")
     proc_cfg = ProcessorConfig(
         student_template="plain",
         student_thinking=args.thinking,
@@ -81,7 +82,9 @@ def _benchmark_names(spec: str) -> list[str]:
     names = list(DEFAULT_SUITE) if spec == "all" else [s.strip() for s in spec.split(",") if s]
     unknown = [n for n in names if n not in list_benchmarks()]
     if unknown:
-        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {list_benchmarks()}")
+        raise EvalError(
+            f"--benchmarks: unknown benchmark(s) {unknown}; choose from {list_benchmarks()}"
+        )
     return names
 
 
@@ -170,7 +173,13 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None = None) -> int:
     """Run ``opsd-mm eval`` or ``opsd-mm eval score`` from parsed arguments; returns 0."""
-    from opsd_mm.eval.runner import markdown_table, run_eval, score_predictions
+    from opsd_mm.eval.runner import (
+        check_run_args,
+        load_benchmarks,
+        markdown_table,
+        run_eval,
+        score_predictions,
+    )
 
     if getattr(args, "eval_command", None) == "score":
         bench = _make_benchmark(args.benchmark, args.prompt_style)
@@ -178,13 +187,17 @@ def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None =
         sys.stdout.write(markdown_table({bench.name: summary}))
         return 0
     if not args.model:
-        raise SystemExit("opsd-mm eval: --model is required (or use 'opsd-mm eval score')")
-    names = _benchmark_names(args.benchmarks)  # fail before loading a model
+        raise EvalError("--model is required (or use 'opsd-mm eval score')")
+    # Everything that can be checked without the model fails before the model loads.
+    names = _benchmark_names(args.benchmarks)
+    check_run_args(limit=args.limit, samples=args.samples, batch_size=args.batch_size)
+    benches = [_make_benchmark(n, args.prompt_style) for n in names]
+    rows = load_benchmarks(benches, args.data_dir)
     runtime = (runtime_factory or default_runtime)(args)
     overrides = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     output = args.output or str(Path("runs") / "eval" / Path(args.model.rstrip("/")).name)
     summaries = run_eval(
-        [_make_benchmark(n, args.prompt_style) for n in names],
+        benches,
         runtime.engine,
         runtime.processor,
         output,
@@ -197,6 +210,7 @@ def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None =
         batch_size=args.batch_size,
         run_info={"model": args.model, "adapter": args.adapter, "engine": args.engine},
         progress=not args.no_progress,
+        rows=rows,
     )
     sys.stdout.write(markdown_table(summaries))
     sys.stdout.write(f"outputs in {output}\n")
@@ -206,10 +220,13 @@ def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None =
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m opsd_mm.eval.cli eval ...``) until the core CLI wires
     it in."""
+    from opsd_mm.errors import debug_requested, run_command
+
     parser = argparse.ArgumentParser(prog="opsd-mm")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    return run_command(args.func, args, debug=debug_requested(argv))
 
 
 if __name__ == "__main__":

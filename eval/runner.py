@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 from tqdm.auto import tqdm
 
-from opsd_mm.eval.benchmarks._common import without_image_decoding
+from opsd_mm.eval.benchmarks._common import EvalError, without_image_decoding
 from opsd_mm.eval.registry import Benchmark, get_benchmark
 from opsd_mm.types import Processor, RolloutEngine, SamplingConfig
 
@@ -67,26 +68,52 @@ def make_record(
     }
 
 
-def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """Records already written to ``path`` by id. A torn last line (killed mid-write) is
-    dropped and the file rewritten; a bad line elsewhere is an error naming the line."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+def _json_lines(path: Path) -> Iterator[tuple[int, bool, Any]]:
+    """``(line number, is last line, parsed object)`` for each non-blank line of a JSON Lines
+    file; for a line that is not UTF-8 or not JSON, an EvalError naming the file and line takes
+    the object's place (the caller decides: a torn last line is dropped on resume)."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                kept = [json.dumps(r, ensure_ascii=False) for r in records.values()]
-                path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            yield n, n == len(lines), json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield n, n == len(lines), EvalError(f"{path}, line {n}: not UTF-8 text ({e.reason})")
+        except json.JSONDecodeError as e:
+            yield n, n == len(lines), EvalError(f"{path}, line {n}: not valid JSON ({e.msg})")
+
+
+def _record_id(path: Path, n: int, obj: Any) -> str:
+    if not isinstance(obj, dict) or "id" not in obj:
+        raise EvalError(f"{path}, line {n}: a record needs an 'id' field; fix or delete the line")
+    return str(obj["id"])
+
+
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """Records already written to ``path`` by id. A torn last line (killed mid-write, possibly
+    inside a multi-byte character) is dropped and the file rewritten; a bad line elsewhere is an
+    error naming the file and line."""
+    if not path.exists():
+        return {}
+    records: dict[str, dict[str, Any]] = {}
+    for n, last, rec in _json_lines(path):
+        if isinstance(rec, EvalError):
+            if last:
+                _rewrite(path, list(records.values()))
                 break
-            raise ValueError(f"{path}:{n} is not valid JSON; fix or delete the file") from None
-        records[str(rec["id"])] = rec
+            raise EvalError(f"{rec}; fix or delete the file") from None
+        records[_record_id(path, n, rec)] = rec
     return records
+
+
+def _rewrite(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``records`` (written beside it, then renamed into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    tmp.replace(path)
 
 
 def _append(path: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -176,7 +203,7 @@ def _check_run_config(path: Path, config: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         if diff:
-            raise ValueError(
+            raise EvalError(
                 f"{path.parent} holds a run with different {', '.join(diff)} "
                 f"({ {k: old.get(k) for k in diff} } vs { {k: config.get(k) for k in diff} }); "
                 "use a new --output directory"
@@ -211,15 +238,19 @@ def run_benchmark(
     batch_size: int = 8,
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    rows: datasets.Dataset | None = None,
 ) -> dict[str, Any]:
-    """Generate, score and summarise one benchmark, resuming from earlier records."""
-    ds = bench.load(data_dir)
+    """Generate, score and summarise one benchmark, resuming from earlier records (their stored
+    responses are scored again with the current scorer). ``rows``: the benchmark's rows when
+    already loaded (:func:`load_benchmarks`)."""
+    check_run_args(limit=limit, samples=samples, batch_size=batch_size)
+    ds = bench.load(data_dir) if rows is None else rows
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     raw = without_image_decoding(ds)
     ids = [bench.item_id(r) for r in raw.select_columns(list(bench.id_columns))]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"benchmark '{bench.name}' has duplicate item ids")
+        raise EvalError(f"benchmark '{bench.name}' has duplicate item ids")
     cfg = resolve_sampling(bench, samples, sampling, seed)
     bench_dir = output_dir / bench.name
     _check_run_config(
@@ -233,7 +264,7 @@ def run_benchmark(
         },
     )
     preds_path = bench_dir / "predictions.jsonl"
-    done = read_records(preds_path)
+    done = rescore_records(bench, raw, ids, read_records(preds_path), preds_path)
     todo = [i for i, iid in enumerate(ids) if iid not in done]
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=bench.name, disable=not progress)
     for start in range(0, len(todo), batch_size):
@@ -269,6 +300,60 @@ def run_benchmark(
     return write_summaries(output_dir, bench, [done[i] for i in ids])
 
 
+def rescore_records(
+    bench: Benchmark,
+    raw: datasets.Dataset,
+    ids: Sequence[str],
+    done: dict[str, dict[str, Any]],
+    path: Path,
+) -> dict[str, dict[str, Any]]:
+    """Records of a resumed run with their stored responses scored by the current scorer (a
+    fixed or changed scorer must not leave stale ``correct`` values in the summary); the file
+    is rewritten when a score changed. Errored records (no responses) are kept as they are."""
+    changed = False
+    for i, iid in enumerate(ids):
+        old = done.get(iid)
+        if old is None or old.get("error") or not old.get("responses"):
+            continue
+        new = make_record(
+            bench,
+            raw[i],
+            prompt=old.get("prompt", ""),
+            responses=old["responses"],
+            finish_reasons=old.get("finish_reasons"),
+        )
+        new = json.loads(json.dumps(new, ensure_ascii=False))
+        if new != old:
+            done[iid], changed = new, True
+    if changed:
+        _rewrite(path, list(done.values()))
+    return done
+
+
+def check_run_args(*, limit: int | None, samples: int, batch_size: int) -> None:
+    """``--limit`` (None: all items), ``--samples`` and ``--batch-size`` must be >= 1."""
+    for flag, value in (("--limit", limit), ("--samples", samples), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise EvalError(f"{flag} {value}: must be >= 1")
+
+
+def load_benchmarks(
+    benchmarks: Sequence[Benchmark], data_dir: str | Path | None
+) -> dict[str, datasets.Dataset]:
+    """Every benchmark's rows, loaded before anything generates, so that a missing local copy
+    (or split) is reported up front; all such problems at once, each naming the benchmark and
+    the directory looked in."""
+    loaded, problems = {}, []
+    for bench in benchmarks:
+        try:
+            loaded[bench.name] = bench.load(data_dir)
+        except EvalError as e:
+            problems.append(str(e))
+    if problems:
+        raise EvalError("\n".join(problems))
+    return loaded
+
+
 def run_eval(
     benchmarks: Sequence[str | Benchmark],
     engine: RolloutEngine,
@@ -284,19 +369,25 @@ def run_eval(
     batch_size: int = 8,
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    rows: Mapping[str, datasets.Dataset] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run each benchmark (a name or an instance) in turn; returns ``{name: summary}``.
+
+    Every benchmark is loaded first (or taken from ``rows``, by name, as
+    :func:`load_benchmarks` returns them), so a missing copy fails before any generation.
 
     ``processor.student_prompt`` must render ``Example.question`` verbatim as the user message
     (the ``plain`` student template); ``decode`` turns completion ids into text.
     ``sampling`` is a full SamplingConfig, or overrides on each benchmark's defaults (greedy for
     one sample; the benchmark's recommended temperature for several).
     """
+    check_run_args(limit=limit, samples=samples, batch_size=batch_size)
+    benches = [get_benchmark(b) if isinstance(b, str) else b for b in benchmarks]
+    loaded = dict(rows) if rows is not None else load_benchmarks(benches, data_dir)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summaries = {}
-    for b in benchmarks:
-        bench = get_benchmark(b) if isinstance(b, str) else b
+    for bench in benches:
         summaries[bench.name] = run_benchmark(
             bench,
             engine,
@@ -311,6 +402,7 @@ def run_eval(
             batch_size=batch_size,
             run_info=run_info,
             progress=progress,
+            rows=loaded[bench.name],
         )
     return summaries
 
@@ -321,18 +413,16 @@ def run_eval(
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """Prediction lines: ``{"id", "response"}`` or ``{"id", "responses": [...]}`` (a record
     written by the runner qualifies; an errored record keeps its ``error``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"--predictions: no such file: {path}")
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n} is not valid JSON") from None
-        if "id" not in obj:
-            raise ValueError(f"{path}:{n} has no 'id'")
+    for n, _, obj in _json_lines(path):
+        if isinstance(obj, EvalError):
+            raise obj
+        iid = _record_id(path, n, obj)
         if "responses" not in obj and "response" not in obj and not obj.get("error"):
-            raise ValueError(f"{path}:{n} (id {obj['id']}) has neither 'response' nor 'responses'")
+            raise EvalError(f"{path}, line {n} (id {iid}): has neither 'response' nor 'responses'")
         out.append(obj)
     return out
 
@@ -356,7 +446,7 @@ def score_predictions(
     ids = [bench.item_id(r) for r in raw.select_columns(list(bench.id_columns))]
     unknown = sorted(set(preds) - set(ids))
     if unknown:
-        raise ValueError(
+        raise EvalError(
             f"{predictions_path}: {len(unknown)} ids not in benchmark '{bench.name}' "
             f"(e.g. {unknown[:5]}); check --benchmark and --data-dir"
         )

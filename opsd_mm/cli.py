@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from opsd_mm.config import ConfigError, RunConfig, load_config
-from opsd_mm.data import DataError
+from opsd_mm.config import RunConfig, load_config
+from opsd_mm.errors import DEBUG_ENV, debug_requested, run_command
 
 
 def set_seed(seed: int) -> None:
@@ -133,8 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return stop.exit_code
     if history and trainer.accelerator.is_main_process:
         last = history[-1]
+        loss = "skipped" if last["loss"] is None else f"{last['loss']:.6g}"
         print(
-            f"done: step {last['step']} loss {last['loss']:.6g} "
+            f"done: step {last['step']} loss {loss} "
             f"(run dir {cfg.run_dir}; metrics in metrics.jsonl)"
         )
     return 0
@@ -199,15 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     if add_eval_parser is not None:
         add_eval_parser(sub)
 
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"data error: {e}", file=sys.stderr)
-        return 2
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of errors (anywhere on the command line; or {DEBUG_ENV}=1). "
+        "Without it, a problem with a config key, a file, a row or a flag is one message and "
+        "exit code 2; Ctrl-C exits 130",
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    return run_command(args.func, args, debug=debug)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,13 @@ from typing import Any, Literal
 
 import yaml
 
+from opsd_mm.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration problem; the message names the key (``section.field``)."""
+
+    kind = "config error"
 
 
 # ----------------------------------------------------------------------------- sections
@@ -174,6 +178,9 @@ class LossConfig:
     compile: bool = False
 
 
+_DIVERGENCES = typing.get_args(typing.get_type_hints(LossConfig)["divergence"])
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     kind: Literal["fixed", "live", "ema"] = "fixed"
@@ -265,6 +272,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
         return value
     if origin in (list, tuple):
+        if isinstance(value, str) and args[:1] == (str,):
+            # ``logging.report_to=tensorboard`` (or ``a,b``): a string is a comma-separated list.
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = args[:1] or (Any,)
@@ -352,6 +362,29 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"{key}: cannot parse value {text!r}: {e}") from e
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` (safe loader); a ConfigError naming the file and line when
+    it is not UTF-8 text or not valid YAML (PyYAML's own message names ``<unicode string>``)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file "
+            "as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (safe loader), apply dotted overrides, validate into RunConfig."""
     raw: dict[str, Any] = {}
@@ -359,7 +392,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -383,7 +416,9 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     """Fill the values that default to other keys and check the cross-key rules; idempotent.
 
     - ``loss.temperature`` null -> ``rollout.temperature`` (the reference ties them; the loss
-      then scores the distribution the completion was sampled from).
+      then scores the distribution the completion was sampled from); an error under greedy
+      rollouts (``rollout.temperature=0``).
+    - every range check (:func:`validate_config`), so a bad value fails before anything loads.
     - ``processor.student_thinking != processor.teacher_thinking`` is an error unless
       ``processor.allow_thinking_mismatch``.
     """
@@ -397,10 +432,156 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
             "then reads as a second think block to the other side). Set both the same, or set "
             "processor.allow_thinking_mismatch=true to do this on purpose"
         )
-    if cfg.loss.temperature is None:
+    if cfg.loss.temperature is None and cfg.rollout.temperature > 0:
         loss = dataclasses.replace(cfg.loss, temperature=cfg.rollout.temperature)
         cfg = dataclasses.replace(cfg, loss=loss)
+    validate_config(cfg)
     return cfg
+
+
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Range checks of every numeric key, at load time (before any data or model loads); a
+    ConfigError names the first key out of range and what it allows."""
+    t, r, p, te, lg = cfg.trainer, cfg.rollout, cfg.processor, cfg.teacher, cfg.logging
+    at_least_1 = "must be >= 1"
+    checks = [
+        ("run_dir", cfg.run_dir, cfg.run_dir.strip() != "", "must not be empty"),
+        ("trainer.max_steps", t.max_steps, t.max_steps >= 1, at_least_1),
+        ("trainer.batch_size", t.batch_size, t.batch_size >= 1, at_least_1),
+        ("trainer.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, at_least_1),
+        ("trainer.lr", t.lr, t.lr > 0, "must be > 0"),
+        ("trainer.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+        ("trainer.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "must lie in [0, 1)"),
+        ("trainer.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "must lie in [0, 1)"),
+        ("trainer.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
+        (
+            "trainer.schedule_steps",
+            t.schedule_steps,
+            t.schedule_steps is None or t.schedule_steps >= 0,
+            "must be >= 0 (null: trainer.max_steps)",
+        ),
+        (
+            "trainer.max_grad_norm",
+            t.max_grad_norm,
+            t.max_grad_norm is None or t.max_grad_norm > 0,
+            "must be > 0 (null: no clipping)",
+        ),
+        ("trainer.save_every", t.save_every, t.save_every >= 0, "must be >= 0 (0: never)"),
+        ("trainer.keep_last", t.keep_last, t.keep_last >= 0, "must be >= 0 (0: keep all)"),
+        (
+            "trainer.max_bad_steps_in_row",
+            t.max_bad_steps_in_row,
+            t.max_bad_steps_in_row >= 1,
+            "must be >= 1 (bad steps in a row before the run stops)",
+        ),
+        ("rollout.n", r.n, r.n >= 1, "must be >= 1 (samples per prompt)"),
+        ("rollout.temperature", r.temperature, r.temperature >= 0, "must be >= 0 (0: greedy)"),
+        ("rollout.top_p", r.top_p, 0 < r.top_p <= 1, "must lie in (0, 1] (1: off)"),
+        ("rollout.top_k", r.top_k, r.top_k >= 0, "must be >= 0 (0: off)"),
+        ("rollout.min_p", r.min_p, 0 <= r.min_p < 1, "must lie in [0, 1) (0: off)"),
+        ("rollout.max_new_tokens", r.max_new_tokens, r.max_new_tokens >= 1, at_least_1),
+        ("rollout.sync_every", r.sync_every, r.sync_every >= 1, at_least_1),
+        (
+            "rollout.gpu_memory_utilization",
+            r.gpu_memory_utilization,
+            0 < r.gpu_memory_utilization <= 1,
+            "must lie in (0, 1]",
+        ),
+        (
+            "loss.temperature",
+            cfg.loss.temperature,
+            cfg.loss.temperature is not None,
+            "null takes rollout.temperature, which is 0 here (greedy sampling), but the loss "
+            "needs a softmax temperature > 0: set loss.temperature (e.g. loss.temperature=1.0)",
+        ),
+        ("teacher.ema_decay", te.ema_decay, 0 <= te.ema_decay < 1, "must lie in [0, 1)"),
+        ("teacher.ema_update_every", te.ema_update_every, te.ema_update_every >= 1, at_least_1),
+        ("processor.max_prompt_tokens", p.max_prompt_tokens, p.max_prompt_tokens >= 1, at_least_1),
+        (
+            "processor.max_teacher_prompt_tokens",
+            p.max_teacher_prompt_tokens,
+            p.max_teacher_prompt_tokens >= 1,
+            at_least_1,
+        ),
+        ("processor.max_image_pixels", p.max_image_pixels, p.max_image_pixels >= 1, at_least_1),
+        (
+            "processor.min_pixels",
+            p.min_pixels,
+            p.min_pixels is None or p.min_pixels >= 1,
+            at_least_1,
+        ),
+        (
+            "processor.max_pixels",
+            p.max_pixels,
+            p.max_pixels is None or p.max_pixels >= 1,
+            at_least_1,
+        ),
+        (
+            "processor.max_pixels",
+            p.max_pixels,
+            None in (p.min_pixels, p.max_pixels) or p.min_pixels <= p.max_pixels,
+            f"must be >= processor.min_pixels ({p.min_pixels})",
+        ),
+        ("model.lora.r", cfg.model.lora.r, cfg.model.lora.r >= 1, at_least_1),
+        (
+            "model.lora.dropout",
+            cfg.model.lora.dropout,
+            0 <= cfg.model.lora.dropout < 1,
+            "must lie in [0, 1)",
+        ),
+        ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit >= 1, at_least_1),
+        ("data.synthetic_size", cfg.data.synthetic_size, cfg.data.synthetic_size >= 1, at_least_1),
+        ("logging.log_every", lg.log_every, lg.log_every >= 1, at_least_1),
+    ]
+    # A clip <= 0 clips every term (the loss functions allow it; tests use it); from a config
+    # it is never meant.
+    for key, clip in (
+        ("loss.pointwise_clip", cfg.loss.pointwise_clip),
+        ("loss.token_clip", cfg.loss.token_clip),
+    ):
+        checks.append((key, clip, clip is None or clip > 0, "must be > 0 (null: no clip)"))
+    for key, value, ok, allowed in checks:
+        _require(key, value, ok, allowed)
+    validate_loss_config(cfg.loss)
+
+
+def validate_loss_config(cfg: LossConfig) -> None:
+    """Raise a ConfigError naming the ``loss.*`` key when the settings cannot be computed.
+
+    Called at load (:func:`validate_config`) and again by the loss functions, which tests and
+    library users call with a LossConfig of their own (temperature null there means 1).
+    """
+    _require(
+        "loss.divergence",
+        cfg.divergence,
+        cfg.divergence in _DIVERGENCES,
+        f"must be one of {list(_DIVERGENCES)}",
+    )
+    _require("loss.beta", cfg.beta, 0.0 <= cfg.beta <= 1.0, "must lie in [0, 1]")
+    tau = 1.0 if cfg.temperature is None else cfg.temperature
+    _require("loss.temperature", cfg.temperature, tau > 0.0, "must be > 0")
+    _require("loss.top_k", cfg.top_k, cfg.top_k >= 0, "must be >= 0 (0: full vocabulary)")
+    _require(
+        "loss.skip_first_tokens", cfg.skip_first_tokens, cfg.skip_first_tokens >= 0, "must be >= 0"
+    )
+    _require("loss.chunk_size", cfg.chunk_size, cfg.chunk_size >= 0, "must be >= 0 (0: automatic)")
+    if cfg.divergence == "sampled_pg":
+        if cfg.pointwise_clip is not None:
+            raise ConfigError(
+                "loss.pointwise_clip does not apply to loss.divergence=sampled_pg (it uses the "
+                "sampled token only, there are no vocabulary terms to clip); set "
+                "loss.pointwise_clip=null, or use loss.token_clip"
+            )
+        if cfg.top_k > 0:
+            raise ConfigError(
+                "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
+                "token only); set loss.top_k=0"
+            )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

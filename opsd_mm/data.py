@@ -10,6 +10,7 @@ to the VL processor, which applies the image policy.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from opsd_mm import data_images
 from opsd_mm.config import ColumnsConfig, ConfigError, DataConfig
+from opsd_mm.errors import UserError
 from opsd_mm.preset_rows import RowSkip
 from opsd_mm.presets import TEMPLATE_NEEDS, Preset, columns_preset, get_preset
 from opsd_mm.stream import ExampleStream  # noqa: F401 - its home before the split
@@ -26,8 +28,10 @@ from opsd_mm.types import Example
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem; the message names the source, the column or the example."""
+
+    kind = "data error"
 
 
 # Synthetic sources: name -> (n, seed) -> examples. The VL task registers lazily.
@@ -83,10 +87,20 @@ def load_rows(cfg: DataConfig) -> Any:
         if path.stat().st_size == 0:
             raise DataError(f"data.source: {path} is empty (0 rows)")
         builder = "parquet" if suffix == ".parquet" else "json"
+        quiet = logging.getLogger("datasets")  # it logs the failure with a traceback; we say it
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:  # datasets' own errors do not name the file
-            raise DataError(f"data.source: cannot read {path}: {type(e).__name__}: {e}") from e
+        except Exception as e:  # datasets' own errors do not name the file or the line
+            where = locate_json_error(path) if builder == "json" else None
+            raise DataError(
+                f"data.source: {where}"
+                if where
+                else f"data.source: cannot read {path}: {type(e).__name__}: {e}"
+            ) from e
+        finally:
+            quiet.setLevel(level)
     if path.exists():
         raise DataError(f"data.source: unsupported file type '{suffix}' ({path})")
     # A hub dataset id (needs the network; offline this fails with the hub's own error).
@@ -96,6 +110,43 @@ def load_rows(cfg: DataConfig) -> Any:
         if "split" not in str(e).lower():
             raise
         raise DataError(f"data.split: {e} (source {src}). Set data.split to one of them") from e
+
+
+def locate_json_error(path: Path) -> str | None:
+    """Where a JSON / JSON Lines file is broken, as ``PATH, line N: what`` (the first line that
+    is not UTF-8, not JSON, or not an object), or None when every line reads. Only called after
+    a failure: ``datasets`` names neither the file nor the line, and reads undecodable text
+    without complaint until a row is accessed."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    if head[:1] == b"[":  # one JSON document (a list of rows), not JSON Lines
+        data = path.read_bytes()
+        try:
+            json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            return f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
+        except json.JSONDecodeError as e:
+            return f"{path}, line {e.lineno}, column {e.colno}: not valid JSON: {e.msg}"
+        return None
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (
+                    f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}); re-encode the file as UTF-8"
+                )
+            try:
+                row = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as e:
+                return f"{path}, line {n}, column {e.colno}: not valid JSON: {e.msg}"
+            if not isinstance(row, dict):
+                return f"{path}, line {n}: a JSON Lines row must be an object, got {text[:60]!r}"
+    return None
 
 
 def lazy_images(ds: Any, columns: Sequence[str | None]) -> Any:
@@ -282,15 +333,20 @@ def load_examples(
         rows = lazy_images(rows, [c for c in getattr(rows, "column_names", []) or []])
         if cfg.limit is not None:
             rows = rows.select(range(min(cfg.limit, len(rows))))
-        examples, report = rows_to_examples(
-            rows,
-            preset,
-            policy=cfg.bad_row_policy,
-            require_privileged=require_priv,
-            require_answer="answer" in needs,
-            source=cfg.source,
-            image_base=data_images.image_base(cfg.source, cfg.data_dir),
-        )
+        try:
+            examples, report = rows_to_examples(
+                rows,
+                preset,
+                policy=cfg.bad_row_policy,
+                require_privileged=require_priv,
+                require_answer="answer" in needs,
+                source=cfg.source,
+                image_base=data_images.image_base(cfg.source, cfg.data_dir),
+            )
+        except UnicodeDecodeError as e:  # undecodable text surfaces when a row is read
+            path = Path(cfg.source)
+            where = locate_json_error(path) if path.suffix.lower() in (".json", ".jsonl") else None
+            raise DataError(f"data.source: {where or f'{cfg.source}: not UTF-8 text ({e})'}") from e
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     return examples, report

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from opsd_mm.config import LossConfig
+from opsd_mm.config import LossConfig, validate_loss_config
 
-DIVERGENCES = ("jsd", "forward_kl", "reverse_kl", "sampled_pg")
+DIVERGENCES = ("jsd", "forward_kl", "reverse_kl", "sampled_pg")  # = LossConfig.divergence
 
 # Floor for the tail bucket's probability: keeps log(tail) finite (log(1e-30) ~ -69) when the
 # top-k tokens hold all the mass in floating point. The clamp has zero gradient where it binds.
@@ -74,34 +74,6 @@ def loss_temperature(cfg: LossConfig) -> float:
     """``loss.temperature``; null (unresolved: a LossConfig built outside ``load_config`` /
     ``resolve_config``, as in tests) means 1."""
     return 1.0 if cfg.temperature is None else cfg.temperature
-
-
-def validate_loss_config(cfg: LossConfig) -> None:
-    """Raise a ValueError naming the ``loss.*`` key when the settings cannot be computed."""
-    if cfg.divergence not in DIVERGENCES:
-        raise ValueError(
-            f"loss.divergence must be one of {list(DIVERGENCES)}, got {cfg.divergence!r}"
-        )
-    if not 0.0 <= cfg.beta <= 1.0:
-        raise ValueError(f"loss.beta must lie in [0, 1], got {cfg.beta}")
-    if not loss_temperature(cfg) > 0.0:
-        raise ValueError(f"loss.temperature must be > 0, got {cfg.temperature}")
-    if cfg.top_k < 0:
-        raise ValueError(f"loss.top_k must be >= 0 (0: full vocabulary), got {cfg.top_k}")
-    if cfg.skip_first_tokens < 0:
-        raise ValueError(f"loss.skip_first_tokens must be >= 0, got {cfg.skip_first_tokens}")
-    if cfg.divergence == "sampled_pg":
-        if cfg.pointwise_clip is not None:
-            raise ValueError(
-                "loss.pointwise_clip does not apply to loss.divergence=sampled_pg (it uses the "
-                "sampled token only, there are no vocabulary terms to clip); set "
-                "loss.pointwise_clip=null, or use loss.token_clip"
-            )
-        if cfg.top_k > 0:
-            raise ValueError(
-                "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
-                "token only); set loss.top_k=0"
-            )
 
 
 def loss_mask(completion_mask_BC: torch.Tensor, skip_first_tokens: int) -> torch.Tensor:

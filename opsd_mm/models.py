@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_mm.config import ModelConfig
+from opsd_mm.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,29 @@ VISION_TOWER_PATTERN = re.compile(r"(^|\.)visual\.(?!merger)")
 PROJECTOR_PATTERN = re.compile(r"(^|\.)visual\.(merger|deepstack_merger_list)")
 
 
-def resolve_model_path(cfg: ModelConfig) -> str:
-    """A local directory or hub id for ``cfg.name_or_path`` (``tiny:`` built on first use)."""
-    if cfg.name_or_path.startswith("tiny:"):
+def resolve_model_path(cfg: ModelConfig, key: str = "model.name_or_path") -> str:
+    """A local directory or hub id for ``cfg.name_or_path`` (``tiny:`` built on first use).
+
+    A name that is neither an existing path nor a well-formed hub id (``name`` or
+    ``owner/name``) is a ConfigError naming ``key``: the hub's own message ("Repo id must be in
+    the form ...") hides that the usual cause is a mistyped local path.
+    """
+    name = cfg.name_or_path
+    if name.startswith("tiny:"):
         from opsd_mm.fixtures import resolve_tiny
 
-        return str(resolve_tiny(cfg.name_or_path.split(":", 1)[1], cfg.tiny_cache_dir))
-    return cfg.name_or_path
+        return str(resolve_tiny(name.split(":", 1)[1], cfg.tiny_cache_dir))
+    if not Path(name).exists():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise ConfigError(
+                f"{key}: '{name}' is neither a local directory (no such path) nor a valid hub id "
+                "(name or owner/name); check the path"
+            ) from None
+    return name
 
 
 def model_type_of(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:

@@ -37,6 +37,7 @@ from opsd_mm.config import RunConfig, resolve_config, save_config
 from opsd_mm.data import ExampleStream
 from opsd_mm.distributed import check_distributed_support
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.errors import UserError
 from opsd_mm.forward import completion_hidden, completion_logits, unwrap
 from opsd_mm.metrics import (
     MetricsWriter,
@@ -61,9 +62,12 @@ from opsd_mm.types import (
 log = logging.getLogger(__name__)
 
 
-class BadStepsError(RuntimeError):
+class BadStepsError(UserError):
     """Raised after ``trainer.max_bad_steps_in_row`` consecutive bad steps (non-finite loss or
-    gradient norm, or no usable completion)."""
+    gradient norm, or no usable completion). A user-facing stop (one line naming the last good
+    checkpoint, exit 2): the usual cause is a setting such as a learning rate that diverges."""
+
+    kind = "training stopped"
 
 
 NonFiniteLossError = BadStepsError  # the name before bad steps covered empty steps

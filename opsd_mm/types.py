@@ -25,14 +25,18 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from opsd_mm.errors import UserError
+
 FinishReason = Literal["eos", "length"]
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image that cannot be used. ``source`` says where it came from (a path, or a short
     description such as ``<bytes: 812 B>``); ``reason`` says what is wrong with it. Raised by the
     VL processors; defined in the core so that the trainer can tell it from other prompt errors
     and honour ``processor.bad_image_policy=raise`` at run time."""
+
+    kind = "image error"
 
     def __init__(self, example_id: str, source: str, reason: str):
         self.example_id = example_id

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -65,8 +66,96 @@ def test_yaml_unknown_and_wrong_type(tmp_path):
 def test_safe_loader_rejects_python_tags(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("seed: !!python/object/apply:os.system ['echo hi']\n")
-    with pytest.raises(yaml.YAMLError):
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 1, .*python/object"):
         load_config(p)
+
+
+def test_yaml_syntax_and_encoding_errors_name_the_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("trainer:\n  max_steps: 3\n  lr: [1e-4\nloss:\n  beta: 0.5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml, line \d+, column \d+: invalid YAML") as e:
+        load_config(p)
+    assert "<unicode string>" not in str(e.value)
+    p.write_bytes(b"trainer:\n  max_steps: 3\nrun_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml, line 3: not UTF-8"):
+        load_config(p)
+
+
+def test_a_string_is_a_one_element_list():
+    cfg = load_config(None, ["logging.report_to=tensorboard"])
+    assert cfg.logging.report_to == ["tensorboard"]
+    assert load_config(None, ["logging.report_to=tensorboard,wandb"]).logging.report_to == [
+        "tensorboard",
+        "wandb",
+    ]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.batch_size=0",
+        "trainer.micro_batch_size=0",
+        "rollout.n=0",
+        "rollout.top_k=-1",
+        "logging.log_every=0",
+        "rollout.temperature=-1",
+        "rollout.top_p=0",
+        "rollout.top_p=1.5",
+        "rollout.min_p=1",
+        "rollout.min_p=-0.1",
+        "rollout.max_new_tokens=0",
+        "teacher.ema_decay=7",
+        "teacher.ema_decay=1",
+        "trainer.max_steps=-1",
+        "trainer.max_steps=0",
+        "trainer.max_bad_steps_in_row=0",
+        "run_dir=",
+        "loss.beta=1.5",
+        "loss.beta=-0.1",
+        "loss.top_k=-1",
+        "loss.temperature=0",
+        "loss.pointwise_clip=0",
+        "loss.token_clip=-1",
+        "loss.skip_first_tokens=-1",
+        "loss.chunk_size=-1",
+        "trainer.lr=0",
+        "trainer.lr=-1e-4",
+        "trainer.warmup_steps=-1",
+        "trainer.schedule_steps=-1",
+        "trainer.keep_last=-1",
+        "trainer.save_every=-1",
+        "processor.max_prompt_tokens=0",
+        "processor.max_teacher_prompt_tokens=0",
+    ],
+)
+def test_out_of_range_values_are_errors_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*(must|out of range)"):
+        load_config(None, [override])
+
+
+def test_range_checks_accept_the_edges():
+    load_config(
+        None,
+        [
+            "rollout.top_k=0",
+            "rollout.top_p=1",
+            "rollout.min_p=0",
+            "teacher.ema_decay=0",
+            "loss.beta=0",
+            "loss.beta=1",
+            "trainer.keep_last=0",
+            "trainer.save_every=0",
+            "trainer.warmup_steps=0",
+        ],
+    )
+    # Greedy rollouts are allowed; the loss then needs its own temperature.
+    with pytest.raises(ConfigError, match=r"loss\.temperature=None .*greedy"):
+        load_config(None, ["rollout.temperature=0"])
+    cfg = load_config(None, ["rollout.temperature=0", "loss.temperature=1"])
+    assert cfg.rollout.temperature == 0 and cfg.loss.temperature == 1
+    with pytest.raises(ConfigError, match=r"loss\.pointwise_clip does not apply"):
+        load_config(None, ["loss.divergence=sampled_pg", "loss.pointwise_clip=0.05"])
 
 
 def test_resolved_config_round_trips(tmp_path):

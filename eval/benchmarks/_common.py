@@ -15,6 +15,15 @@ from typing import Any
 
 import datasets
 
+from opsd_mm.errors import UserError
+
+
+class EvalError(UserError):
+    """A problem with what an evaluation was given (a flag, a benchmark copy, a predictions or
+    output file); the message names it. The command line prints it and exits 2."""
+
+    kind = "eval error"
+
 
 class ItemError(ValueError):
     """An item that cannot be prompted (e.g. a missing image); the runner records it and goes
@@ -35,14 +44,20 @@ def load_rows(
     if data_dir is not None:
         path = Path(data_dir) / name
         if not path.exists():
-            raise FileNotFoundError(
+            raise EvalError(
                 f"no local copy of benchmark '{name}' at {path}: expected a directory written by "
                 f"datasets save_to_disk with the columns of {hub_id} (split '{split}')"
             )
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise EvalError(
+                f"{path} (local copy of benchmark '{name}') is not a datasets save_to_disk "
+                f"directory: {e}"
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise KeyError(f"{path} holds splits {list(ds)}, not '{split}' needed by '{name}'")
+                raise EvalError(f"{path} holds splits {list(ds)}, not '{split}' needed by '{name}'")
             ds = ds[split]
         return ds
     parts = [datasets.load_dataset(hub_id, c, split=split) for c in configs]

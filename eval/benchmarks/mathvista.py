@@ -94,13 +94,13 @@ def normalize(extraction: str, item: dict[str, Any]) -> str | None:
     if item["answer_type"] == "integer":
         try:
             return str(int(float(extraction)))
-        except ValueError:
+        except (ValueError, OverflowError):  # "inf", "1e400": a wrong answer, not a crash
             return None
     if item["answer_type"] == "float":
         precision = item.get("precision")
         try:
             return str(round(float(extraction), int(precision if precision is not None else 2)))
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
     return str(extraction)
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from opsd_mm.eval.benchmarks._common import EvalError
 from opsd_mm.eval.cli import Runtime, add_eval_parser, main_eval
 
 
@@ -83,10 +84,10 @@ def test_eval_then_score_reproduces_the_summary(
 
 def test_model_is_required_and_names_are_checked(tmp_path):
     args = parser().parse_args(["eval", "--benchmarks", "mmmu"])
-    with pytest.raises(SystemExit, match="--model"):
+    with pytest.raises(EvalError, match="--model"):
         main_eval(args)
     args = parser().parse_args(
         ["eval", "--model", "m", "--benchmarks", "nope", "--output", str(tmp_path)]
     )
-    with pytest.raises(SystemExit, match="unknown benchmark"):
+    with pytest.raises(EvalError, match="--benchmarks: unknown benchmark"):
         main_eval(args, runtime_factory=lambda a: None)

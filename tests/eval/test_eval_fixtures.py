@@ -6,6 +6,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
+from opsd_mm.eval.benchmarks._common import EvalError
 from opsd_mm.eval.registry import get_benchmark, list_benchmarks
 
 HUB_COLUMNS = {
@@ -91,7 +92,7 @@ def test_images_are_generated_and_one_is_missing(fixture_root):
 
 
 def test_missing_local_copy_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="save_to_disk.*MMMU/MMMU"):
+    with pytest.raises(EvalError, match="save_to_disk.*MMMU/MMMU"):
         get_benchmark("mmmu").load(tmp_path)
 
 
