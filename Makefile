@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch/torchvision pinned to the builds that work together here (see README: Environment).
+# torch/torchvision pinned to the builds that work together here (see docs/environment.md).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.opsd-installed
 
