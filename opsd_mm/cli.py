@@ -1,4 +1,4 @@
-"""Command line: ``opsd-mm train | eval | demo | data``.
+"""Command line: ``opsd-mm train | eval | demo | data | plot``.
 
 This is the one module that wires processors and evaluation into the modality-agnostic core.
 """
@@ -149,6 +149,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args, Wiring(build_processor=build_processor, evaluate=evaluate_examples))
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from opsd_mm.plot import plot_runs
+
+    output = args.output or Path(args.run_dirs[0]) / "metrics.png"
+    try:
+        path = plot_runs(args.run_dirs, output)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"plot error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def add_plot_parser(sub: Any) -> None:
+    plot = sub.add_parser(
+        "plot",
+        help="draw runs' metrics.jsonl curves into one PNG",
+        description="Loss, divergence (mean, p99), student/teacher entropy, completion length, "
+        "clip fraction and eval accuracy (when logged) over steps; several runs are overlaid.",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    plot.add_argument("--output", "-o", help="PNG path (default: FIRST_RUN_DIR/metrics.png)")
+    plot.set_defaults(func=cmd_plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "accelerate"):
@@ -192,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from opsd_mm.data_cli import add_data_parser
 
     add_data_parser(sub, cmd_data)
+    add_plot_parser(sub)
 
     try:
         from opsd_mm.eval.cli import add_eval_parser

@@ -226,6 +226,10 @@ class LoggingConfig:
     project: str = "opsd-mm"
     progress: bool = True
     log_every: int = 1
+    # Every samples_every steps (0: never), samples_n rendered prompt/completion/teacher-context
+    # records go to RUN_DIR/samples.jsonl (and to a tensorboard tracker as text).
+    samples_every: int = 10
+    samples_n: int = 2
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def opsd_math(row: dict[str, Any]) -> dict[str, Any]:
     """``siyanzhao/Openthoughts_math_30k_opsd`` (split ``train``, ~29k rows), the OPSD paper's
     text set: ``problem`` (question), ``solution`` (the privileged trace), ``Question``,
     ``Answer`` (final answer). Source: the OPSD reference implementation's data loader and the
-    project's benchmark notes (shared/BENCHMARKS.md, "Training data")."""
+    project's docs/benchmarks.md ("Training data with privileged traces")."""
     return {
         "question": text(row["problem"]),
         "privileged": text(row["solution"]),

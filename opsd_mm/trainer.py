@@ -201,6 +201,7 @@ class Trainer:
             # Rows past the starting step came from a run that died after its last checkpoint
             # (or from an earlier run in this directory): drop them, so no step appears twice.
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.run_dir / "samples.jsonl", self.step)
             if cfg.logging.report_to:
                 from opsd_mm.config import config_to_dict, flatten_config
 
@@ -224,6 +225,9 @@ class Trainer:
                     writer.write(metrics)
                     if cfg.logging.report_to:
                         acc.log(metrics, step=self.step)
+                every = cfg.logging.samples_every
+                if writer and every and self.step % every == 0:
+                    self._log_samples()
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4g}", len=f"{metrics['completion_len_mean']:.0f}"
@@ -406,7 +410,27 @@ class Trainer:
             **timer.as_metrics(),
             **self.counters,
         }
+        self._last_step = (examples, pairs, div_N)  # for _log_samples
         return metrics
+
+    def _log_samples(self) -> None:
+        """``logging.samples_n`` rendered samples of the last step to ``samples.jsonl`` (and to
+        a tensorboard tracker as text); see ``opsd_mm/samples.py``."""
+        from opsd_mm import samples
+
+        examples, pairs, div_N = self._last_step
+        records = samples.sample_records(
+            self.step,
+            examples,
+            pairs,
+            self.processor.tokenizer,
+            self.cfg.logging.samples_n,
+            div_N=div_N,
+            skip_first_tokens=self.cfg.loss.skip_first_tokens,
+        )
+        samples.write_samples(self.run_dir / "samples.jsonl", records)
+        if self.cfg.logging.report_to:
+            samples.log_to_trackers(self.accelerator, records, self.step)
 
     def _loss_scale(self, batch: PairBatch, n_global: float, n_micro: int) -> float:
         """The factor on this micro-batch's summed per-token loss (``loss.normalize``).

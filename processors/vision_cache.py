@@ -2,10 +2,10 @@
 
 Why: in an OPSD step the teacher forward (no grad) and the student forward (with grad) see the
 same images, and with a frozen vision tower both would encode them to identical features; on a
-GPU the second encoding is 22-31% of the step (ENVIRONMENT.md). Rollouts sampled ``n`` times per
-prompt repeat each image ``n`` times within one forward as well. :class:`VisionCache` wraps the
-vision tower's ``forward`` for the duration of a ``with`` block and encodes each distinct image
-once; later requests for the same image reuse the stored outputs.
+GPU the second encoding is 22-31% of the step (docs/environment.md). Rollouts sampled ``n``
+times per prompt repeat each image ``n`` times within one forward as well. :class:`VisionCache`
+wraps the vision tower's ``forward`` for the duration of a ``with`` block and encodes each
+distinct image once; later requests for the same image reuse the stored outputs.
 
 How: the tower receives ``hidden_states`` [sum_i t_i*h_i*w_i, D] (patch rows, images
 concatenated) and ``grid_thw`` [n_images, 3]. Each image's rows are fingerprinted with an exact
