@@ -541,6 +541,8 @@ def validate_config(cfg: RunConfig) -> None:
         ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit >= 1, at_least_1),
         ("data.synthetic_size", cfg.data.synthetic_size, cfg.data.synthetic_size >= 1, at_least_1),
         ("logging.log_every", lg.log_every, lg.log_every >= 1, at_least_1),
+        ("logging.samples_every", lg.samples_every, lg.samples_every >= 0, "must be >= 0 (0: off)"),
+        ("logging.samples_n", lg.samples_n, lg.samples_n >= 1, at_least_1),
     ]
     # A clip <= 0 clips every term (the loss functions allow it; tests use it); from a config
     # it is never meant.

@@ -98,6 +98,8 @@ def test_a_string_is_a_one_element_list():
         "rollout.n=0",
         "rollout.top_k=-1",
         "logging.log_every=0",
+        "logging.samples_every=-1",
+        "logging.samples_n=0",
         "rollout.temperature=-1",
         "rollout.top_p=0",
         "rollout.top_p=1.5",
