@@ -6,8 +6,8 @@ import pytest
 
 from opsd_mm.eval.benchmarks._common import ItemError
 from opsd_mm.eval.benchmarks.mathvista import levenshtein
-from opsd_mm.eval.fixtures import fixture_rows
 from opsd_mm.eval.registry import get_benchmark
+from tests.fixtures.benchmarks import fixture_rows
 
 
 def rows(name: str) -> dict[str, dict]:
