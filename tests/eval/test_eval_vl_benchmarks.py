@@ -16,7 +16,7 @@ def rows(name: str) -> dict[str, dict]:
 
 
 def record(bench, item, responses):
-    from opsd_mm.eval.runner import make_record
+    from opsd_mm.eval.records import make_record
 
     return make_record(bench, item, responses=responses)
 
