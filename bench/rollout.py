@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from opsd_mm.config import RolloutConfig
-from opsd_mm.fixtures import resolve_tiny
 from opsd_mm.rollout import HFEngine
+from opsd_mm.testing import resolve_tiny
 from opsd_mm.types import Prompt, SamplingConfig
 
 # Qwen3-1.7B's shape (random weights: throughput does not depend on their values).

@@ -173,13 +173,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None = None) -> int:
     """Run ``opsd-mm eval`` or ``opsd-mm eval score`` from parsed arguments; returns 0."""
-    from opsd_mm.eval.runner import (
-        check_run_args,
-        load_benchmarks,
-        markdown_table,
-        run_eval,
-        score_predictions,
-    )
+    from opsd_mm.eval.records import markdown_table
+    from opsd_mm.eval.runner import check_run_args, load_benchmarks, run_eval, score_predictions
 
     if getattr(args, "eval_command", None) == "score":
         bench = _make_benchmark(args.benchmark, args.prompt_style)

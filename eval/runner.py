@@ -1,29 +1,18 @@
 """Run benchmarks against a rollout engine, or re-score saved predictions.
 
-Layout of an output directory::
-
-    <out>/<benchmark>/predictions.jsonl   one record per item, appended as batches finish
-    <out>/<benchmark>/run.json            benchmark, samples, sampling, run_info (resume guard)
-    <out>/<benchmark>/summary.json        that benchmark's summary
-    <out>/summary.json                    {benchmark: summary} for every benchmark in <out>
-    <out>/summary.md                      the headline metrics as a markdown table
-
-A record holds ``id``, ``prompt``, ``responses`` (one per sample), ``scores`` (one score dict per
-sample), the first sample's ``response``/``extracted``/``rule``/``correct`` for reading, the
-item's ``meta`` (categories) and ``error`` (a message when the item could not be run; it counts
-as wrong). Rerunning into the same directory skips the ids already recorded, so an interrupted
-run resumes. Each prompt carries ``meta["key"] = "<benchmark>:<id>"``, which the engines use to
-seed each (prompt, sample) row, so completions do not depend on batch composition; with records
-aggregated in dataset order, a resumed run's summary equals an uninterrupted one's. Summaries
-contain metrics only, so ``score_predictions`` on the same predictions reproduces them exactly.
+Records and summaries go to an output directory laid out as ``records.py`` says. Rerunning into
+the same directory skips the ids already recorded, so an interrupted run resumes. Each prompt
+carries ``meta["key"] = "<benchmark>:<id>"``, which the engines use to seed each (prompt, sample)
+row, so completions do not depend on batch composition; with records aggregated in dataset order,
+a resumed run's summary equals an uninterrupted one's. Summaries contain metrics only, so
+``score_predictions`` on the same predictions reproduces them exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,154 +20,19 @@ import datasets
 from tqdm.auto import tqdm
 
 from opsd_mm.eval.benchmarks._common import EvalError, without_image_decoding
+from opsd_mm.eval.records import (
+    append_records,
+    json_lines,
+    make_record,
+    read_records,
+    record_id,
+    rewrite_records,
+    write_summaries,
+)
 from opsd_mm.eval.registry import Benchmark, get_benchmark
 from opsd_mm.types import Processor, RolloutEngine, SamplingConfig
 
 Decode = Callable[[Sequence[int]], str]
-_AUTO_HEADLINE = re.compile(r"^(\w+_)?((avg|pass|maj)@\d+|\d+/\d+)$")
-
-
-# ----------------------------------------------------------------------------- records
-
-
-def make_record(
-    bench: Benchmark,
-    item: Mapping[str, Any],
-    *,
-    prompt: str = "",
-    responses: Sequence[str] = (),
-    finish_reasons: Sequence[str] | None = None,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """Score ``responses`` for ``item`` (undecoded row) into a record."""
-    scores = [] if error else [bench.score(dict(item), r) for r in responses]
-    first = scores[0] if scores else {}
-    return {
-        "id": bench.item_id(dict(item)),
-        "prompt": prompt,
-        "responses": list(responses),
-        "finish_reasons": list(finish_reasons) if finish_reasons is not None else None,
-        "scores": scores,
-        "response": responses[0] if responses else None,
-        "extracted": first.get("extracted"),
-        "rule": first.get("rule"),
-        "correct": bool(first.get("correct", False)),
-        "meta": bench.categories(dict(item)),
-        "error": error,
-    }
-
-
-def _json_lines(path: Path) -> Iterator[tuple[int, bool, Any]]:
-    """``(line number, is last line, parsed object)`` for each non-blank line of a JSON Lines
-    file; for a line that is not UTF-8 or not JSON, an EvalError naming the file and line takes
-    the object's place (the caller decides: a torn last line is dropped on resume)."""
-    lines = path.read_bytes().split(b"\n")
-    if lines and not lines[-1].strip():
-        lines.pop()
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            yield n, n == len(lines), json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield n, n == len(lines), EvalError(f"{path}, line {n}: not UTF-8 text ({e.reason})")
-        except json.JSONDecodeError as e:
-            yield n, n == len(lines), EvalError(f"{path}, line {n}: not valid JSON ({e.msg})")
-
-
-def _record_id(path: Path, n: int, obj: Any) -> str:
-    if not isinstance(obj, dict) or "id" not in obj:
-        raise EvalError(f"{path}, line {n}: a record needs an 'id' field; fix or delete the line")
-    return str(obj["id"])
-
-
-def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """Records already written to ``path`` by id. A torn last line (killed mid-write, possibly
-    inside a multi-byte character) is dropped and the file rewritten; a bad line elsewhere is an
-    error naming the file and line."""
-    if not path.exists():
-        return {}
-    records: dict[str, dict[str, Any]] = {}
-    for n, last, rec in _json_lines(path):
-        if isinstance(rec, EvalError):
-            if last:
-                _rewrite(path, list(records.values()))
-                break
-            raise EvalError(f"{rec}; fix or delete the file") from None
-        records[_record_id(path, n, rec)] = rec
-    return records
-
-
-def _rewrite(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Replace ``path`` with ``records`` (written beside it, then renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
-    tmp.replace(path)
-
-
-def _append(path: Path, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Append ``records`` and return them as read back, so that in-memory records equal the
-    ones a resumed run loads (JSON turns tuples into lists)."""
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-    return [json.loads(line) for line in lines]
-
-
-# ----------------------------------------------------------------------------- summaries
-
-
-def summarize(bench: Benchmark, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The benchmark's summary: metrics only (no paths, times or model names)."""
-    metrics = bench.aggregate(records)
-    keys = [k for k in bench.headline if k in metrics]
-    keys += [k for k in metrics if _AUTO_HEADLINE.match(k) and k not in keys]
-    if any(k.startswith("avg@") for k in keys):  # with k samples, accuracy is avg@k
-        keys = [k for k in keys if k != "accuracy"]
-    return {
-        "benchmark": bench.name,
-        "hub_id": bench.hub_id,
-        "split": bench.split,
-        "label": bench.label,
-        "headline": {k: metrics[k] for k in keys},
-        "metrics": metrics,
-    }
-
-
-def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per headline metric: value in percent, items, errors, timeouts, scoring label."""
-    lines = [
-        "| benchmark | metric | value (%) | n | errors | timeouts | scoring |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, s in summaries.items():
-        m = s["metrics"]
-        for i, (key, value) in enumerate(s["headline"].items()):
-            shown = f"{100 * value:.2f}" if isinstance(value, int | float) else str(value)
-            lines.append(
-                f"| {name} | {key} | {shown} | {m.get('n', '')} | {m.get('n_errors', '')} "
-                f"| {m.get('n_timeouts', '')} | {s['label'] if i == 0 else ''} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def write_summaries(
-    output_dir: Path, bench: Benchmark, records: Sequence[dict[str, Any]]
-) -> dict[str, Any]:
-    """Write the benchmark's summary and refresh the directory-wide summary and table."""
-    summary = summarize(bench, records)
-    bench_dir = output_dir / bench.name
-    bench_dir.mkdir(parents=True, exist_ok=True)
-    (bench_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    top_path = output_dir / "summary.json"
-    top = json.loads(top_path.read_text()) if top_path.exists() else {}
-    top[bench.name] = summary
-    top_path.write_text(json.dumps(top, indent=2) + "\n")
-    (output_dir / "summary.md").write_text(markdown_table(top))
-    return summary
-
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -293,7 +147,7 @@ def run_benchmark(
                         finish_reasons=[r.finish_reason for r in rollouts],
                     )
                 )
-        done.update((r["id"], r) for r in _append(preds_path, finished))
+        done.update((r["id"], r) for r in append_records(preds_path, finished))
         bar.update(len(batch))
         bar.set_postfix(acc=f"{_running_accuracy(done):.3f}")
     bar.close()
@@ -326,7 +180,7 @@ def rescore_records(
         if new != old:
             done[iid], changed = new, True
     if changed:
-        _rewrite(path, list(done.values()))
+        rewrite_records(path, list(done.values()))
     return done
 
 
@@ -417,10 +271,10 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise EvalError(f"--predictions: no such file: {path}")
     out = []
-    for n, _, obj in _json_lines(path):
+    for n, _, obj in json_lines(path):
         if isinstance(obj, EvalError):
             raise obj
-        iid = _record_id(path, n, obj)
+        iid = record_id(path, n, obj)
         if "responses" not in obj and "response" not in obj and not obj.get("error"):
             raise EvalError(f"{path}, line {n} (id {iid}): has neither 'response' nor 'responses'")
         out.append(obj)
@@ -472,4 +326,4 @@ def score_predictions(
     bench_dir.mkdir(parents=True, exist_ok=True)
     preds_out = bench_dir / "predictions.jsonl"
     preds_out.unlink(missing_ok=True)
-    return write_summaries(out, bench, _append(preds_out, records))
+    return write_summaries(out, bench, append_records(preds_out, records))

@@ -43,12 +43,9 @@ def _synthetic(name: str) -> Callable[..., list[Example]]:
         from opsd_mm.tasks import SYNTHETIC_TASKS
 
         _SYNTHETIC.update(SYNTHETIC_TASKS)
-        try:
-            from opsd_mm.fixtures.vl_tasks import make_vl_count_examples
+        from opsd_mm.testing.vl_tasks import make_vl_count_examples
 
-            _SYNTHETIC["vl_count"] = make_vl_count_examples
-        except ImportError:  # pragma: no cover - VL fixtures not installed
-            pass
+        _SYNTHETIC["vl_count"] = make_vl_count_examples
     if name not in _SYNTHETIC:
         raise DataError(
             f"data.source: unknown synthetic task 'synthetic:{name}'; "

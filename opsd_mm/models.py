@@ -2,7 +2,7 @@
 
 Text models load with ``AutoModelForCausalLM`` and vision-language models with
 ``AutoModelForImageTextToText``, picked from the checkpoint's ``model_type``. ``tiny:<name>``
-resolves to a tiny offline model built by ``opsd_mm.fixtures``.
+resolves to a tiny offline model built by ``opsd_mm.testing``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def resolve_model_path(cfg: ModelConfig, key: str = "model.name_or_path") -> str
     """
     name = cfg.name_or_path
     if name.startswith("tiny:"):
-        from opsd_mm.fixtures import resolve_tiny
+        from opsd_mm.testing import resolve_tiny
 
         return str(resolve_tiny(name.split(":", 1)[1], cfg.tiny_cache_dir))
     if not Path(name).exists():

@@ -3,29 +3,28 @@
 Why the care over ids: OPSD scores the student's exact completion tokens under two contexts,
 so every prompt is token ids from one chat-template application (never decoded text encoded
 again, which can re-segment tokens), and collation lays both sides out as in
-``opsd_mm.types`` (left-padded prompt | completion | right padding), so completion token j sits
-at column P + j on each side, and the logits that predict it at column P - 1 + j.
+``opsd_mm.types`` (left-padded prompt | completion | right padding; :mod:`.collate`), so
+completion token j sits at column P + j on each side, and the logits that predict it at column
+P - 1 + j. The rules around rendering (control tokens in data, teacher fields, prompt limits,
+privileged-text truncation, ``pair``) are shared with the VL processor (:mod:`.base`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from opsd_mm.config import ProcessorConfig
 from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
 
+from . import base
+from .collate import pack_side, pair_batch
 from .templates import PromptTemplate, get_template
 from .thinking import THINK_CLOSE, THINK_OPEN, ThinkState, think_state, think_tags_to_suppress
 
 # Chat-end tokens that stop a ChatML turn; Qwen3 generation configs list both.
 _EOS_CANDIDATES = ("<|im_end|>", "<|endoftext|>")
-# The user message rendered once at start-up to see how the template ends a generation prompt.
-THINK_PROBE = "x"
 
 
 def strip_special_tokens(text: str, specials: Sequence[str]) -> str:
@@ -41,75 +40,7 @@ def strip_special_tokens(text: str, specials: Sequence[str]) -> str:
     return text
 
 
-def pack_side(
-    prompts_B: Sequence[Sequence[int]], completions_B: Sequence[Sequence[int]], pad_id: int
-) -> tuple[dict[str, torch.Tensor], int]:
-    """Lay out one side: ``[pad | prompt | completion | pad]`` with prompt width P = the longest
-    prompt and completion width C = the longest completion of this batch.
-
-    Returns (model_inputs, P); model_inputs holds ``input_ids``, ``attention_mask`` and
-    ``position_ids`` (all [B, P + C], int64). Positions count real tokens only
-    (cumsum(mask) - 1, clamped at 0), so left padding does not shift a sequence's positions and a
-    padded batch matches each sequence run alone.
-    """
-    P = max(len(p) for p in prompts_B)
-    C = max(len(c) for c in completions_B)
-    rows, masks = [], []
-    for prompt, completion in zip(prompts_B, completions_B):
-        left = P - len(prompt)
-        right = C - len(completion)
-        rows.append([pad_id] * left + list(prompt) + list(completion) + [pad_id] * right)
-        masks.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
-    input_ids_BT = torch.tensor(rows, dtype=torch.long)
-    attention_mask_BT = torch.tensor(masks, dtype=torch.long)
-    position_ids_BT = (attention_mask_BT.cumsum(-1) - 1).clamp(min=0)
-    model_inputs = {
-        "input_ids": input_ids_BT,
-        "attention_mask": attention_mask_BT,
-        "position_ids": position_ids_BT,
-    }
-    return model_inputs, P
-
-
-def pack_completions(
-    completions_B: Sequence[Sequence[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(completion_ids_BC, completion_mask_BC), right-padded to the batch's longest completion.
-    The mask comes from the lengths, not from ``id != pad``: the pad id may be a real EOS."""
-    C = max(len(c) for c in completions_B)
-    ids = [list(c) + [pad_id] * (C - len(c)) for c in completions_B]
-    mask = [[1] * len(c) + [0] * (C - len(c)) for c in completions_B]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-
-def model_vocab_size_of(model_path: str | Path) -> int | None:
-    """The model's embedding rows from config.json (text or VL layout), if present."""
-    path = Path(model_path) / "config.json"
-    if not path.is_file():
-        return None
-    raw = json.loads(path.read_text())
-    return raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size")
-
-
-def make_pair(
-    processor: Any,
-    ex: Example,
-    completion_ids: Sequence[int],
-    student: Prompt | None,
-    teacher: Prompt | None,
-) -> Pair:
-    """The shared body of every processor's ``pair``: check the completion with the
-    processor's own rules, then render whichever prompt was not given."""
-    ids = processor.check_completion(ex.id, completion_ids)
-    return Pair(
-        example_id=ex.id,
-        student=student if student is not None else processor.student_prompt(ex),
-        teacher=teacher if teacher is not None else processor.teacher_prompt(ex),
-        completion_ids=ids,
-    )
-
-
-class TextProcessor:
+class TextProcessor(base.ProcessorBase):
     """Processor for chat-template text models (see ``opsd_mm.types.Processor``).
 
     Token sets, and why:
@@ -162,16 +93,13 @@ class TextProcessor:
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else self.eos_token_ids[0]
 
-        special = {
-            i: tok.content for i, tok in tokenizer.added_tokens_decoder.items() if tok.special
-        }
-        # Control-token strings in user data would be encoded as real control tokens.
-        self._control_strings = tuple(sorted(set(special.values())))
+        special = [i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special]
+        self._control_strings = base.control_strings(tokenizer)
         suppress = {i for i in special if i not in self.eos_token_ids}
         if think_states is None:
             think_states = (
-                think_state(self._render_text(THINK_PROBE, self.cfg.student_thinking)),
-                think_state(self._render_text(THINK_PROBE, self.cfg.teacher_thinking)),
+                think_state(self._render_text(base.THINK_PROBE, self.cfg.student_thinking)),
+                think_state(self._render_text(base.THINK_PROBE, self.cfg.teacher_thinking)),
             )
         self.student_think_state: ThinkState = think_states[0]
         self.teacher_think_state: ThinkState = think_states[1]
@@ -190,7 +118,7 @@ class TextProcessor:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        return cls(tokenizer, cfg, model_vocab_size=model_vocab_size_of(model_path))
+        return cls(tokenizer, cfg, model_vocab_size=base.model_vocab_size_of(model_path))
 
     # ------------------------------------------------------------------------- prompts
 
@@ -214,16 +142,6 @@ class TextProcessor:
             enable_thinking=thinking,
             tokenize=False,
         )
-
-    def _check_text(self, ex: Example) -> None:
-        for field_name in ("question", "privileged", "answer"):
-            value = getattr(ex, field_name) or ""
-            for token in self._control_strings:
-                if token in value:
-                    raise ValueError(
-                        f"example '{ex.id}': {field_name} contains the control token {token!r}, "
-                        "which would be encoded as a real control token; remove it from the data"
-                    )
 
     def think_meta(self, ex: Example, role: str, text: str) -> dict[str, Any]:
         """``{"think_state": ...}`` for a rendered prompt, or a ValueError naming the example if
@@ -252,7 +170,7 @@ class TextProcessor:
           such as ``<think>`` tags or a default system message, minus its special tokens). The
           teacher prompt is unaffected.
         """
-        self._check_text(ex)
+        base.check_text(ex, self._control_strings)
         content = self.student_template.render(question=ex.question)
         thinking = self.cfg.student_thinking
         text = self._render_text(content, thinking)
@@ -269,12 +187,14 @@ class TextProcessor:
             meta["student_prompt_format"] = "specials_stripped"
         else:
             ids = self._render_ids(content, thinking)
-        if len(ids) > self.cfg.max_prompt_tokens:
-            raise ValueError(
-                f"example '{ex.id}': student prompt has {len(ids)} tokens, more than "
-                f"processor.max_prompt_tokens={self.cfg.max_prompt_tokens}; raise the limit or "
-                "drop the example"
-            )
+        base.check_length(
+            ex.id,
+            "student",
+            len(ids),
+            "max_prompt_tokens",
+            self.cfg.max_prompt_tokens,
+            "raise the limit or drop the example",
+        )
         meta.update(self.think_meta(ex, "student", text))
         return Prompt(input_ids=ids, text=text, meta=meta)
 
@@ -285,49 +205,25 @@ class TextProcessor:
         token boundary of the privileged text, then the whole prompt re-rendered, shrinking until
         it fits); the question is never cut. ``meta["privileged_truncated"]`` records it.
         """
-        self._check_text(ex)
+        base.check_text(ex, self._control_strings)
         template = self.teacher_template
-        limit = self.cfg.max_teacher_prompt_tokens
-        if "answer" in template.fields and ex.answer is None:
-            raise ValueError(
-                f"example '{ex.id}': teacher template '{template.name}' needs an answer, but the "
-                "example has none (set data.columns.answer or choose another "
-                "processor.teacher_template)"
-            )
-        if "privileged" in template.fields and not ex.privileged.strip():
-            raise ValueError(
-                f"example '{ex.id}': teacher template '{template.name}' needs privileged text, "
-                "but the example has none (set data.columns.privileged, or keep "
-                "data.require_privileged=true to drop such rows)"
-            )
+        base.check_teacher_fields(ex, template)
         thinking = self.cfg.teacher_thinking
-        privileged = ex.privileged
-        content = template.render(ex.question, privileged, ex.answer)
-        ids = self._render_ids(content, thinking)
-        n_priv = kept = None
-        if len(ids) > limit and "privileged" in template.fields:
-            enc = self.tokenizer(privileged, add_special_tokens=False, return_offsets_mapping=True)
-            starts = [start for start, _ in enc["offset_mapping"]]
-            n_priv = kept = len(starts)
-            while len(ids) > limit and kept > 0:
-                kept = max(0, kept - (len(ids) - limit))
-                privileged = ex.privileged[: starts[kept]] if kept else ""
-                content = template.render(ex.question, privileged, ex.answer)
-                ids = self._render_ids(content, thinking)
-        if len(ids) > limit:
-            how = " even with the privileged text removed" if kept == 0 else ""
-            raise ValueError(
-                f"example '{ex.id}': teacher prompt has {len(ids)} tokens{how}, more than "
-                f"processor.max_teacher_prompt_tokens={limit}; the question is never truncated: "
-                "raise the limit or drop the example"
-            )
-        meta: dict[str, Any] = {
-            "template": template.name,
-            "privileged_truncated": n_priv is not None,
-        }
-        if n_priv is not None:
-            meta["privileged_tokens"] = n_priv
-            meta["privileged_tokens_kept"] = kept
+
+        def render(privileged: str) -> tuple[int, tuple[str, list[int]]]:
+            content = template.render(ex.question, privileged, ex.answer)
+            ids = self._render_ids(content, thinking)
+            return len(ids), (content, ids)
+
+        (content, ids), truncation = base.fit_privileged(
+            ex,
+            template,
+            self.tokenizer,
+            self.cfg.max_teacher_prompt_tokens,
+            render,
+            "the question is never truncated: raise the limit or drop the example",
+        )
+        meta: dict[str, Any] = {"template": template.name, **truncation}
         text = self._render_text(content, thinking)
         meta.update(self.think_meta(ex, "teacher", text))
         return Prompt(input_ids=ids, text=text, meta=meta)
@@ -366,17 +262,6 @@ class TextProcessor:
                 )
         return ids
 
-    def pair(
-        self,
-        ex: Example,
-        completion_ids: Sequence[int],
-        student: Prompt | None = None,
-        teacher: Prompt | None = None,
-    ) -> Pair:
-        """Both prompts for ``ex`` followed by the same completion. Pass ``student`` (the prompt
-        the rollout was sampled from) and ``teacher`` to reuse them across samples."""
-        return make_pair(self, ex, completion_ids, student, teacher)
-
     def collate(self, pairs: Sequence[Pair]) -> PairBatch:
         """Collate pairs into the shared layout; each side has its own P, both the same C."""
         if not pairs:
@@ -393,11 +278,4 @@ class TextProcessor:
             prompts_B = [getattr(p, side).input_ids for p in pairs]
             model_inputs, P = pack_side(prompts_B, completions_B, self.pad_token_id)
             sides.append(SideBatch(model_inputs=model_inputs, prompt_width=P))
-        completion_ids_BC, completion_mask_BC = pack_completions(completions_B, self.pad_token_id)
-        return PairBatch(
-            student=sides[0],
-            teacher=sides[1],
-            completion_ids_BC=completion_ids_BC,
-            completion_mask_BC=completion_mask_BC,
-            example_ids=[p.example_id for p in pairs],
-        )
+        return pair_batch(pairs, sides[0], sides[1], self.pad_token_id)

@@ -10,7 +10,9 @@ Images: each is validated and converted to RGB (:mod:`.images`), resized with
 model's image processor), and handed to the Hugging Face processor with ``do_resize=False``, so
 the resized image a rollout engine receives (``Prompt.images``) is exactly what was encoded.
 Images go where ``<image>`` / ``<image N>`` placeholders stand in the question (others before the
-question text); teacher-only images go into the teacher prompt just before the privileged text.
+question text); teacher-only images go into the teacher prompt just before the privileged text
+(:mod:`.vl_content`). The rules around rendering are the text processor's (:mod:`.base`); the
+collated layout is :func:`.collate.pack_mm_side`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,16 @@ from typing import Any
 import torch
 
 from opsd_mm.config import ProcessorConfig
-from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
+from opsd_mm.types import Example, Pair, PairBatch, Prompt
 
+from . import base
+from .collate import pack_mm_side, pair_batch
 from .images import BadImageError, load_example_images, load_image, resolve_source
 from .templates import PromptTemplate, get_template
-from .text import THINK_PROBE, TextProcessor, make_pair, model_vocab_size_of, pack_completions
+from .text import TextProcessor
 from .thinking import ThinkState, think_state
 from .vision_cache import VisionCache
+from .vl_content import content
 
 log = logging.getLogger(__name__)
 
@@ -51,28 +55,10 @@ FAMILIES: dict[str, VLFamily] = {
     "qwen3_vl": VLFamily(patch_size=16),
 }
 
-# `<image>` takes the next unplaced image; `<image 2>` / `<image2>` takes the second image.
-PLACEHOLDER = re.compile(r"<image(?:\s*(\d+))?>")
 _VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-# Private-use sentinels marking where the question / privileged text go in a rendered template.
-_Q, _P = "\ue000question\ue000", "\ue000privileged\ue000"
 
 
-def _merge_text(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Adjacent text parts joined, empty ones dropped (the chat template sees clean content)."""
-    out: list[dict[str, Any]] = []
-    for part in parts:
-        if part["type"] == "text":
-            if not part["text"]:
-                continue
-            if out and out[-1]["type"] == "text":
-                out[-1] = {"type": "text", "text": out[-1]["text"] + part["text"]}
-                continue
-        out.append(part)
-    return out
-
-
-class QwenVLProcessor:
+class QwenVLProcessor(base.ProcessorBase):
     """Processor for Qwen-VL models (see ``opsd_mm.types.Processor``).
 
     Token sets come from the text processor's rules (``eos_token_ids``, ``pad_token_id``,
@@ -139,9 +125,7 @@ class QwenVLProcessor:
             vocab[t] for t in _VISION_TOKENS
         )
         self.vision_token_ids = frozenset(vocab[t] for t in _VISION_TOKENS)
-        # Control-token strings in user data would be encoded as real control tokens.
-        added = self.tokenizer.added_tokens_decoder.values()
-        self._control_strings = tuple(sorted({t.content for t in added if t.special}))
+        self._control_strings = base.control_strings(self.tokenizer)
         self.pad_token_id: int = text.pad_token_id
         self.eos_token_ids: list[int] = text.eos_token_ids
         # Never sampled: a new turn, or a vision token (the text rules already cover these when
@@ -155,7 +139,7 @@ class QwenVLProcessor:
         """How this processor's chat template leaves the think block after a generation prompt
         (a one-text-part user message, rendered as prompts are)."""
         text = self.hf.apply_chat_template(
-            [{"role": "user", "content": [{"type": "text", "text": THINK_PROBE}]}],
+            [{"role": "user", "content": [{"type": "text", "text": base.THINK_PROBE}]}],
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=thinking,
@@ -175,7 +159,7 @@ class QwenVLProcessor:
         from transformers import AutoProcessor
 
         hf = AutoProcessor.from_pretrained(str(model_path))
-        return cls(hf, cfg, family, model_vocab_size_of(model_path), reuse_vision=reuse_vision)
+        return cls(hf, cfg, family, base.model_vocab_size_of(model_path), reuse_vision=reuse_vision)
 
     def step_context(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Wrap one step's teacher and student forwards: each image is encoded once (the vision
@@ -236,86 +220,7 @@ class QwenVLProcessor:
         )
         return img if (w, h) == img.size else img.resize((w, h), Image.Resampling.BICUBIC)
 
-    def _question_parts(self, ex: Example) -> list[dict[str, Any]]:
-        """Content parts of the question with image parts at the placeholders (each image part
-        carries its source under ``"src"`` until rendering). Unreferenced images go first; a
-        placeholder repeating an already placed image stays text.
-
-        ``ex.meta["image_placeholders"] = False`` keeps the question verbatim with every image
-        first - for benchmarks whose tags are text (MathVision's ``<image2>`` refers to a panel
-        of its one composite image)."""
-        parts: list[dict[str, Any]] = []
-        placed: list[int] = []
-        pos = 0
-        matches = (
-            PLACEHOLDER.finditer(ex.question) if ex.meta.get("image_placeholders", True) else ()
-        )
-        for m in matches:
-            if m.group(1) is not None:
-                idx = int(m.group(1)) - 1
-                if not 0 <= idx < len(ex.images):
-                    raise ValueError(
-                        f"example '{ex.id}': question refers to {m.group(0)} but the example has "
-                        f"{len(ex.images)} image(s)"
-                    )
-            else:
-                idx = next((i for i in range(len(ex.images)) if i not in placed), -1)
-                if idx < 0:
-                    raise ValueError(
-                        f"example '{ex.id}': question has more <image> placeholders than its "
-                        f"{len(ex.images)} image(s)"
-                    )
-            if idx in placed:
-                continue
-            parts.append({"type": "text", "text": ex.question[pos : m.start()]})
-            parts.append({"type": "image", "src": ex.images[idx]})
-            placed.append(idx)
-            pos = m.end()
-        parts.append({"type": "text", "text": ex.question[pos:]})
-        rest = [
-            {"type": "image", "src": ex.images[i]} for i in range(len(ex.images)) if i not in placed
-        ]
-        return rest + parts
-
-    def _content(
-        self, ex: Example, template: PromptTemplate, privileged: str, teacher_images: bool
-    ) -> tuple[list[dict[str, Any]], list[Any]]:
-        """The user message's content parts and its images (source objects, in prompt order).
-
-        The template is rendered with sentinels for ``{question}`` and ``{privileged}``, which
-        are then replaced by the question's parts and by [teacher images, privileged text]
-        (teacher images follow the question when the template has no ``{privileged}``).
-        """
-        if "question" not in template.fields:
-            raise ValueError(f"template '{template.name}' has no {{question}}: images need a place")
-        q_parts = self._question_parts(ex)
-        t_parts = (
-            [{"type": "image", "src": im} for im in ex.teacher_images] if teacher_images else []
-        )
-        rendered = template.render(question=_Q, privileged=_P, answer=ex.answer)
-        has_p = _P in rendered
-        parts: list[dict[str, Any]] = []
-        for piece in re.split(f"({_Q}|{_P})", rendered):
-            if piece == _Q:
-                parts.extend(q_parts + ([] if has_p else t_parts))
-            elif piece == _P:
-                parts.extend(t_parts + [{"type": "text", "text": privileged}])
-            else:
-                parts.append({"type": "text", "text": piece})
-        images = [p.pop("src") for p in parts if p["type"] == "image"]
-        return _merge_text(parts), images
-
     # ------------------------------------------------------------------------- prompts
-
-    def _check_text(self, ex: Example) -> None:
-        for name in ("question", "privileged", "answer"):
-            value = getattr(ex, name) or ""
-            for token in self._control_strings:
-                if token in value:
-                    raise ValueError(
-                        f"example '{ex.id}': {name} contains the control token {token!r}, which "
-                        "would be encoded as a real control token; remove it from the data"
-                    )
 
     def _render(
         self,
@@ -328,7 +233,7 @@ class QwenVLProcessor:
         """One chat-template application and one tokenisation -> (text, encoding, resized
         images). Pass ``resized`` to skip resizing again when only the text changed."""
         template = self.student_template if role == "student" else self.teacher_template
-        parts, images = self._content(ex, template, privileged, teacher_images=role == "teacher")
+        parts, images = content(ex, template, privileged, teacher_images=role == "teacher")
         text = self.hf.apply_chat_template(
             [{"role": "user", "content": parts}],
             tokenize=False,
@@ -392,15 +297,17 @@ class QwenVLProcessor:
 
     def student_prompt(self, ex: Example) -> Prompt:
         """The student's context: the question (with its images) in the student template."""
-        self._check_text(ex)
+        base.check_text(ex, self._control_strings)
         text, enc, resized = self._render(ex, "student", "", self.cfg.student_thinking)
-        n = enc["input_ids"].shape[1]
-        if n > self.cfg.max_prompt_tokens:
-            raise ValueError(
-                f"example '{ex.id}': student prompt has {n} tokens (image tokens included), more "
-                f"than processor.max_prompt_tokens={self.cfg.max_prompt_tokens}; raise the limit, "
-                "lower processor.max_pixels, or drop the example"
-            )
+        base.check_length(
+            ex.id,
+            "student",
+            enc["input_ids"].shape[1],
+            "max_prompt_tokens",
+            self.cfg.max_prompt_tokens,
+            "raise the limit, lower processor.max_pixels, or drop the example",
+            " (image tokens included)",
+        )
         return self._make_prompt(ex, "student", text, enc, resized)
 
     def teacher_prompt(self, ex: Example) -> Prompt:
@@ -408,46 +315,27 @@ class QwenVLProcessor:
         text. Over ``processor.max_teacher_prompt_tokens`` the privileged text alone is cut at a
         token boundary of its own encoding (the whole prompt re-rendered until it fits);
         ``meta["privileged_truncated"]`` records it."""
-        self._check_text(ex)
+        base.check_text(ex, self._control_strings)
         template = self.teacher_template
-        limit = self.cfg.max_teacher_prompt_tokens
-        if "answer" in template.fields and ex.answer is None:
-            raise ValueError(
-                f"example '{ex.id}': teacher template '{template.name}' needs an answer, but the "
-                "example has none"
-            )
-        if "privileged" in template.fields and not ex.privileged.strip():
-            raise ValueError(
-                f"example '{ex.id}': teacher template '{template.name}' needs privileged text, "
-                "but the example has none"
-            )
+        base.check_teacher_fields(ex, template)
         thinking = self.cfg.teacher_thinking
-        privileged = ex.privileged
-        text, enc, resized = self._render(ex, "teacher", privileged, thinking)
-        n_priv = kept = None
-        if enc["input_ids"].shape[1] > limit and "privileged" in template.fields:
-            offsets = self.tokenizer(
-                privileged, add_special_tokens=False, return_offsets_mapping=True
-            )["offset_mapping"]
-            starts = [start for start, _ in offsets]
-            n_priv = kept = len(starts)
-            while enc["input_ids"].shape[1] > limit and kept > 0:
-                kept = max(0, kept - (enc["input_ids"].shape[1] - limit))
-                privileged = ex.privileged[: starts[kept]] if kept < n_priv else ex.privileged
-                text, enc, resized = self._render(ex, "teacher", privileged, thinking, resized)
-        n = enc["input_ids"].shape[1]
-        if n > limit:
-            how = " even with the privileged text removed" if kept == 0 else ""
-            raise ValueError(
-                f"example '{ex.id}': teacher prompt has {n} tokens{how}, more than "
-                f"processor.max_teacher_prompt_tokens={limit}; raise the limit or lower "
-                "processor.max_pixels"
-            )
-        prompt = self._make_prompt(ex, "teacher", text, enc, resized)
-        prompt.meta["privileged_truncated"] = n_priv is not None
-        if n_priv is not None:
-            prompt.meta["privileged_tokens"] = n_priv
-            prompt.meta["privileged_tokens_kept"] = kept
+        resized: list[Any] | None = None
+
+        def render(privileged: str) -> tuple[int, tuple[str, dict[str, torch.Tensor]]]:
+            nonlocal resized  # images are resized once; only the text changes
+            text, enc, resized = self._render(ex, "teacher", privileged, thinking, resized)
+            return enc["input_ids"].shape[1], (text, enc)
+
+        (text, enc), truncation = base.fit_privileged(
+            ex,
+            template,
+            self.tokenizer,
+            self.cfg.max_teacher_prompt_tokens,
+            render,
+            "raise the limit or lower processor.max_pixels",
+        )
+        prompt = self._make_prompt(ex, "teacher", text, enc, resized or [])
+        prompt.meta.update(truncation)
         return prompt
 
     # ------------------------------------------------------------------------- pairs
@@ -465,54 +353,6 @@ class QwenVLProcessor:
             )
         return self._text.check_completion(example_id, ids)
 
-    def pair(
-        self,
-        ex: Example,
-        completion_ids: Sequence[int],
-        student: Prompt | None = None,
-        teacher: Prompt | None = None,
-    ) -> Pair:
-        """Both prompts for ``ex`` followed by the same completion. Pass ``student`` (the prompt
-        the rollout was sampled from) and ``teacher`` to reuse them across samples."""
-        return make_pair(self, ex, completion_ids, student, teacher)
-
-    def _side(self, pairs: Sequence[Pair], role: str, width_C: int) -> SideBatch:
-        """One side laid out as ``[pad | prompt | completion | pad]`` [B, P + C]; images of
-        all rows concatenated in row order (the model walks the grids in that order)."""
-        prompts = [getattr(p, role) for p in pairs]
-        width_P = max(len(pr.input_ids) for pr in prompts)
-        B, T = len(pairs), width_P + width_C
-        input_ids_BT = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        attention_mask_BT = torch.zeros((B, T), dtype=torch.long)
-        mm_types_BT = torch.zeros((B, T), dtype=torch.long)
-        pixels, grids = [], []
-        for b, (pair, pr) in enumerate(zip(pairs, prompts)):
-            self.check_image_tokens(pr, pair.example_id, role)
-            n, c = len(pr.input_ids), len(pair.completion_ids)
-            types = (
-                pr.token_type_ids
-                if pr.token_type_ids is not None
-                else self._token_types(pr.input_ids)
-            )
-            input_ids_BT[b, width_P - n : width_P] = torch.tensor(pr.input_ids)
-            input_ids_BT[b, width_P : width_P + c] = torch.tensor(
-                pair.completion_ids, dtype=torch.long
-            )
-            attention_mask_BT[b, width_P - n : width_P + c] = 1
-            mm_types_BT[b, width_P - n : width_P] = torch.tensor(types)
-            if "pixel_values" in pr.mm_inputs:
-                pixels.append(pr.mm_inputs["pixel_values"])
-                grids.append(pr.mm_inputs["image_grid_thw"])
-        inputs = {
-            "input_ids": input_ids_BT,
-            "attention_mask": attention_mask_BT,
-            "mm_token_type_ids": mm_types_BT,
-        }
-        if pixels:
-            inputs["pixel_values"] = torch.cat(pixels)
-            inputs["image_grid_thw"] = torch.cat(grids)
-        return SideBatch(model_inputs=inputs, prompt_width=width_P)
-
     def collate(self, pairs: Sequence[Pair]) -> PairBatch:
         """Collate pairs: each side its own P, both the same C; M-RoPE left to the model."""
         if not pairs:
@@ -520,12 +360,17 @@ class QwenVLProcessor:
         for p in pairs:
             self.check_completion(p.example_id, p.completion_ids)
         completions = [p.completion_ids for p in pairs]
-        completion_ids_BC, completion_mask_BC = pack_completions(completions, self.pad_token_id)
-        width_C = completion_ids_BC.shape[1]
-        return PairBatch(
-            student=self._side(pairs, "student", width_C),
-            teacher=self._side(pairs, "teacher", width_C),
-            completion_ids_BC=completion_ids_BC,
-            completion_mask_BC=completion_mask_BC,
-            example_ids=[p.example_id for p in pairs],
-        )
+        width_C = max(len(c) for c in completions)
+        sides = []
+        for role in ("student", "teacher"):
+            prompts = [getattr(p, role) for p in pairs]
+            for pair, pr in zip(pairs, prompts):
+                self.check_image_tokens(pr, pair.example_id, role)
+            types = [
+                pr.token_type_ids
+                if pr.token_type_ids is not None
+                else self._token_types(pr.input_ids)
+                for pr in prompts
+            ]
+            sides.append(pack_mm_side(prompts, types, completions, width_C, self.pad_token_id))
+        return pair_batch(pairs, sides[0], sides[1], self.pad_token_id)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from opsd_mm.cli import main
 from opsd_mm.contamination import ContaminationIndex, ReferenceItem, dhash, is_flat, tokens
-from opsd_mm.eval.fixtures import _mathvision, write_fixtures
-from opsd_mm.fixtures.schemas import draw_image, jpeg_bytes
+from tests.fixtures.benchmarks import _mathvision, write_fixtures
+from tests.fixtures.schemas import draw_image, jpeg_bytes
 
 BENCH_Q = (
     "<image1>\nA rectangle has width 7 and height 9. The figure shows it cut along a diagonal. "

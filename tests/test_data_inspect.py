@@ -4,7 +4,7 @@ counts, counted skips with reasons and rendered student and teacher prompts, als
 import json
 
 from opsd_mm.cli import main
-from opsd_mm.fixtures.schemas import write_copy
+from tests.fixtures.schemas import write_copy
 
 
 def test_data_inspect_prints_and_writes(tmp_path, tiny_cache, capsys):

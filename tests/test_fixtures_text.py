@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opsd_mm.fixtures.text import SPECIAL_TOKENS, build_tiny_text
+from opsd_mm.testing.text import SPECIAL_TOKENS, build_tiny_text
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 
 from opsd_mm.config import load_config
 from opsd_mm.data import rows_to_examples
-from opsd_mm.fixtures.schemas import rows_for
 from opsd_mm.presets import get_preset, resolve_data
+from tests.fixtures.schemas import rows_for
 
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
 CASES = [  # (preset, row index, side)
@@ -24,7 +24,7 @@ CASES = [  # (preset, row index, side)
 
 @pytest.fixture(scope="module")
 def tiny_vl(tiny_cache):
-    from opsd_mm.fixtures import resolve_tiny
+    from opsd_mm.testing import resolve_tiny
 
     return str(resolve_tiny("qwen2.5-vl", tiny_cache))
 

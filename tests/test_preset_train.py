@@ -9,8 +9,8 @@ import pytest
 
 from opsd_mm.cli import main
 from opsd_mm.config import load_config
-from opsd_mm.fixtures.schemas import write_copy
 from opsd_mm.metrics import read_metrics
+from tests.fixtures.schemas import write_copy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Every preset once, the three formats spread over them (all formats load in test_presets.py).

@@ -7,9 +7,9 @@ import pytest
 
 from opsd_mm.config import ColumnsConfig, ConfigError, DataConfig, load_config
 from opsd_mm.data import DataError, load_examples
-from opsd_mm.fixtures.schemas import BUILDERS, FORMATS, write_copy
 from opsd_mm.preset_rows import mathvision_options
 from opsd_mm.presets import PRESETS, TEMPLATE_NEEDS, resolve_data
+from tests.fixtures.schemas import BUILDERS, FORMATS, write_copy
 
 EXPECTED = {  # preset -> (split, teacher template, privileged non-empty, answer of row 1)
     "wemath2_standard": ("standard", "hint_v1", True, "24"),

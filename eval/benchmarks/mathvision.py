@@ -5,7 +5,7 @@ a multiple choice question, only one letter is allowed in the "\\boxed{}".\\n{qu
 {options}`` where options print as ``(A) x\\n...(E) y\\n`` unless they are literally A..E (the
 choices are drawn in the image), in which case nothing is printed. One composite image per item.
 
-Scoring restates MATH-V's evaluate.py (see ``grading.mathvision_*``): official extraction, then
+Scoring restates MATH-V's evaluate.py (``_mathvision_rules.py``): official extraction, then
 equal to the gold letter/value, numerically equal to 2 decimals, or equal to the option text
 behind the gold letter. Numeric equivalence uses latex2sympy2_extended (the official code uses
 latex2sympy2) under the grading worker's timeout. Reported overall, per level and per subject.
@@ -19,8 +19,9 @@ from typing import Any
 
 import datasets
 
-from opsd_mm.eval import grading, metrics
+from opsd_mm.eval import metrics
 from opsd_mm.eval.benchmarks._common import load_rows, require_image
+from opsd_mm.eval.benchmarks._mathvision_rules import mathvision_equal, mathvision_extract
 from opsd_mm.types import Example
 
 INSTRUCTION = (
@@ -75,8 +76,8 @@ class MathVision:
         gold_option = ""
         if options and len(gold) == 1 and 0 <= ord(gold) - 65 < len(options):
             gold_option = options[ord(gold) - 65]
-        extracted, rule = grading.mathvision_extract(response)
-        verdict = grading.mathvision_equal(gold, gold_option, extracted, self.timeout)
+        extracted, rule = mathvision_extract(response)
+        verdict = mathvision_equal(gold, gold_option, extracted, self.timeout)
         return {
             "correct": verdict.correct,
             "extracted": extracted,

@@ -78,6 +78,17 @@ def official_pre_rules(response: str, item: dict[str, Any]) -> tuple[str, str] |
     return None
 
 
+def levenshtein(a: str, b: str) -> int:
+    """Plain edit distance (the official code maps a free-text choice to the nearest option)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
 def normalize(extraction: str, item: dict[str, Any]) -> str | None:
     """MathVista's ``normalize_extracted_answer``."""
     choices = item["choices"] or []
@@ -89,7 +100,7 @@ def normalize(extraction: str, item: dict[str, Any]) -> str | None:
         options = [chr(65 + i) for i in range(len(choices))]
         if extraction in options:
             return choices[options.index(extraction)]
-        dists = [grading.levenshtein(extraction, c) for c in choices]
+        dists = [levenshtein(extraction, c) for c in choices]
         return choices[dists.index(min(dists))]
     if item["answer_type"] == "integer":
         try:

@@ -6,7 +6,7 @@ a single word or phrase.`` The ``<image k>`` placeholders stay in the text (the 
 image k there); ``Example.images`` holds image_1 .. image_K, K the largest k referenced in the
 question or options.
 
-Scoring restates MMMU's eval_utils (see ``grading.mmmu_*``). Unlike lmms-eval's current open
+Scoring restates MMMU's eval_utils (the parsers below). Unlike lmms-eval's current open
 path, every parsed candidate is tried, so "The answer is 12.97" is right against "12.97". The
 only deviation is the random fallback, seeded per item (``42:<id>``) rather than from one global
 stream, so that resumed and re-scored runs agree; it is labelled ``rule: random``.
@@ -15,6 +15,7 @@ stream, so that resumed and re-scored runs agree; it is labelled ``rule: random`
 from __future__ import annotations
 
 import ast
+import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import datasets
 
-from opsd_mm.eval import grading, metrics
+from opsd_mm.eval import metrics
 from opsd_mm.eval.benchmarks._common import load_rows, require_image
 from opsd_mm.types import Example
 
@@ -65,6 +66,147 @@ def parse_options(options: str | list[str]) -> list[str]:
 def subject_of(item_id: str) -> str:
     """``validation_Art_Theory_3`` -> ``Art_Theory`` (the official grouping)."""
     return "_".join(item_id.split("_")[1:-1])
+
+
+# ----------------------------------------------------------------------------- parsers
+# Restated from MMMU's eval/eval_utils.py (official). Deviation: the random fallback draws from
+# ``random.Random(f"{seed}:{item_id}")`` instead of one global stream seeded once with 42, so a
+# resumed or re-scored run picks the same letter for the same item whatever the order.
+
+
+def mmmu_parse_choice(
+    response: str,
+    all_choices: Sequence[str],
+    index2ans: dict[str, str],
+    *,
+    item_id: str = "",
+    seed: int = 42,
+) -> tuple[str, str]:
+    """Official multiple-choice parser; returns ``(letter, rule)``.
+
+    Rules: ``bracket`` ``(X)``; ``space`` `` X ``; ``option_text`` (only for responses of more
+    than 5 words); ``random`` (seeded fallback). With several candidates, the one whose last
+    occurrence is rightmost (by the rule that fired) wins.
+    """
+    for ch in (",", ".", "!", "?", ";", ":", "'"):
+        response = response.strip(ch)
+    response = " " + response + " "
+    candidates = [c for c in all_choices if f"({c})" in response]
+    rule = "bracket"
+    if not candidates:
+        candidates = [c for c in all_choices if f" {c} " in response]
+        rule = "space"
+    if not candidates and len(response.split()) > 5:
+        candidates = [i for i, a in index2ans.items() if a.lower() in response.lower()]
+        rule = "option_text"
+    if not candidates:
+        return random.Random(f"{seed}:{item_id}").choice(list(all_choices)), "random"
+    if len(candidates) == 1:
+        return candidates[0], rule
+    if rule == "bracket":
+        pos = [response.rfind(f"({c})") for c in candidates]
+    elif rule == "space":
+        pos = [response.rfind(f" {c} ") for c in candidates]
+    else:
+        pos = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
+    return candidates[pos.index(max(pos))], rule
+
+
+def mmmu_extract_numbers(s: str) -> list[str]:
+    """Comma-grouped, scientific and plain numbers, in that order (official patterns)."""
+    commas = re.findall(r"-?\b\d{1,3}(?:,\d{3})+\b", s)
+    scientific = re.findall(r"-?\d+(?:\.\d+)?[eE][+-]?\d+", s)
+    simple = re.findall(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])", s)
+    return commas + scientific + simple
+
+
+def _mmmu_is_number(s: str) -> bool:
+    try:
+        float(s.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def mmmu_normalize(s: str) -> list[str | float]:
+    """A number becomes a float rounded to 2 decimals; else lowercase, and a single character
+    becomes ``" c"`` and ``"c "`` so it cannot match inside a word."""
+    s = s.strip()
+    if _mmmu_is_number(s):
+        return [round(float(s.replace(",", "")), 2)]
+    s = s.lower()
+    return [" " + s, s + " "] if len(s) == 1 else [s]
+
+
+_MMMU_INDICATORS = (
+    "could be ",
+    "so ",
+    "is ",
+    "thus ",
+    "therefore ",
+    "final ",
+    "answer ",
+    "result ",
+)
+
+
+def mmmu_parse_open(response: str) -> list[str | float]:
+    """Official open-answer parser: the shortest tail after an indicator in each line (``=``
+    also counts in the last line), plus every number in those tails, normalised."""
+    response = response.strip().strip(".").lower()
+    # The official split also tries r"\.\s(?=[A-Z])", which never fires after lowercasing.
+    pieces = re.split(r"\.\s(?=[A-Z])|\n", response)
+    keys: list[str] = []
+    for i, piece in enumerate(pieces):
+        indicators = _MMMU_INDICATORS + (("=",) if i == len(pieces) - 1 else ())
+        shortest: str | None = None
+        for ind in indicators:
+            if ind in piece:
+                tail = piece.split(ind)[-1].strip()
+                if shortest is None or len(tail) < len(shortest):
+                    shortest = tail
+        if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
+            keys.append(shortest)
+    if not keys:
+        keys = [response]
+    preds: list[str] = list(keys)
+    for k in keys:
+        preds.extend(mmmu_extract_numbers(k))
+    out: list[str | float] = []
+    for p in preds:
+        for n in mmmu_normalize(p):
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def mmmu_gold_list(answer: str) -> list[str]:
+    """MMMU answers are strings; a few open answers hold a Python list literal of accepted
+    values."""
+    answer = answer.strip()
+    if answer.startswith("[") and answer.endswith("]"):
+        try:
+            value = ast.literal_eval(answer)
+        except (ValueError, SyntaxError):
+            return [answer]
+        if isinstance(value, list):
+            return [str(v) for v in value]
+    return [answer]
+
+
+def mmmu_open_correct(golds: Sequence[str], preds: Sequence[str | float]) -> bool:
+    """Official open check: a normalised gold string inside a predicted string, or a predicted
+    float equal to a gold float."""
+    norm: list[str | float] = []
+    for g in golds:
+        norm.extend(mmmu_normalize(g))
+    for p in preds:
+        if isinstance(p, str):
+            if any(isinstance(n, str) and n in p for n in norm):
+                return True
+        elif p in norm:
+            return True
+    return False
 
 
 class MMMU:
@@ -114,11 +256,11 @@ class MMMU:
         )
 
     def score(self, item: dict[str, Any], response: str) -> dict[str, Any]:
-        golds = grading.mmmu_gold_list(str(item["answer"]))
+        golds = mmmu_gold_list(str(item["answer"]))
         if item["question_type"] == "multiple-choice":
             options = parse_options(item["options"])
             choices = [chr(65 + i) for i in range(len(options))]
-            pred, rule = grading.mmmu_parse_choice(
+            pred, rule = mmmu_parse_choice(
                 response,
                 choices,
                 dict(zip(choices, options)),
@@ -126,9 +268,9 @@ class MMMU:
                 seed=self.seed,
             )
             return {"correct": pred in golds, "extracted": pred, "rule": rule}
-        preds = grading.mmmu_parse_open(response)
+        preds = mmmu_parse_open(response)
         return {
-            "correct": grading.mmmu_open_correct(golds, preds),
+            "correct": mmmu_open_correct(golds, preds),
             "extracted": preds,
             "rule": "open",
         }

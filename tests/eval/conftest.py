@@ -12,7 +12,7 @@ from opsd_mm.types import Example, Prompt, Rollout, SamplingConfig
 
 @pytest.fixture(scope="session")
 def fixture_root(tmp_path_factory):
-    from opsd_mm.eval.fixtures import write_fixtures
+    from tests.fixtures.benchmarks import write_fixtures
 
     root = tmp_path_factory.mktemp("eval-fixtures")
     write_fixtures(root)

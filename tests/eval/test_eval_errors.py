@@ -12,8 +12,9 @@ import pytest
 from opsd_mm import cli
 from opsd_mm.eval.benchmarks._common import EvalError
 from opsd_mm.eval.cli import add_eval_parser, main_eval
+from opsd_mm.eval.records import read_records
 from opsd_mm.eval.registry import get_benchmark
-from opsd_mm.eval.runner import read_records, run_eval, score_predictions
+from opsd_mm.eval.runner import run_eval, score_predictions
 
 OVERFLOWING = ("inf", "1e400", "-infinity", "-1e400", "\\boxed{1e400}", "The answer is inf")
 

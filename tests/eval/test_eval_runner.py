@@ -7,8 +7,9 @@ import json
 
 import pytest
 
+from opsd_mm.eval.records import read_records
 from opsd_mm.eval.registry import list_benchmarks
-from opsd_mm.eval.runner import read_records, run_eval, score_predictions
+from opsd_mm.eval.runner import run_eval, score_predictions
 
 
 def run(engine, processor, root, out, names, **kw):

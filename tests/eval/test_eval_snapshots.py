@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from opsd_mm.eval.fixtures import fixture_rows
 from opsd_mm.eval.registry import TEXT_MATH, get_benchmark, list_benchmarks
+from tests.fixtures.benchmarks import fixture_rows
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 CASES = [(n, {}) for n in list_benchmarks()] + [

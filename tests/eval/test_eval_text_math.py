@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from opsd_mm.eval.benchmarks import amo_bench
-from opsd_mm.eval.fixtures import fixture_rows
+from opsd_mm.eval.records import make_record
 from opsd_mm.eval.registry import get_benchmark
-from opsd_mm.eval.runner import make_record
+from tests.fixtures.benchmarks import fixture_rows
 
 
 def rows(name: str, **options) -> tuple[object, dict[str, dict]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from opsd_mm.eval.benchmarks._common import ItemError
-from opsd_mm.eval.fixtures import fixture_rows
+from opsd_mm.eval.benchmarks.mathvista import levenshtein
 from opsd_mm.eval.registry import get_benchmark
+from tests.fixtures.benchmarks import fixture_rows
 
 
 def rows(name: str) -> dict[str, dict]:
@@ -15,7 +16,7 @@ def rows(name: str) -> dict[str, dict]:
 
 
 def record(bench, item, responses):
-    from opsd_mm.eval.runner import make_record
+    from opsd_mm.eval.records import make_record
 
     return make_record(bench, item, responses=responses)
 
@@ -189,3 +190,8 @@ def test_mathvista_is_labelled_non_official_and_has_a_judge_hook():
     s = judged.score(r["2"], "long rambling text")
     assert (s["rule"], s["correct"]) == ("llm_extractor", True)
     assert "NON-OFFICIAL" not in judged.label
+
+
+def test_levenshtein():
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein("", "abc") == 3

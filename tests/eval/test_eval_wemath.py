@@ -10,9 +10,9 @@ from opsd_mm.eval.benchmarks.wemath import (
     four_dimensional,
     official_letter,
 )
-from opsd_mm.eval.fixtures import fixture_rows
+from opsd_mm.eval.records import make_record
 from opsd_mm.eval.registry import get_benchmark
-from opsd_mm.eval.runner import make_record
+from tests.fixtures.benchmarks import fixture_rows
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from opsd_mm.config import LoraConfig
-from opsd_mm.fixtures.vl_examples import EXAMPLES, FROZEN
-from opsd_mm.fixtures.vl_examples import random_completion as completion
 from opsd_mm.forward import completion_logits
 from opsd_mm.processors.vision_cache import VisionCache, find_vision_tower
 from opsd_mm.processors.vl import QwenVLProcessor
+from tests.fixtures.vl_examples import EXAMPLES, FROZEN
+from tests.fixtures.vl_examples import random_completion as completion
 
 
 def step(model, batch, reuse: bool):

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from opsd_mm.config import ProcessorConfig
-from opsd_mm.fixtures.vl_examples import EXAMPLES, FROZEN
-from opsd_mm.fixtures.vl_examples import random_completion as completion
 from opsd_mm.forward import completion_logits
 from opsd_mm.processors.vl import QwenVLProcessor
 from opsd_mm.types import Example
+from tests.fixtures.vl_examples import EXAMPLES, FROZEN
+from tests.fixtures.vl_examples import random_completion as completion
 
 SNAPSHOTS = Path(__file__).resolve().parents[1] / "snapshots"
 
@@ -320,8 +320,8 @@ def test_placeholders_can_be_kept_as_text(tmp_path_factory):
     """MathVision-style tags (<image2> with one composite image) stay verbatim text when the
     example opts out of placeholder parsing; the image goes first."""
 
-    from opsd_mm.fixtures import resolve_tiny
     from opsd_mm.processors.vl import QwenVLProcessor
+    from opsd_mm.testing import resolve_tiny
     from opsd_mm.types import Example
 
     path = resolve_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny"))

@@ -29,7 +29,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16)
 
 def _examples() -> list[Example]:
     """Three grid-counting examples with one image, and one with two images of other sizes."""
-    from opsd_mm.fixtures.vl_tasks import draw_grid, make_vl_count_examples
+    from opsd_mm.testing.vl_tasks import draw_grid, make_vl_count_examples
 
     two = Example(
         id="two-images",
@@ -48,9 +48,9 @@ def vl(request, tiny_cache):
     """(processor, fp32 HF model, vLLM engine, examples, prompts) for one tiny VL family."""
     from transformers import AutoModelForImageTextToText
 
-    from opsd_mm.fixtures import resolve_tiny
     from opsd_mm.processors import build_processor
     from opsd_mm.rollout_vllm import VLLMEngine
+    from opsd_mm.testing import resolve_tiny
 
     path = str(resolve_tiny(request.param, tiny_cache))
     proc = build_processor(ProcessorConfig(), path, FAMILIES[request.param])
