@@ -76,6 +76,39 @@ def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
+def _two_machines(out: Path, *args: str) -> list[dict]:
+    """Two "machines" of one process each on localhost: two ``accelerate launch`` commands with
+    ``--num_machines 2`` and ``--machine_rank`` 0 / 1 meeting at 127.0.0.1 (what the sbatch
+    files in configs/slurm run once per node), gloo on the CPU."""
+    port = str(_free_port())
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            *(sys.executable, "-m", "accelerate.commands.launch"),
+            *("--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml")),
+            *("--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"),
+            *("--main_process_ip", "127.0.0.1", "--main_process_port", port),
+            *("--mixed_precision", "no", str(RUN_TINY), str(out), *args),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
 def _common(tiny_cache, run_dir, *extra):
     return [
         f"model.tiny_cache_dir={tiny_cache}",
@@ -212,6 +245,19 @@ def test_ddp_full_finetune_frozen_teacher_matches_one_process(one_full_ft, tiny_
     )
     assert two[0]["model_class"] == "DistributedDataParallel"
     assert two[0]["frozen_teacher_class"] == "Qwen3ForCausalLM"  # a plain module, not wrapped
+    _assert_matches(one_full_ft, two)
+
+
+@pytest.mark.slow
+def test_two_machines_match_one_process(one_full_ft, tiny_cache, tmp_path):
+    """Multi-node DDP as 2 machines x 1 process on localhost (machine_rank 0 / 1), against
+    1 process x batch 4: the same completions, losses and weights."""
+    two = _two_machines(
+        tmp_path / "two", *FULL_FT, *_full_ft(tiny_cache, tmp_path / "run"), "trainer.batch_size=2"
+    )
+    assert two[0]["model_class"] == "DistributedDataParallel"
+    assert [r["num_processes"] for r in two] == [2, 2]
+    assert [r["local_process_index"] for r in two] == [0, 0]  # one process per machine
     _assert_matches(one_full_ft, two)
 
 
