@@ -291,18 +291,12 @@ def _launch_env(name: str) -> tuple[object, dict[str, str]]:
     """What ``accelerate launch --config_file configs/accelerate/<name>.yaml`` resolves: its
     arguments and the environment it gives the training processes."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_multi_gpu_env
 
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(ACCELERATE_CONFIGS / f"{name}.yaml"), "x.py"])
-    args, defaults, mp_from_config = _validate_launch_command(args)
-    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
-        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-        _, env = prepare_deepspeed_cmd_env(args)
-    else:
-        env = prepare_multi_gpu_env(args)
-    return args, env
+    args, _, _ = _validate_launch_command(args)
+    return args, prepare_multi_gpu_env(args)
 
 
 def test_ddp_config_resolves():
@@ -325,27 +319,14 @@ def test_fsdp2_config_builds_the_plugin(monkeypatch):
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
 
 
-def test_zero3_config_builds_the_plugin(monkeypatch):
-    """The DeepSpeed plugin is built from the launch environment; that needs no deepspeed
-    install. With deepspeed importable, its own config class checks the result too."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    args, env = _launch_env("zero3")
-    assert args.use_deepspeed
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    plugin = DeepSpeedPlugin()
-    zero = plugin.deepspeed_config["zero_optimization"]
-    assert plugin.zero_stage == 3 and zero["stage"] == 3
-    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
-    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        return
-    from deepspeed.runtime.config import DeepSpeedZeroConfig
-
-    assert DeepSpeedZeroConfig(**zero).stage == 3
+def test_no_shipped_accelerate_config_is_refused():
+    """Every config in configs/accelerate launches an engine the trainer runs (DDP, FSDP2)."""
+    names = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert names == ["ddp", "fsdp2"]
+    for name in names:
+        args, env = _launch_env(name)
+        assert not args.use_deepspeed
+        assert args.multi_gpu or env.get("FSDP_VERSION") == "2", name
 
 
 def test_unsupported_engines_are_refused_at_start():
