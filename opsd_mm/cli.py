@@ -1,4 +1,4 @@
-"""Command line: ``opsd-mm train | eval | demo | data | plot``.
+"""Command line: ``opsd-mm train | eval | demo | data | plot | export``.
 
 This is the one module that wires processors and evaluation into the modality-agnostic core.
 """
@@ -176,6 +176,26 @@ def add_plot_parser(sub: Any) -> None:
     plot.set_defaults(func=cmd_plot)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from opsd_mm.export import export_checkpoint
+
+    print(f"exported {args.checkpoint} to {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+def add_export_parser(sub: Any) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint as a full model (LoRA merged) with its tokenizer/processor",
+        description="Write RUN_DIR/checkpoints/step-N as one directory that transformers "
+        "from_pretrained and vLLM load: a LoRA adapter merged into the base model named by "
+        "RUN_DIR/config.yaml, or the fully fine-tuned weights; plus the tokenizer/processor.",
+    )
+    export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
+    export.add_argument("--out", required=True, help="output directory (new or empty)")
+    export.set_defaults(func=cmd_export)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "accelerate"):
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_data_parser(sub, cmd_data)
     add_plot_parser(sub)
+    add_export_parser(sub)
 
     try:
         from opsd_mm.eval.cli import add_eval_parser

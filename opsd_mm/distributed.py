@@ -13,15 +13,20 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
 
     DDP supports everything. FSDP2 trains (LoRA and full fine-tuning, fixed and live teachers,
     fused loss) but checkpoints would need full state dicts gathered from every process, and
-    the EMA copy would need the parameters' sharding. DeepSpeed: accelerate steps the engine
-    inside ``backward()``, which conflicts with the trainer's own micro-batch accumulation.
+    the EMA copy would need the parameters' sharding. DeepSpeed is not supported and no config
+    for it ships: FSDP2 is the sharded path. Why: accelerate steps the DeepSpeed engine inside
+    ``backward()``, which conflicts with the trainer's own micro-batch accumulation, and it cannot
+    be tested on the CPU (DeepSpeed 0.19.8 with DS_ACCELERATOR=cpu trains over gloo, but
+    accelerate then reports num_processes=1 and process_index=0 on every rank).
     """
     from accelerate.utils import DistributedType
 
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
-            "DeepSpeed is not supported by the trainer yet; launch with "
-            "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp.yaml"
+            "DeepSpeed is not supported: FSDP2 is the sharded path (parameters, gradients and "
+            "optimizer state sharded, with the trainer's own micro-batch accumulation, which "
+            "DeepSpeed's engine would replace); launch with configs/accelerate/fsdp2.yaml, or "
+            "configs/accelerate/ddp.yaml when the model fits one device"
         )
     if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
         raise ConfigError(

@@ -76,6 +76,39 @@ def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
+def _two_machines(out: Path, *args: str) -> list[dict]:
+    """Two "machines" of one process each on localhost: two ``accelerate launch`` commands with
+    ``--num_machines 2`` and ``--machine_rank`` 0 / 1 meeting at 127.0.0.1 (what the sbatch
+    files in configs/slurm run once per node), gloo on the CPU."""
+    port = str(_free_port())
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in (0, 1):
+        cmd = [
+            *(sys.executable, "-m", "accelerate.commands.launch"),
+            *("--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml")),
+            *("--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"),
+            *("--main_process_ip", "127.0.0.1", "--main_process_port", port),
+            *("--mixed_precision", "no", str(RUN_TINY), str(out), *args),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
 def _common(tiny_cache, run_dir, *extra):
     return [
         f"model.tiny_cache_dir={tiny_cache}",
@@ -216,6 +249,19 @@ def test_ddp_full_finetune_frozen_teacher_matches_one_process(one_full_ft, tiny_
 
 
 @pytest.mark.slow
+def test_two_machines_match_one_process(one_full_ft, tiny_cache, tmp_path):
+    """Multi-node DDP as 2 machines x 1 process on localhost (machine_rank 0 / 1), against
+    1 process x batch 4: the same completions, losses and weights."""
+    two = _two_machines(
+        tmp_path / "two", *FULL_FT, *_full_ft(tiny_cache, tmp_path / "run"), "trainer.batch_size=2"
+    )
+    assert two[0]["model_class"] == "DistributedDataParallel"
+    assert [r["num_processes"] for r in two] == [2, 2]
+    assert [r["local_process_index"] for r in two] == [0, 0]  # one process per machine
+    _assert_matches(one_full_ft, two)
+
+
+@pytest.mark.slow
 def test_fsdp2_full_finetune_matches_one_process(one_full_ft, tiny_cache, tmp_path):
     """accelerate's FSDP2 path (fully_shard per decoder layer) over gloo. Every sharded forward
     is collective, so this finishes only because the process with fewer micro-batches pads
@@ -245,18 +291,12 @@ def _launch_env(name: str) -> tuple[object, dict[str, str]]:
     """What ``accelerate launch --config_file configs/accelerate/<name>.yaml`` resolves: its
     arguments and the environment it gives the training processes."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_multi_gpu_env
 
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(ACCELERATE_CONFIGS / f"{name}.yaml"), "x.py"])
-    args, defaults, mp_from_config = _validate_launch_command(args)
-    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
-        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-        _, env = prepare_deepspeed_cmd_env(args)
-    else:
-        env = prepare_multi_gpu_env(args)
-    return args, env
+    args, _, _ = _validate_launch_command(args)
+    return args, prepare_multi_gpu_env(args)
 
 
 def test_ddp_config_resolves():
@@ -279,27 +319,14 @@ def test_fsdp2_config_builds_the_plugin(monkeypatch):
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
 
 
-def test_zero3_config_builds_the_plugin(monkeypatch):
-    """The DeepSpeed plugin is built from the launch environment; that needs no deepspeed
-    install. With deepspeed importable, its own config class checks the result too."""
-    from accelerate.utils import DeepSpeedPlugin
-
-    args, env = _launch_env("zero3")
-    assert args.use_deepspeed
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    plugin = DeepSpeedPlugin()
-    zero = plugin.deepspeed_config["zero_optimization"]
-    assert plugin.zero_stage == 3 and zero["stage"] == 3
-    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
-    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        return
-    from deepspeed.runtime.config import DeepSpeedZeroConfig
-
-    assert DeepSpeedZeroConfig(**zero).stage == 3
+def test_no_shipped_accelerate_config_is_refused():
+    """Every config in configs/accelerate launches an engine the trainer runs (DDP, FSDP2)."""
+    names = sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert names == ["ddp", "fsdp2"]
+    for name in names:
+        args, env = _launch_env(name)
+        assert not args.use_deepspeed
+        assert args.multi_gpu or env.get("FSDP_VERSION") == "2", name
 
 
 def test_unsupported_engines_are_refused_at_start():

@@ -133,6 +133,7 @@ def main(argv: list[str]) -> int:
             "params": {n: full(p) for n, p in model.named_parameters() if p.requires_grad},
             "ema": {n: full(v) for n, v in trainer.teacher.ema.items()},
             "num_processes": acc.num_processes,
+            "local_process_index": acc.local_process_index,
             "model_class": type(trainer.model).__name__,
             "frozen_teacher_class": type(trainer.teacher.frozen).__name__,
         },
