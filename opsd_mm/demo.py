@@ -6,13 +6,14 @@ known phrasing from the student context, the target phrasing only from the teach
 then for each seed trains (a) OPSD with the real ``Trainer`` (fixed teacher = the warm start with
 the LoRA adapter off) and (b) an SFT baseline on the reference solutions for the same number of
 steps, and evaluates with the evaluation harness (``opsd_mm.eval.runner``) on the held-out test
-split. It prints a table, PASS/FAIL lines for the issue's thresholds, and writes
-``results.json`` and ``accuracy_loss.png`` into the run directory.
+split. It prints a progress bar with the time left, a table, PASS/FAIL lines for the learning
+thresholds and the wall time (reported, never judged), and writes ``results.json`` and
+``accuracy_loss.png`` into the run directory.
 
-Why the warm start is shared by the seeds: it is one fixed-seed checkpoint per task (as a
-checked-in checkpoint would be), so the seeds measure the spread of OPSD itself - LoRA init,
-rollout sampling and data order - and the whole demo fits the 10-minute budget of a 2-core CPU.
-``--task-seed`` changes the data and warm start.
+One seed by default, so that a first ``make demo`` takes minutes on a 2-core CPU; ``--full``
+runs three. The warm start is shared by the seeds: it is one fixed-seed checkpoint per task (as
+a checked-in checkpoint would be), so the seeds measure the spread of OPSD itself - LoRA init,
+rollout sampling and data order. ``--task-seed`` changes the data and warm start.
 
 Processors and evaluation reach it through ``Wiring``, handed in by ``cli.py``, so the core
 still never imports them.
