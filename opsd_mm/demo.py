@@ -82,10 +82,12 @@ RECIPES: dict[str, Recipe] = {
         threshold=10.0,
         # Counting is learned in a jump after a plateau at the majority count; student-only
         # steps first get it past the plateau before the teacher-format mixture.
-        warm_pre_steps=100,
-        warm_steps=150,
+        # (100 + 150 warm-start steps and 120 OPSD steps cost ~120 s less but leave counting
+        # unlearned in the known phrasing: OPSD gain +2.7, FAIL; README: The demo.)
+        warm_pre_steps=250,
+        warm_steps=300,
         warm_lr=3e-3,
-        steps=120,
+        steps=150,
         # One rollout per prompt (the completion is fixed but for the colour and the count), so
         # each step sees 32 different images; mapping codes to colours needs many images.
         opsd=(
