@@ -1,13 +1,14 @@
-"""The demo's verdicts and table: PASS/FAIL lines for the thresholds, and a markdown table."""
+"""The demo's verdicts and table: PASS/FAIL lines for the learning thresholds, a markdown
+table, and the time line. The time is reported, never judged: it depends on the CPU and on
+what else runs on it."""
 
 from __future__ import annotations
 
-TIME_BUDGET_S = 600.0
 WARM_GAP_POINTS = 20.0  # the warm start's teacher-context accuracy must beat student's by this
 
 
-def checks(results: dict[str, dict], quick: bool, total_s: float, full: bool) -> list[str]:
-    """PASS/FAIL lines: warm-start gap, OPSD gain per seed, wall time."""
+def checks(results: dict[str, dict], quick: bool) -> list[str]:
+    """PASS/FAIL lines: warm-start gap and OPSD gain per seed (SKIP in quick mode)."""
     lines = []
     for name, r in results.items():
         gap_ok = r["teacher"] - r["before"] >= WARM_GAP_POINTS
@@ -28,12 +29,18 @@ def checks(results: dict[str, dict], quick: bool, total_s: float, full: bool) ->
                 f"{'PASS' if ok else 'FAIL'} {name}: OPSD gain >= {r['threshold']:.0f} points "
                 f"on every seed ({shown})"
             )
-    if full:
-        ok = total_s <= TIME_BUDGET_S
-        lines.append(
-            f"{'PASS' if ok else 'FAIL'} whole demo in {total_s:.0f}s <= {TIME_BUDGET_S:.0f}s"
-        )
     return lines
+
+
+def time_line(total_s: float, machine: dict) -> str:
+    """``wall time 212s on AMD EPYC (torch 2.14.1, AVX2 kernels, 1 thread, load 0.3)``."""
+    threads = machine.get("threads")
+    load = machine.get("load_1min")
+    return (
+        f"wall time {total_s:.0f}s on {machine.get('cpu', '?')} (torch {machine.get('torch', '?')}"
+        f", {machine.get('cpu_capability', '?')} kernels, {threads} thread"
+        f"{'' if threads == 1 else 's'}{'' if load is None else f', load {load}'})"
+    )
 
 
 def table(results: dict[str, dict]) -> str:

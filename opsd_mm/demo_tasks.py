@@ -43,6 +43,7 @@ from typing import Any
 from opsd_mm.types import Example
 
 WORDS = {"+": "plus", "-": "minus"}
+N_VAL, N_TEST = 60, 150  # validation and held-out test items of both tasks
 COLOUR_CODES = {"red": "C", "green": "D", "blue": "E", "yellow": "H"}  # single tokens in tiny BPE
 
 
@@ -96,8 +97,8 @@ def make_text_task(
     seed: int = 0,
     max_operand: int = 5,
     steps: int = 2,
-    n_val: int = 60,
-    n_test: int = 150,
+    n_val: int = N_VAL,
+    n_test: int = N_TEST,
     n_warm: int = 1500,
 ) -> TaskData:
     """Word arithmetic. Every distinct expression (``max_operand`` x (2 x ``max_operand``) **
@@ -175,8 +176,8 @@ def make_vision_task(
     size: int = 3,
     fill: float = 0.75,
     n_train: int = 1000,
-    n_val: int = 60,
-    n_test: int = 150,
+    n_val: int = N_VAL,
+    n_test: int = N_TEST,
     n_warm: int = 1200,
 ) -> TaskData:
     """Grid counting with colour codes; each split draws its own images from its own stream."""

@@ -88,3 +88,51 @@ def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
         assert len(metrics.splitlines()) == r["steps"]
         preds = run_dir / name / f"seed{seed}" / "opsd" / "eval" / "test" / "predictions.jsonl"
         assert len(preds.read_text().splitlines()) == r["data"]["test"]
+
+
+def test_default_demo_is_one_seed_and_full_is_three():
+    import argparse
+
+    from opsd_mm.demo import add_demo_arguments, seed_list
+
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser)
+    assert seed_list(parser.parse_args([])) == [0]
+    assert seed_list(parser.parse_args(["--full"])) == [0, 1, 2]
+    assert seed_list(parser.parse_args(["--seeds", "3,4"])) == [3, 4]
+    assert seed_list(parser.parse_args(["--full", "--seeds", "5"])) == [5]
+    assert seed_list(parser.parse_args(["--full", "--quick"])) == [0]
+
+
+def test_demo_report_judges_learning_never_time():
+    from opsd_mm.demo_report import checks, table, time_line
+
+    def run(acc: float) -> dict:
+        return {"test_acc": acc, "rollout_tokens": 100, "train_s": 9999.0}
+
+    results = {
+        "text": {
+            "before": 5.0,
+            "teacher": 80.0,
+            "threshold": 15.0,
+            "wall_s": 9999.0,
+            "seeds": {0: {"opsd": run(70.0), "sft": run(85.0)}},
+        },
+        "vision": {
+            "before": 30.0,
+            "teacher": 95.0,
+            "threshold": 10.0,
+            "wall_s": 9999.0,
+            "seeds": {0: {"opsd": run(35.0), "sft": run(80.0)}},
+        },
+    }
+    lines = checks(results, quick=False)
+    assert "PASS text: OPSD gain >= 15 points on every seed (seed 0: +65.0)" in lines
+    assert "FAIL vision: OPSD gain >= 10 points on every seed (seed 0: +5.0)" in lines
+    assert not any("time" in line or "wall" in line for line in lines)
+    assert all(line.split()[0] in ("PASS", "FAIL") for line in lines)
+    assert "| vision | mean | 30.0 | 35.0 | 80.0 | 95.0 |" in table(results)
+    machine = {"cpu": "AMD EPYC", "torch": "2.14.1", "cpu_capability": "AVX2", "threads": 1}
+    line = time_line(9999.0, machine | {"load_1min": 2.5})
+    assert line == "wall time 9999s on AMD EPYC (torch 2.14.1, AVX2 kernels, 1 thread, load 2.5)"
+    assert not line.startswith(("PASS", "FAIL"))
