@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class Recipe:
     """Per-task settings, chosen by measurement (see the README's demo section)."""
 
-    tiny: str  # fixture name for opsd_mm.fixtures.resolve_tiny
+    tiny: str  # fixture name for opsd_mm.testing.resolve_tiny
     threshold: float  # required OPSD gain over the warm start, accuracy points
     warm_pre_steps: int  # student-only SFT steps before the mixture (learn the skill first)
     warm_steps: int  # mixture SFT steps (student + teacher format)
@@ -509,7 +509,7 @@ def run_task(
     wiring: Wiring,
     progress: Progress,
 ) -> dict:
-    from opsd_mm.fixtures import resolve_tiny
+    from opsd_mm.testing import resolve_tiny
     from opsd_mm.models import load_model
 
     recipe, sizes, steps, eval_every = plan.recipe, plan.sizes, plan.steps, plan.eval_every
