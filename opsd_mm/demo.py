@@ -509,8 +509,8 @@ def run_task(
     wiring: Wiring,
     progress: Progress,
 ) -> dict:
-    from opsd_mm.testing import resolve_tiny
     from opsd_mm.models import load_model
+    from opsd_mm.testing import resolve_tiny
 
     recipe, sizes, steps, eval_every = plan.recipe, plan.sizes, plan.steps, plan.eval_every
     wiring = replace(wiring, evaluate=_counted(wiring.evaluate, EVAL_ITEM_COST[name], progress))
