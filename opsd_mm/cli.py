@@ -39,7 +39,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, model_path: str, proces
     if cfg.rollout.engine == "vllm_server":
         from opsd_mm.rollout_server import build_server_engine
 
-        return build_server_engine(cfg, processor)
+        return build_server_engine(cfg, model, processor)
     from opsd_mm.rollout import HFEngine
 
     return HFEngine.for_processor(model, processor)

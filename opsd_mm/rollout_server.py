@@ -204,7 +204,7 @@ class ServerEngine:
         else:
             raise ServerError(f"generation server {self.url} kept restarting; giving up")
         return [
-            [Rollout(r["completion_ids"], r["finish_reason"], r["logprobs"]) for r in rollouts]
+            [Rollout(r["completion_ids"], r["finish_reason"], r.get("logprobs")) for r in rollouts]
             for rollouts in reply["rollouts"]
         ]
 
@@ -244,10 +244,11 @@ def _encode_image(image: Any) -> str:
     return encode_image(image)
 
 
-def build_server_engine(cfg: Any, processor: Any) -> ServerEngine:
-    """The ``vllm_server`` engine for a run config (checks the server is up, before step 1)."""
+def build_server_engine(cfg: Any, model: torch.nn.Module, processor: Any) -> ServerEngine:
+    """The ``vllm_server`` engine for a run config: checks the server is up and loads the
+    trainer's weights into it, before step 1 (a long-lived server may hold another run's)."""
     r = cfg.rollout
-    return ServerEngine(
+    engine = ServerEngine(
         r.server_url,
         r.server_sync_dir or Path(cfg.run_dir) / "engine_weights",
         eos_token_ids=processor.eos_token_ids,
@@ -256,3 +257,5 @@ def build_server_engine(cfg: Any, processor: Any) -> ServerEngine:
         timeout_s=r.server_timeout_s,
         retries=r.server_retries,
     )
+    engine.sync_weights(model)
+    return engine
