@@ -1,4 +1,4 @@
-"""Command line: ``opsd-mm train | eval | demo | data | plot | export``.
+"""Command line: ``opsd-mm train | eval | demo | data | plot | export | serve``.
 
 This is the one module that wires processors and evaluation into the modality-agnostic core.
 """
@@ -36,6 +36,10 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, model_path: str, proces
             suppress_token_ids=processor.suppress_token_ids,
             eos_token_ids=processor.eos_token_ids,
         )
+    if cfg.rollout.engine == "vllm_server":
+        from opsd_mm.rollout_server import build_server_engine
+
+        return build_server_engine(cfg, model, processor)
     from opsd_mm.rollout import HFEngine
 
     return HFEngine.for_processor(model, processor)
@@ -241,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     add_data_parser(sub, cmd_data)
     add_plot_parser(sub)
     add_export_parser(sub)
+    from opsd_mm.serve import add_serve_parser
+
+    add_serve_parser(sub)
 
     try:
         from opsd_mm.eval.cli import add_eval_parser

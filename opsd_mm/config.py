@@ -134,7 +134,8 @@ class ProcessorConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
+    # hf: transformers generate; vllm: colocated vLLM; vllm_server: an ``opsd-mm serve`` process.
+    engine: Literal["hf", "vllm", "vllm_server"] = "hf"
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -145,6 +146,17 @@ class RolloutConfig:
     sync_every: int = 1
     gpu_memory_utilization: float = 0.3
     vllm_sleep_mode: bool = False
+    # vllm_server: the server's base URL (http://127.0.0.1:8765), its bearer token (null: the
+    # OPSD_MM_SERVER_TOKEN environment variable, which keeps it out of the run's config.yaml),
+    # the per-request timeout, and the retries of a failed request (timeouts, a restarting
+    # server) before the run stops.
+    server_url: str | None = None
+    server_token: str | None = None
+    server_timeout_s: float = 600.0
+    server_retries: int = 3
+    # Where the trainer writes the safetensors the server reloads (a path both can read;
+    # null: RUN_DIR/engine_weights).
+    server_sync_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +188,10 @@ class LossConfig:
     # torch.compile each chunk's loss computation in the fused path (fuses its elementwise
     # passes into few kernels; costs a compile on the first step).
     compile: bool = False
+    # Truncated importance weight min(p_trainer(y) / p_rollout(y), c) per sampled token,
+    # detached, multiplying the per-token loss (engine/trainer mismatch, stale weights); null:
+    # off. See opsd_mm.importance.
+    importance_clip: float | None = None
 
 
 _DIVERGENCES = typing.get_args(typing.get_type_hints(LossConfig)["divergence"])
@@ -495,6 +511,21 @@ def validate_config(cfg: RunConfig) -> None:
             r.gpu_memory_utilization,
             0 < r.gpu_memory_utilization <= 1,
             "must lie in (0, 1]",
+        ),
+        (
+            "rollout.server_url",
+            r.server_url,
+            r.engine != "vllm_server" or bool(r.server_url),
+            "must be set with rollout.engine=vllm_server (e.g. http://127.0.0.1:8765, the "
+            "address `opsd-mm serve` prints)",
+        ),
+        ("rollout.server_timeout_s", r.server_timeout_s, r.server_timeout_s > 0, "must be > 0"),
+        ("rollout.server_retries", r.server_retries, r.server_retries >= 0, "must be >= 0"),
+        (
+            "loss.importance_clip",
+            cfg.loss.importance_clip,
+            cfg.loss.importance_clip is None or cfg.loss.importance_clip > 0,
+            "must be > 0 (null: off)",
         ),
         (
             "loss.temperature",

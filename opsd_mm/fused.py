@@ -131,6 +131,16 @@ def _compiled_chunk_divergence_and_grad() -> ChunkFn:
     return _compiled_closed_form(torch.compile(divergence_and_grad, dynamic=True))
 
 
+def _chunk_weights(
+    stats_SN: torch.Tensor, rollout_logprob_N: torch.Tensor, cfg: LossConfig, start: int, end: int
+) -> torch.Tensor:
+    """Importance weights of tokens start..end from their just-computed student log-probs."""
+    from opsd_mm.importance import importance_weights
+
+    student_c = stats_SN[_STATS.index("student_logprob_N"), start:end]
+    return importance_weights(student_c, rollout_logprob_N[start:end], cfg.importance_clip)
+
+
 class _FusedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -149,6 +159,7 @@ class _FusedDivergence(torch.autograd.Function):
         shared_head: bool,
         chunk_fn: ChunkFn,
         chunk_grad_fn: ChunkFn,
+        rollout_logprob_N: torch.Tensor | None,
     ):
         n_tokens = student_hidden_NH.shape[0]
         device = student_hidden_NH.device
@@ -163,6 +174,10 @@ class _FusedDivergence(torch.autograd.Function):
         if need_b and bias_V is not None:
             grad_b_V = torch.zeros_like(bias_V, dtype=torch.float32)
         any_grad = need_h or need_w or grad_b_V is not None
+        # Importance weights (opsd_mm.importance), known per chunk once its student log-probs are.
+        weight_N = None
+        if rollout_logprob_N is not None and cfg.importance_clip is not None:
+            weight_N = torch.ones(n_tokens, dtype=torch.float32, device=device)
 
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
@@ -182,11 +197,20 @@ class _FusedDivergence(torch.autograd.Function):
             if not any_grad:
                 outs = chunk_fn(*logits, ids_c, cfg)
                 stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
+                if weight_N is not None:
+                    weight_N[start:end] = _chunk_weights(
+                        stats_SN, rollout_logprob_N, cfg, start, end
+                    )
                 continue
             # The list is the only reference to the logits: the chunk function frees them.
             *outs, g_logits_cV = chunk_grad_fn(logits, ids_c, cfg)
             stats_SN[:, start:end] = torch.stack([o.to(stats_dtype) for o in outs])
             del outs
+            if weight_N is not None:
+                w_c = _chunk_weights(stats_SN, rollout_logprob_N, cfg, start, end)
+                weight_N[start:end] = w_c
+                # d(sum_n w_n loss_n)/d logits_n = w_n dloss_n/dlogits_n (w detached).
+                g_logits_cV = g_logits_cV * w_c.to(g_logits_cV.dtype)[:, None]
             g_cV = g_logits_cV.to(weight_VH.dtype)
             del g_logits_cV  # the fp32 gradient, when the weight is bf16
             if grad_h_NH is not None:
@@ -203,7 +227,8 @@ class _FusedDivergence(torch.autograd.Function):
         ctx.scale = scale
         ctx.param_dtypes = (weight_VH.dtype, bias_V.dtype if bias_V is not None else None)
         ctx.save_for_backward(grad_h_NH, grad_w_VH, grad_b_V)
-        loss = stats_SN[0].sum() * scale
+        loss_N = stats_SN[0] if weight_N is None else stats_SN[0] * weight_N.to(stats_dtype)
+        loss = loss_N.sum() * scale
         ctx.mark_non_differentiable(stats_SN)
         return loss, stats_SN
 
@@ -220,7 +245,7 @@ class _FusedDivergence(torch.autograd.Function):
             gw = (grad_w_VH * mult).to(w_dtype)
         if grad_b_V is not None:
             gb = (grad_b_V * mult).to(b_dtype)
-        return gh, gw, gb, *([None] * 11)
+        return gh, gw, gb, *([None] * 12)
 
 
 def fused_divergence(
@@ -237,6 +262,7 @@ def fused_divergence(
     chunk_size: int | None = None,
     compile: bool = False,
     closed_form: bool | None = None,
+    rollout_logprob_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DivergenceOut]:
     """``scale * sum_n loss_n`` over N loss tokens, without materialising [N, V] logits.
 
@@ -258,6 +284,10 @@ def fused_divergence(
         closed_form: the chunk's logit gradient in closed form (``opsd_mm.divergence_grad``);
             None (default) uses it wherever it applies (full vocabulary), False forces autograd
             through ``token_divergence`` (the reference), True raises where it does not apply.
+        rollout_logprob_N: the rollout engine's log p of each sampled token (NaN: unknown).
+            With ``cfg.importance_clip`` set, token n's loss (and gradient) is multiplied by
+            ``opsd_mm.importance.importance_weights`` of the chunk's own student log-prob, so
+            the returned loss is ``scale * sum_n w_n loss_n``; ``stats.loss_N`` stays unweighted.
 
     Returns:
         (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
@@ -332,5 +362,6 @@ def fused_divergence(
         shared_head,
         chunk_fn,
         chunk_grad_fn,
+        rollout_logprob_N,
     )
     return loss, DivergenceOut(**dict(zip(_STATS, stats_SN.unbind(0))))

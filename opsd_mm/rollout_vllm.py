@@ -393,6 +393,19 @@ class VLLMEngine:
         self.reset_caches()
         self.last_sync_s = time.perf_counter() - start
 
+    def load_weights_from(self, path: str) -> float:
+        """Reload every weight from the checkpoint-format safetensors in directory ``path``
+        (what the generation server does when the trainer has written them; see
+        ``opsd_mm.serve``), then reset the caches as ``sync_weights`` does. Returns seconds."""
+        start = time.perf_counter()
+        self.wake()
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
+        )
+        self.reset_caches()
+        self.last_sync_s = time.perf_counter() - start
+        return self.last_sync_s
+
     def close(self) -> None:
         """Shut the in-process engine down and free its weights and KV cache (idempotent)."""
         llm, self.llm = self.llm, None

@@ -39,6 +39,7 @@ from opsd_mm.distributed import check_distributed_support
 from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
 from opsd_mm.errors import UserError
 from opsd_mm.forward import completion_hidden, completion_logits, unwrap
+from opsd_mm.importance import weighted_loss_sum
 from opsd_mm.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -321,7 +322,8 @@ class Trainer:
                 sync = i == n_micro - 1
                 with acc.no_sync(self.model) if not sync else nullcontext():
                     scale = self._loss_scale(batch, n_global, n_micro)
-                    loss, out = self._micro_step(batch, scale, timer)
+                    rollout_N = self._rollout_logprobs(micro[min(i, len(micro) - 1)], batch)
+                    loss, out = self._micro_step(batch, scale, timer, rollout_N)
                     if padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -447,8 +449,21 @@ class Trainer:
             return 1.0 / (max(int(mask_BC.sum()), 1) * max(n_micro, 1))
         return acc.num_processes / max(n_global, 1.0)
 
+    def _rollout_logprobs(self, pairs: list[Pair], batch: PairBatch) -> torch.Tensor | None:
+        """The engine's log-probs of the loss tokens ([N], NaN where unknown), for
+        ``loss.importance_clip``; None when it is off or no rollout reports any."""
+        if self.cfg.loss.importance_clip is None or not any(p.logprobs for p in pairs):
+            return None
+        mask_BC = loss_mask(batch.completion_mask_BC, self.cfg.loss.skip_first_tokens)
+        width_C = batch.completion_ids_BC.shape[1]
+        return pad_logprobs([p.logprobs for p in pairs], width_C)[mask_BC.cpu()]
+
     def _micro_step(
-        self, batch: PairBatch, scale: float, timer: PhaseTimer
+        self,
+        batch: PairBatch,
+        scale: float,
+        timer: PhaseTimer,
+        rollout_logprob_N: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DivergenceOut]:
         """Teacher forward (no grad), student forward, per-token divergence -> loss * scale."""
         cfg, acc = self.cfg, self.accelerator
@@ -489,11 +504,17 @@ class Trainer:
                         scale=scale,
                         chunk_size=cfg.loss.chunk_size or None,
                         compile=cfg.loss.compile,
+                        rollout_logprob_N=rollout_logprob_N,
                     )
                 else:
                     s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
                     out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
-                    loss = out.loss_N.sum() * scale
+                    loss = scale * weighted_loss_sum(
+                        out.loss_N,
+                        out.student_logprob_N,
+                        rollout_logprob_N,
+                        cfg.loss.importance_clip,
+                    )
         return loss, out
 
     # ------------------------------------------------------------------ helpers
