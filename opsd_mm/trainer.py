@@ -36,9 +36,10 @@ from opsd_mm import run_dir as rundir
 from opsd_mm.config import RunConfig, resolve_config, save_config
 from opsd_mm.data import ExampleStream
 from opsd_mm.distributed import check_distributed_support
-from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.divergences import DivergenceOut, loss_mask
 from opsd_mm.errors import UserError
-from opsd_mm.forward import completion_hidden, completion_logits, unwrap
+from opsd_mm.forward import unwrap
+from opsd_mm.loss import micro_batch_loss
 from opsd_mm.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -450,51 +451,9 @@ class Trainer:
     def _micro_step(
         self, batch: PairBatch, scale: float, timer: PhaseTimer
     ) -> tuple[torch.Tensor, DivergenceOut]:
-        """Teacher forward (no grad), student forward, per-token divergence -> loss * scale."""
-        cfg, acc = self.cfg, self.accelerator
-        width_C = batch.completion_ids_BC.shape[1]
-        mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
-        ids_N = batch.completion_ids_BC[mask_BC]
-        with acc.autocast():
-            with timer.phase("teacher"), torch.no_grad():
-                with self.teacher.as_teacher(unwrap(self.model)) as teacher_model:
-                    if cfg.loss.fused:
-                        t_hidden_BCH, t_head = completion_hidden(
-                            teacher_model, batch.teacher, width_C
-                        )
-                        t_hidden_NH = t_hidden_BCH[mask_BC]
-                        # An EMA teacher's head is swapped back out after this block: keep a copy
-                        # when the EMA covers it (full fine-tuning); otherwise share it.
-                        t_weight = t_head.weight
-                        if self.teacher.cfg.kind == "ema" and t_weight.requires_grad:
-                            t_weight = t_weight.detach().clone()
-                    else:
-                        t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[
-                            mask_BC
-                        ]
-            with timer.phase("student"):
-                if cfg.loss.fused:
-                    from opsd_mm.fused import fused_divergence
-
-                    s_hidden_BCH, s_head = completion_hidden(self.model, batch.student, width_C)
-                    loss, out = fused_divergence(
-                        s_hidden_BCH[mask_BC],
-                        t_hidden_NH,
-                        s_head.weight,
-                        ids_N,
-                        cfg.loss,
-                        bias_V=s_head.bias,
-                        teacher_weight_VH=t_weight,
-                        teacher_bias_V=t_head.bias,
-                        scale=scale,
-                        chunk_size=cfg.loss.chunk_size or None,
-                        compile=cfg.loss.compile,
-                    )
-                else:
-                    s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
-                    out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
-                    loss = out.loss_N.sum() * scale
-        return loss, out
+        """Teacher forward, student forward, loss * scale (``opsd_mm/loss.py``), in autocast."""
+        with self.accelerator.autocast():
+            return micro_batch_loss(batch, self.model, self.teacher, scale, self.cfg.loss, timer)
 
     # ------------------------------------------------------------------ helpers
 
