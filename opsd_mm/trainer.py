@@ -313,9 +313,7 @@ class Trainer:
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processor's step context (VL: each image encoded once for the whole step).
-        step_ctx = getattr(self.processor, "step_context", None)
-        step_scope = step_ctx(unwrap(self.model)) if step_ctx else nullcontext()
-        with step_scope:
+        with self.processor.step_context(unwrap(self.model)):
             for i in range(n_micro):
                 padding = i >= len(micro)
                 batch = self.processor.collate(micro[min(i, len(micro) - 1)]).to(acc.device)

@@ -20,7 +20,9 @@ column P - 1 + j.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -165,11 +167,34 @@ class PairBatch:
 
 class Processor(Protocol):
     """Turns examples into prompts and pairs into model inputs. Only processors know about
-    chat templates, images and model families; the trainer sees this protocol alone."""
+    chat templates, images and model families; the trainer sees this protocol alone.
+
+    Everything the core calls is declared here and called directly (no probing). A processor
+    without images implements the image hooks as no-ops: ``prepare_examples`` returns the
+    examples unchanged, ``bad_images`` stays empty, ``step_context`` is a ``nullcontext()``
+    (``processors/text.py``)."""
 
     pad_token_id: int
     eos_token_ids: list[int]
     suppress_token_ids: list[int]
+    # Decodes completions for rendered samples (``opsd_mm.samples``): ``decode(ids, ...)``.
+    tokenizer: Any
+    # The errors of the examples the last ``prepare_examples`` dropped (policy ``skip``).
+    bad_images: list[BadImageError]
+
+    def prepare_examples(
+        self, examples: Sequence[Example], data_dir: str | Path | None = None
+    ) -> list[Example]:
+        """Called once on the loaded data, before training: check every image under
+        ``processor.bad_image_policy`` (raise at the first bad one, or drop its example and
+        record the error in ``bad_images``); relative image paths resolve against
+        ``data_dir``. Returns the kept examples."""
+        ...
+
+    def step_context(self, model: torch.nn.Module) -> AbstractContextManager[Any]:
+        """Wraps one optimizer step's teacher and student forwards on ``model`` (the unwrapped
+        student), e.g. to encode each image once for both sides."""
+        ...
 
     def student_prompt(self, ex: Example) -> Prompt: ...
 
