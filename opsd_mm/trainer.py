@@ -35,7 +35,7 @@ from opsd_mm import checkpoint as ckpt
 from opsd_mm import run_dir as rundir
 from opsd_mm.config import RunConfig, resolve_config, save_config
 from opsd_mm.data import ExampleStream
-from opsd_mm.distributed import check_distributed_support
+from opsd_mm.distributed import check_distributed_support, make_accelerator
 from opsd_mm.divergences import DivergenceOut, loss_mask
 from opsd_mm.errors import UserError
 from opsd_mm.forward import unwrap
@@ -110,21 +110,15 @@ class Trainer:
         accelerator: Any = None,
         load_skips: dict[str, int] | None = None,
     ) -> None:
-        """``load_skips``: rows skipped or dropped while loading the data, by reason (the data
-        loader's ``LoadReport.reasons()``); logged as ``skipped/load/<reason>`` counters."""
-        from accelerate import Accelerator
-
+        """Built by ``opsd_mm.setup`` (which makes the model, processor, engine and the one
+        Accelerator). ``load_skips``: rows skipped or dropped while loading the data, by reason
+        (the data loader's ``LoadReport.reasons()``); logged as ``skipped/load/<reason>``
+        counters."""
         cfg = resolve_config(cfg)
         self.cfg = cfg
         tc = cfg.trainer
-        mp = tc.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=mp,
-            log_with=cfg.logging.report_to or None,
-            project_dir=cfg.run_dir,
-        )
+        # Normally made by opsd_mm.setup and passed in; made here only for direct library use.
+        self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         check_distributed_support(cfg, acc)
         self.run_dir = Path(cfg.run_dir)
