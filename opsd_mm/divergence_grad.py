@@ -82,6 +82,7 @@ def divergence_and_grad(
     returned in that dtype. The inputs are left untouched. Raises ValueError for settings
     without a closed form (top-k).
     """
+    validate_loss_config(cfg)
     return consume_divergence_and_grad([student_logits_NV, teacher_logits_NV], sampled_ids_N, cfg)
 
 
@@ -98,9 +99,9 @@ def consume_divergence_and_grad(
     freed mid-computation (arguments passed directly stay referenced by the caller until the call
     returns). Buffers are reused in place where the formulas allow, so the working set stays at
     six fp32 [N, V] tensors for the JSD, four for the other modes (the fused path's per-chunk
-    peak; bench/chunk_working_set.py).
+    peak; bench/chunk_working_set.py). ``cfg`` is not checked again here, per chunk: the
+    callers check it once (:func:`divergence_and_grad`, ``fused_divergence``, config load).
     """
-    validate_loss_config(cfg)
     n_vocab = logits[0].shape[-1]
     if not has_closed_form(cfg, n_vocab):
         raise ValueError(
