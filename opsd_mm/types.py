@@ -1,12 +1,17 @@
 """Plain data passed between processors, rollout engines and the trainer.
 
-Shape-suffix legend (used across the code base):
-    B  sequences in a batch (prompts x samples)     P  prompt width (left-padded)
-    C  completion width (right-padded)              T  total width, T = P + C
+Shape-suffix legend (every letter used in opsd_mm/ and processors/):
+    B  sequences in a batch (prompts x samples)     P  prompt width (left-padded); in a nested
+    C  completion width (right-padded)                 list (``rollouts_P_G``), the prompts
+    T  total width, T = P + C                       G  samples per prompt
     V  vocabulary size                              H  hidden size
-    N  selected (masked-in) completion tokens       G  samples per prompt
+    N  selected (masked-in) completion tokens       K  divergence support entries per token
+    c  tokens of one chunk (the fused loss)            (V; the teacher's top k; or k + 1)
+    S  per-token statistics rows (the fused loss)   W  processes (world size)
+    D  vision patch features (a Qwen-VL tower)      M  reference image hashes (contamination)
+    1, 2 ...  a literal size (``ids_N1`` is [N, 1]; ``both_2cV`` stacks two chunks)
 A tensor named ``logits_BCV`` has shape [B, C, V]; a nested list ``rollouts_P_G`` is indexed
-[prompt][sample].
+[prompt][sample]. ``width_P`` / ``width_C`` name the widths themselves.
 
 Sequence layout shared by both sides of a pair (the alignment invariant):
     [pad ... pad | prompt tokens | completion tokens | pad ... pad]
