@@ -7,42 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 from typing import Any
-
-import torch
 
 from opsd_mm.config import RunConfig, load_config
 from opsd_mm.errors import DEBUG_ENV, debug_requested, run_command
 
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_engine(cfg: RunConfig, model: torch.nn.Module, model_path: str, processor: Any) -> Any:
-    """The rollout engine named by ``rollout.engine``."""
-    if cfg.rollout.engine == "vllm":
-        from opsd_mm.rollout_vllm import VLLMEngine
-
-        return VLLMEngine(
-            model_path,
-            cfg.rollout,
-            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-            seed=cfg.seed,
-            max_model_len=cfg.processor.max_prompt_tokens + cfg.rollout.max_new_tokens,
-            suppress_token_ids=processor.suppress_token_ids,
-            eos_token_ids=processor.eos_token_ids,
-        )
-    if cfg.rollout.engine == "vllm_server":
-        from opsd_mm.rollout_server import build_server_engine
-
-        return build_server_engine(cfg, model, processor)
-    from opsd_mm.rollout import HFEngine
-
-    return HFEngine.for_processor(model, processor)
+# The set-up helpers under their former names here (the demo and scripts import them from cli).
+from opsd_mm.setup import build_engine, set_seed  # noqa: F401
 
 
 def processor_path(cfg: RunConfig) -> str:
@@ -56,11 +28,13 @@ def data_wiring() -> Any:
     from opsd_mm.data_cli import DataWiring
 
     def build(cfg: RunConfig) -> Any:
-        from opsd_mm.models import model_type_of
+        from opsd_mm.models import check_model_family, model_type_of
         from opsd_mm.processors import build_processor
 
         path = processor_path(cfg)
-        return build_processor(cfg.processor, path, model_type_of(path))
+        model_type = model_type_of(path, cfg.model.revision, cfg.model.trust_remote_code)
+        check_model_family(cfg, model_type)  # before the processor (and the model) loads
+        return build_processor(cfg.processor, path, model_type)
 
     def template_fields(name: str) -> frozenset[str]:
         from opsd_mm.processors.templates import get_template
@@ -82,37 +56,11 @@ def cmd_data(command: str, args: argparse.Namespace) -> int:
 
 
 def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
-    """Everything a run needs, from the config alone: model, processor, data, engine, trainer."""
-    from accelerate import Accelerator
+    """Everything a run needs, from the config alone (``opsd_mm.setup.trainer_from_config``,
+    with the processors and benchmark loaders wired in here)."""
+    from opsd_mm.setup import trainer_from_config
 
-    from opsd_mm.data_cli import load_training_data
-    from opsd_mm.models import load_model, setup_trainable
-    from opsd_mm.presets import resolve_data
-    from opsd_mm.trainer import Trainer
-
-    cfg = resolve_data(cfg)  # the preset's split and teacher template, before anything loads
-    set_seed(cfg.seed)
-    if accelerator is None:
-        mp = cfg.trainer.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
-        accelerator = Accelerator(
-            mixed_precision=mp, log_with=cfg.logging.report_to or None, project_dir=cfg.run_dir
-        )
-    # Data (and its errors: missing images, splits, columns) before the model loads.
-    examples, report, processor = load_training_data(cfg, data_wiring())
-    path = processor_path(cfg)
-    model = setup_trainable(load_model(path, cfg.model, accelerator.device), cfg.model)
-    engine = build_engine(cfg, model, path, processor)
-    return Trainer(
-        cfg,
-        model=model,
-        processor=processor,
-        engine=engine,
-        examples=examples,
-        accelerator=accelerator,
-        load_skips=report.reasons(),
-    )
+    return trainer_from_config(cfg, data_wiring(), accelerator)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -465,8 +465,11 @@ def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
 
 
 def validate_config(cfg: RunConfig) -> None:
-    """Range checks of every numeric key, at load time (before any data or model loads); a
-    ConfigError names the first key out of range and what it allows."""
+    """Every check that needs the config alone, at load time (before any data or model loads):
+    the range of every numeric key, the cross-key rules and the loss settings; a ConfigError
+    names the first key out of range and what it allows. Checks that need the model's family
+    run right after its config.json is read (``opsd_mm.models.check_model_family``); those that
+    need the process layout when the Accelerator exists (``opsd_mm.distributed``)."""
     t, r, p, te, lg = cfg.trainer, cfg.rollout, cfg.processor, cfg.teacher, cfg.logging
     at_least_1 = "must be >= 1"
     checks = [
@@ -584,6 +587,12 @@ def validate_config(cfg: RunConfig) -> None:
         checks.append((key, clip, clip is None or clip > 0, "must be > 0 (null: no clip)"))
     for key, value, ok, allowed in checks:
         _require(key, value, ok, allowed)
+    if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
+        raise ConfigError(
+            f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
+            f"processor.kind={p.kind} (stripping special tokens would remove the vision start/end "
+            "and image pad tokens the images are placed by); use chat_template"
+        )
     validate_loss_config(cfg.loss)
 
 

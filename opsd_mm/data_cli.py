@@ -46,10 +46,9 @@ def load_training_data(
     fields = wiring.template_fields(cfg.processor.teacher_template)
     examples, report = load_examples(cfg.data, seed=cfg.seed, teacher_fields=fields)
     processor = wiring.build_processor(cfg) if with_processor else None
-    prepare = getattr(processor, "prepare_examples", None)
-    if prepare is not None:  # the VL processor drops (and counts) rows with bad images
-        examples = prepare(examples, data_dir=cfg.data.data_dir)
-        for err in getattr(processor, "bad_images", []):
+    if processor is not None:  # a VL processor drops (and counts) rows with bad images
+        examples = processor.prepare_examples(examples, data_dir=cfg.data.data_dir)
+        for err in processor.bad_images:
             report.dropped.append((err.example_id, f"bad image: {err.source}: {err.reason}"))
     if cfg.data.exclude_contaminated if exclude is None else exclude:
         refs = wiring.load_references(
@@ -99,18 +98,22 @@ def summary_lines(cfg: RunConfig, report: LoadReport, kept: int) -> list[str]:
     return lines
 
 
-def render_prompt(prompt: Any, processor: Any) -> list[str]:
-    """A prompt's text with each image's token count (from its vision grid)."""
+def render_prompt(prompt: Any) -> list[str]:
+    """A prompt's text with each image's token count: the prompt's image tokens
+    (``meta["image_tokens"]``) shared out in proportion to the images' vision grids (each
+    image's t*h*w / merge**2, the merge factor being the same for every image)."""
     grid = prompt.mm_inputs.get("image_grid_thw") if prompt.mm_inputs else None
     lines = [prompt.text]
     if grid is not None:
-        merge = getattr(processor, "merge_size", 1)
-        for i, g in enumerate(grid.tolist()):
+        patches = grid.tolist()
+        total = sum(g[0] * g[1] * g[2] for g in patches)
+        n_tokens = int(prompt.meta.get("image_tokens", total))
+        for i, g in enumerate(patches):
             size = ""
             if i < len(prompt.images):
                 size = f"{prompt.images[i].width}x{prompt.images[i].height} -> "
             lines.append(
-                f"[image {i + 1}: {size}grid {g} -> {g[0] * g[1] * g[2] // merge**2} tokens]"
+                f"[image {i + 1}: {size}grid {g} -> {g[0] * g[1] * g[2] * n_tokens // total} tokens]"
             )
     return lines
 
@@ -120,15 +123,18 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     examples, report, processor = load_training_data(cfg, wiring)
     lines = [f"config: {args.config} {' '.join(args.overrides)}".rstrip()]
     lines += summary_lines(cfg, report, len(examples))
-    if examples and examples[0].images and not hasattr(processor, "prepare_examples"):
+    rendered = [
+        (ex, processor.student_prompt(ex), processor.teacher_prompt(ex))
+        for ex in examples[: args.n]
+    ]
+    if rendered and rendered[0][0].images and not rendered[0][1].mm_inputs:
         lines.append("NOTE: examples carry images but the model is text-only: images are ignored")
-    for k, ex in enumerate(examples[: args.n]):
-        student, teacher = processor.student_prompt(ex), processor.teacher_prompt(ex)
+    for k, (ex, student, teacher) in enumerate(rendered):
         lines.append(f"\n==== example {k + 1}/{min(args.n, len(examples))}: {ex.id} ====")
         lines.append(f"---- student prompt ({len(student.input_ids)} tokens) ----")
-        lines += render_prompt(student, processor)
+        lines += render_prompt(student)
         lines.append(f"---- teacher prompt ({len(teacher.input_ids)} tokens) ----")
-        lines += render_prompt(teacher, processor)
+        lines += render_prompt(teacher)
     text = "\n".join(lines) + "\n"
     out = Path(args.output or Path(cfg.run_dir) / "data_inspect.txt")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,27 @@
-"""What the trainer supports under each accelerate distributed engine, checked at start-up."""
+"""The run's Accelerator, and what the trainer supports under each accelerate distributed
+engine, checked at start-up."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from opsd_mm.config import ConfigError, RunConfig
+
+
+def make_accelerator(cfg: RunConfig) -> Any:
+    """The run's one ``accelerate.Accelerator``: ``trainer.mixed_precision`` (``auto``: bf16 on
+    CUDA, none on CPU), the trackers of ``logging.report_to``, ``run_dir`` as project dir.
+    Made once per run by ``opsd_mm.setup`` and handed to the trainer."""
+    from accelerate import Accelerator
+
+    mp = cfg.trainer.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(
+        mixed_precision=mp, log_with=cfg.logging.report_to or None, project_dir=cfg.run_dir
+    )
 
 
 def check_distributed_support(cfg: RunConfig, acc: Any) -> None:

@@ -11,7 +11,9 @@ fused loss once the matmuls run on tensor cores, so this is where its speed come
 :func:`token_divergence` stays the reference: ``tests/test_divergence_grad.py`` checks values
 and gradients against autograd through it (fp64 and fp32, every mode, clips, temperatures,
 extreme logits). Top-k supports (gather/renormalise/tail bucket) keep the autograd path:
-:func:`has_closed_form` says which settings are covered.
+:func:`has_closed_form` says which settings are covered. The clips and the sampled-token
+advantage are not re-coded here: :func:`opsd_mm.divergences.apply_clips` (in place) and
+:func:`opsd_mm.divergences.sampled_pg_loss` serve both paths; only the gradients are new.
 
 Notation (shapes [c, V] unless said): z the student logits, tau the temperature,
 s = log_softmax(z / tau), S = exp(s); t, T the teacher's. For a loss L = sum_v terms_v(s), with
@@ -41,8 +43,11 @@ import torch.nn.functional as F
 from opsd_mm.config import LossConfig
 from opsd_mm.divergences import (
     DivergenceOut,
+    apply_clips,
     loss_temperature,
     sampled_logprob_N,
+    sampled_pg_loss,
+    sampled_token_logprobs,
     validate_loss_config,
 )
 
@@ -77,6 +82,7 @@ def divergence_and_grad(
     returned in that dtype. The inputs are left untouched. Raises ValueError for settings
     without a closed form (top-k).
     """
+    validate_loss_config(cfg)
     return consume_divergence_and_grad([student_logits_NV, teacher_logits_NV], sampled_ids_N, cfg)
 
 
@@ -93,9 +99,9 @@ def consume_divergence_and_grad(
     freed mid-computation (arguments passed directly stay referenced by the caller until the call
     returns). Buffers are reused in place where the formulas allow, so the working set stays at
     six fp32 [N, V] tensors for the JSD, four for the other modes (the fused path's per-chunk
-    peak; bench/chunk_working_set.py).
+    peak; bench/chunk_working_set.py). ``cfg`` is not checked again here, per chunk: the
+    callers check it once (:func:`divergence_and_grad`, ``fused_divergence``, config load).
     """
-    validate_loss_config(cfg)
     n_vocab = logits[0].shape[-1]
     if not has_closed_form(cfg, n_vocab):
         raise ValueError(
@@ -115,18 +121,10 @@ def consume_divergence_and_grad(
     teacher_entropy_N = _entropy_N(T_NV, t_NV)
 
     if cfg.divergence == "sampled_pg":
-        if sampled_ids_N is None:
-            raise ValueError("loss.divergence=sampled_pg needs the sampled token ids")
-        ids_N1 = sampled_ids_N.long()[:, None]
-        s_y_N = s_NV.gather(-1, ids_N1).squeeze(-1)
-        div_N = s_y_N - t_NV.gather(-1, ids_N1).squeeze(-1)
+        ids_N1, s_y_N = sampled_token_logprobs(s_NV, sampled_ids_N)
+        t_y_N = t_NV.gather(-1, ids_N1).squeeze(-1)
         del s_NV, t_NV, T_NV
-        cost_N, clipped_N = div_N, torch.zeros_like(div_N)
-        if cfg.token_clip is not None:
-            clipped_N = (div_N > cfg.token_clip).to(dtype)
-            cost_N = div_N.clamp(max=cfg.token_clip)
-        advantage_N = -cost_N
-        loss_N = -advantage_N * s_y_N
+        loss_N, div_N, clipped_N, advantage_N = sampled_pg_loss(s_y_N, t_y_N, cfg)
         grad_NV = S_NV.mul_(advantage_N[:, None])  # S is not needed any more: reuse its memory
         grad_NV.scatter_add_(-1, ids_N1, -advantage_N[:, None])
     else:
@@ -134,22 +132,13 @@ def consume_divergence_and_grad(
         sides = [s_NV, t_NV, T_NV]
         del s_NV, t_NV, T_NV
         terms_NV, g_NV = _consume_terms_and_grad(sides, S_NV, cfg.divergence, cfg.beta)
-        if cfg.pointwise_clip is not None:
-            over_NV = terms_NV > cfg.pointwise_clip
-            div_N = terms_NV.sum(-1)
-            clipped_N = over_NV.to(dtype).mean(-1)
-            loss_N = terms_NV.clamp_(max=cfg.pointwise_clip).sum(-1)
+        # The clips' zero-gradient entries and rows, as ``clamp`` would give them.
+        loss_N, div_N, clipped_N, over_NV, over_N = apply_clips(terms_NV, cfg, in_place=True)
+        del terms_NV
+        if over_NV is not None:
             g_NV.masked_fill_(over_NV, 0.0)
             del over_NV
-        else:
-            loss_N = terms_NV.sum(-1)
-            div_N = loss_N
-            clipped_N = torch.zeros_like(div_N)
-        del terms_NV
-        if cfg.token_clip is not None:
-            over_N = loss_N > cfg.token_clip
-            clipped_N = torch.where(over_N, torch.ones_like(clipped_N), clipped_N)
-            loss_N = loss_N.clamp(max=cfg.token_clip)
+        if over_N is not None:
             g_NV.masked_fill_(over_N[:, None], 0.0)
         # Through the log-softmax: dL/dz = g - S * sum(g); in place in g.
         g_sum_N1 = g_NV.sum(-1, keepdim=True)

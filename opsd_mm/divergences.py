@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,81 @@ def divergence_terms(
     return beta * (t.exp() * (t - m)) + (1.0 - beta) * (s.exp() * (s - m))
 
 
+class Clips(NamedTuple):
+    """What :func:`apply_clips` returns. ``loss_N`` is what to backpropagate (differentiable
+    when the terms are); ``div_N`` (unclipped) and ``clipped_N`` are for metrics. ``over_NK``
+    (bool, point-wise clip) and ``over_N`` (bool, token clip) are the entries and rows whose
+    gradient is zero, None when that clip is off: a closed-form gradient zeroes them."""
+
+    loss_N: torch.Tensor
+    div_N: torch.Tensor
+    clipped_N: torch.Tensor
+    over_NK: torch.Tensor | None
+    over_N: torch.Tensor | None
+
+
+def apply_clips(terms_NK: torch.Tensor, cfg: LossConfig, *, in_place: bool = False) -> Clips:
+    """Sum the per-entry divergence terms [N, K] to per-token losses [N], with both clips.
+
+    ``cfg.pointwise_clip`` c: each term is clamped to at most c before the sum (the OPSD
+    reference's clip; see :func:`token_divergence`); ``clipped_N`` is the fraction of clamped
+    entries. ``cfg.token_clip`` c: the per-token loss is clamped to at most c; ``clipped_N`` is
+    1 on such rows. ``div_N`` is the unclipped sum either way.
+
+    ``in_place`` clamps ``terms_NK`` in its own memory (the closed-form path, which holds no
+    autograd graph and counts its [N, V] buffers); the naive path keeps the clamp out of place
+    so autograd sees it.
+    """
+    c = cfg.pointwise_clip
+    over_NK = over_N = None
+    if c is not None:
+        over_NK = terms_NK.detach() > c
+        div_N = terms_NK.detach().sum(-1)
+        clipped_N = over_NK.to(terms_NK.dtype).mean(-1)
+        loss_N = (terms_NK.clamp_(max=c) if in_place else terms_NK.clamp(max=c)).sum(-1)
+    else:
+        loss_N = terms_NK.sum(-1)
+        div_N = loss_N.detach()
+        clipped_N = torch.zeros_like(div_N)
+    if cfg.token_clip is not None:
+        over_N = loss_N.detach() > cfg.token_clip
+        clipped_N = torch.where(over_N, torch.ones_like(clipped_N), clipped_N)
+        loss_N = loss_N.clamp(max=cfg.token_clip)
+    return Clips(loss_N, div_N, clipped_N, over_NK, over_N)
+
+
+def sampled_token_logprobs(
+    logp_NV: torch.Tensor, sampled_ids_N: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, 1], log p(y) [N]) of the sampled tokens; a ValueError without ids (the one
+    mode that needs them, ``sampled_pg``)."""
+    if sampled_ids_N is None:
+        raise ValueError("loss.divergence=sampled_pg needs the sampled token ids")
+    ids_N1 = sampled_ids_N.long()[:, None]
+    return ids_N1, logp_NV.gather(-1, ids_N1).squeeze(-1)
+
+
+def sampled_pg_loss(
+    student_y_N: torch.Tensor, teacher_y_N: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sampled_pg`` from the log-probabilities of the sampled tokens y, [N] each ->
+    (loss_N, div_N, clipped_N, advantage_N).
+
+    div_N = log p_s(y) - log p_t(y) (detached, the single-sample estimate of KL(S || T));
+    advantage_N = -min(div_N, token_clip) (the clip caps how hard an over-confident token is
+    pushed down; ``clipped_N`` 1 where it binds); loss_N = -advantage_N * log p_s(y), whose
+    gradient w.r.t. the student logits is advantage_N * (S - onehot(y)).
+    """
+    div_N = (student_y_N - teacher_y_N).detach()
+    cost_N = div_N
+    clipped_N = torch.zeros_like(div_N)
+    if cfg.token_clip is not None:
+        clipped_N = (div_N > cfg.token_clip).to(div_N.dtype)
+        cost_N = div_N.clamp(max=cfg.token_clip)
+    advantage_N = -cost_N
+    return -advantage_N * student_y_N, div_N, clipped_N, advantage_N
+
+
 def _entropy_N(logp_NV: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return -(logp_NV.exp() * logp_NV).sum(-1)
@@ -240,34 +316,13 @@ def token_divergence(
     student_logprob_N = sampled_logprob_N(student_logits_NV, s_logp_NV, sampled_ids_N, cfg)
 
     if cfg.divergence == "sampled_pg":
-        if sampled_ids_N is None:
-            raise ValueError("loss.divergence=sampled_pg needs the sampled token ids")
-        ids_N1 = sampled_ids_N.long()[:, None]
-        s_y_N = s_logp_NV.gather(-1, ids_N1).squeeze(-1)
+        ids_N1, s_y_N = sampled_token_logprobs(s_logp_NV, sampled_ids_N)
         t_y_N = t_logp_NV.gather(-1, ids_N1).squeeze(-1)
-        div_N = (s_y_N - t_y_N).detach()
-        cost_N = div_N
-        clipped_N = torch.zeros_like(div_N)
-        if cfg.token_clip is not None:
-            clipped_N = (div_N > cfg.token_clip).to(dtype)
-            cost_N = div_N.clamp(max=cfg.token_clip)
-        advantage_N = -cost_N
-        loss_N = -advantage_N * s_y_N
+        loss_N, div_N, clipped_N, _ = sampled_pg_loss(s_y_N, t_y_N, cfg)
     else:
         s_NK, t_NK = _support_log_probs(s_logp_NV, t_logp_NV, cfg)
         terms_NK = divergence_terms(s_NK, t_NK, cfg.divergence, cfg.beta)
-        if cfg.pointwise_clip is not None:
-            div_N = terms_NK.detach().sum(-1)
-            clipped_N = (terms_NK.detach() > cfg.pointwise_clip).to(dtype).mean(-1)
-            loss_N = terms_NK.clamp(max=cfg.pointwise_clip).sum(-1)
-        else:
-            loss_N = terms_NK.sum(-1)
-            div_N = loss_N.detach()
-            clipped_N = torch.zeros_like(div_N)
-        if cfg.token_clip is not None:
-            over_N = loss_N.detach() > cfg.token_clip
-            clipped_N = torch.where(over_N, torch.ones_like(clipped_N), clipped_N)
-            loss_N = loss_N.clamp(max=cfg.token_clip)
+        loss_N, div_N, clipped_N, _, _ = apply_clips(terms_NK, cfg)
 
     return DivergenceOut(
         loss_N=loss_N,

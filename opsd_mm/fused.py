@@ -17,7 +17,7 @@ reference: both are tested against it, values and gradients.
 
 Consequences worth knowing: the forward pass does the backward work too (skipped when no input
 needs a gradient, e.g. under ``torch.no_grad``); the graph cannot be differentiated twice.
-Shape suffix ``c``: the tokens of one chunk (otherwise the legend of ``opsd_mm.types``).
+Shape suffixes: the legend of ``opsd_mm.types`` (``c``: the tokens of one chunk).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_mm.config import ConfigError, ModelConfig
+from opsd_mm.config import ConfigError, ModelConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,29 @@ def model_type_of(path: str, revision: str | None = None, trust_remote_code: boo
     return AutoConfig.from_pretrained(
         path, revision=revision, trust_remote_code=trust_remote_code
     ).model_type
+
+
+def check_model_family(cfg: RunConfig, model_type: str) -> None:
+    """The config checks that need the model's family: run right after its config.json is read
+    (``model_type``), before the processor or any weight loads. A ConfigError names the key.
+
+    - ``processor.kind`` set to a Qwen-VL family for a model that is not one;
+    - ``processor.student_prompt_format=specials_stripped`` for a vision-language model
+      (stripping special tokens would remove the vision start/end and image pad tokens).
+    """
+    p = cfg.processor
+    is_vl = model_type in VL_MODEL_TYPES
+    if p.kind not in ("auto", "text") and not is_vl:
+        raise ConfigError(
+            f"processor.kind={p.kind} but {cfg.model.name_or_path} is not a vision-language "
+            f"model (model_type {model_type!r}); use processor.kind=auto"
+        )
+    if is_vl and p.student_prompt_format != "chat_template":
+        raise ConfigError(
+            f"processor.student_prompt_format={p.student_prompt_format} is not supported for "
+            "vision-language models (stripping special tokens would remove the vision start/end "
+            "and image pad tokens the images are placed by); use chat_template"
+        )
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -109,9 +132,9 @@ def setup_trainable(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     if n_train == 0:
-        raise ValueError(
+        raise ConfigError(
             "no trainable parameters: model.lora.target_regex matched no module "
-            f"({cfg.lora.target_regex!r})"
+            f"({cfg.lora.target_regex!r}); check the regex against the model's module names"
         )
     log.info("trainable parameters: %d / %d (%.2f%%)", n_train, n_all, 100 * n_train / n_all)
     return model

@@ -66,6 +66,16 @@ class Teacher:
                     for n, v in saved.items():
                         params[n].copy_(v)
 
+    def head_weight(self, param: torch.Tensor | None) -> torch.Tensor | None:
+        """A teacher head parameter (lm_head weight or bias, taken inside :meth:`as_teacher`) as
+        it may be used after the block exits. An EMA teacher's trainable parameters are swapped
+        back to the student's when the block exits: such a parameter (full fine-tuning, where the
+        EMA covers the head) is copied; otherwise the tensor is shared (a frozen copy, the
+        LoRA base, or the live weights stay what they are). None stays None."""
+        if param is not None and self.cfg.kind == "ema" and param.requires_grad:
+            return param.detach().clone()
+        return param
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Call after each optimizer step (``step`` counts completed steps, from 1)."""

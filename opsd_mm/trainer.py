@@ -35,11 +35,11 @@ from opsd_mm import checkpoint as ckpt
 from opsd_mm import run_dir as rundir
 from opsd_mm.config import RunConfig, resolve_config, save_config
 from opsd_mm.data import ExampleStream
-from opsd_mm.distributed import check_distributed_support
-from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.distributed import check_distributed_support, make_accelerator
+from opsd_mm.divergences import DivergenceOut, loss_mask
 from opsd_mm.errors import UserError
-from opsd_mm.forward import completion_hidden, completion_logits, unwrap
-from opsd_mm.importance import weighted_loss_sum
+from opsd_mm.forward import unwrap
+from opsd_mm.loss import micro_batch_loss
 from opsd_mm.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -110,21 +110,15 @@ class Trainer:
         accelerator: Any = None,
         load_skips: dict[str, int] | None = None,
     ) -> None:
-        """``load_skips``: rows skipped or dropped while loading the data, by reason (the data
-        loader's ``LoadReport.reasons()``); logged as ``skipped/load/<reason>`` counters."""
-        from accelerate import Accelerator
-
+        """Built by ``opsd_mm.setup`` (which makes the model, processor, engine and the one
+        Accelerator). ``load_skips``: rows skipped or dropped while loading the data, by reason
+        (the data loader's ``LoadReport.reasons()``); logged as ``skipped/load/<reason>``
+        counters."""
         cfg = resolve_config(cfg)
         self.cfg = cfg
         tc = cfg.trainer
-        mp = tc.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=mp,
-            log_with=cfg.logging.report_to or None,
-            project_dir=cfg.run_dir,
-        )
+        # Normally made by opsd_mm.setup and passed in; made here only for direct library use.
+        self.accelerator = accelerator or make_accelerator(cfg)
         acc = self.accelerator
         check_distributed_support(cfg, acc)
         self.run_dir = Path(cfg.run_dir)
@@ -313,9 +307,7 @@ class Trainer:
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processor's step context (VL: each image encoded once for the whole step).
-        step_ctx = getattr(self.processor, "step_context", None)
-        step_scope = step_ctx(unwrap(self.model)) if step_ctx else nullcontext()
-        with step_scope:
+        with self.processor.step_context(unwrap(self.model)):
             for i in range(n_micro):
                 padding = i >= len(micro)
                 batch = self.processor.collate(micro[min(i, len(micro) - 1)]).to(acc.device)
@@ -465,57 +457,11 @@ class Trainer:
         timer: PhaseTimer,
         rollout_logprob_N: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DivergenceOut]:
-        """Teacher forward (no grad), student forward, per-token divergence -> loss * scale."""
-        cfg, acc = self.cfg, self.accelerator
-        width_C = batch.completion_ids_BC.shape[1]
-        mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
-        ids_N = batch.completion_ids_BC[mask_BC]
-        with acc.autocast():
-            with timer.phase("teacher"), torch.no_grad():
-                with self.teacher.as_teacher(unwrap(self.model)) as teacher_model:
-                    if cfg.loss.fused:
-                        t_hidden_BCH, t_head = completion_hidden(
-                            teacher_model, batch.teacher, width_C
-                        )
-                        t_hidden_NH = t_hidden_BCH[mask_BC]
-                        # An EMA teacher's head is swapped back out after this block: keep a copy
-                        # when the EMA covers it (full fine-tuning); otherwise share it.
-                        t_weight = t_head.weight
-                        if self.teacher.cfg.kind == "ema" and t_weight.requires_grad:
-                            t_weight = t_weight.detach().clone()
-                    else:
-                        t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[
-                            mask_BC
-                        ]
-            with timer.phase("student"):
-                if cfg.loss.fused:
-                    from opsd_mm.fused import fused_divergence
-
-                    s_hidden_BCH, s_head = completion_hidden(self.model, batch.student, width_C)
-                    loss, out = fused_divergence(
-                        s_hidden_BCH[mask_BC],
-                        t_hidden_NH,
-                        s_head.weight,
-                        ids_N,
-                        cfg.loss,
-                        bias_V=s_head.bias,
-                        teacher_weight_VH=t_weight,
-                        teacher_bias_V=t_head.bias,
-                        scale=scale,
-                        chunk_size=cfg.loss.chunk_size or None,
-                        compile=cfg.loss.compile,
-                        rollout_logprob_N=rollout_logprob_N,
-                    )
-                else:
-                    s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
-                    out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
-                    loss = scale * weighted_loss_sum(
-                        out.loss_N,
-                        out.student_logprob_N,
-                        rollout_logprob_N,
-                        cfg.loss.importance_clip,
-                    )
-        return loss, out
+        """Teacher forward, student forward, loss * scale (``opsd_mm/loss.py``), in autocast."""
+        with self.accelerator.autocast():
+            return micro_batch_loss(
+                batch, self.model, self.teacher, scale, self.cfg.loss, timer, rollout_logprob_N
+            )
 
     # ------------------------------------------------------------------ helpers
 

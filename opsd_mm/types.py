@@ -1,12 +1,17 @@
 """Plain data passed between processors, rollout engines and the trainer.
 
-Shape-suffix legend (used across the code base):
-    B  sequences in a batch (prompts x samples)     P  prompt width (left-padded)
-    C  completion width (right-padded)              T  total width, T = P + C
+Shape-suffix legend (every letter used in opsd_mm/ and processors/):
+    B  sequences in a batch (prompts x samples)     P  prompt width (left-padded); in a nested
+    C  completion width (right-padded)                 list (``rollouts_P_G``), the prompts
+    T  total width, T = P + C                       G  samples per prompt
     V  vocabulary size                              H  hidden size
-    N  selected (masked-in) completion tokens       G  samples per prompt
+    N  selected (masked-in) completion tokens       K  divergence support entries per token
+    c  tokens of one chunk (the fused loss)            (V; the teacher's top k; or k + 1)
+    S  per-token statistics rows (the fused loss)   W  processes (world size)
+    D  vision patch features (a Qwen-VL tower)      M  reference image hashes (contamination)
+    1, 2 ...  a literal size (``ids_N1`` is [N, 1]; ``both_2cV`` stacks two chunks)
 A tensor named ``logits_BCV`` has shape [B, C, V]; a nested list ``rollouts_P_G`` is indexed
-[prompt][sample].
+[prompt][sample]. ``width_P`` / ``width_C`` name the widths themselves.
 
 Sequence layout shared by both sides of a pair (the alignment invariant):
     [pad ... pad | prompt tokens | completion tokens | pad ... pad]
@@ -20,7 +25,9 @@ column P - 1 + j.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -165,11 +172,34 @@ class PairBatch:
 
 class Processor(Protocol):
     """Turns examples into prompts and pairs into model inputs. Only processors know about
-    chat templates, images and model families; the trainer sees this protocol alone."""
+    chat templates, images and model families; the trainer sees this protocol alone.
+
+    Everything the core calls is declared here and called directly (no probing). A processor
+    without images implements the image hooks as no-ops: ``prepare_examples`` returns the
+    examples unchanged, ``bad_images`` stays empty, ``step_context`` is a ``nullcontext()``
+    (``processors/text.py``)."""
 
     pad_token_id: int
     eos_token_ids: list[int]
     suppress_token_ids: list[int]
+    # Decodes completions for rendered samples (``opsd_mm.samples``): ``decode(ids, ...)``.
+    tokenizer: Any
+    # The errors of the examples the last ``prepare_examples`` dropped (policy ``skip``).
+    bad_images: list[BadImageError]
+
+    def prepare_examples(
+        self, examples: Sequence[Example], data_dir: str | Path | None = None
+    ) -> list[Example]:
+        """Called once on the loaded data, before training: check every image under
+        ``processor.bad_image_policy`` (raise at the first bad one, or drop its example and
+        record the error in ``bad_images``); relative image paths resolve against
+        ``data_dir``. Returns the kept examples."""
+        ...
+
+    def step_context(self, model: torch.nn.Module) -> AbstractContextManager[Any]:
+        """Wraps one optimizer step's teacher and student forwards on ``model`` (the unwrapped
+        student), e.g. to encode each image once for both sides."""
+        ...
 
     def student_prompt(self, ex: Example) -> Prompt: ...
 

@@ -12,11 +12,14 @@ privileged-text truncation, ``pair``) are shared with the VL processor (:mod:`.b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from opsd_mm.config import ProcessorConfig
-from opsd_mm.types import Example, Pair, PairBatch, Prompt, SideBatch
+from opsd_mm.types import BadImageError, Example, Pair, PairBatch, Prompt, SideBatch
 
 from . import base
 from .collate import pack_side, pair_batch
@@ -78,6 +81,7 @@ class TextProcessor(base.ProcessorBase):
     ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg or ProcessorConfig()
+        self.bad_images: list[BadImageError] = []  # no images: never filled
         self.student_template: PromptTemplate = get_template(self.cfg.student_template, "student")
         self.teacher_template: PromptTemplate = get_template(self.cfg.teacher_template, "teacher")
         self.vocab_size = len(tokenizer)
@@ -119,6 +123,16 @@ class TextProcessor(base.ProcessorBase):
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         return cls(tokenizer, cfg, model_vocab_size=base.model_vocab_size_of(model_path))
+
+    def prepare_examples(
+        self, examples: Sequence[Example], data_dir: str | Path | None = None
+    ) -> list[Example]:
+        """No images to check: the examples, unchanged (``opsd_mm.types.Processor``)."""
+        return list(examples)
+
+    def step_context(self, model: torch.nn.Module) -> AbstractContextManager[Any]:
+        """Nothing to share between a step's forwards: a no-op context."""
+        return nullcontext()
 
     # ------------------------------------------------------------------------- prompts
 

@@ -190,3 +190,23 @@ def test_thinking_mismatch_is_an_error_unless_allowed():
         None, ["processor.student_thinking=true", "processor.allow_thinking_mismatch=true"]
     )
     assert cfg.processor.student_thinking and not cfg.processor.teacher_thinking
+
+
+def test_vl_kind_with_specials_stripped_fails_at_load():
+    with pytest.raises(ConfigError, match="processor.student_prompt_format"):
+        load_config(
+            None, ["processor.kind=qwen2_5_vl", "processor.student_prompt_format=specials_stripped"]
+        )
+
+
+def test_model_family_checks_name_the_key():
+    """Run right after the model's config.json is read, before any weight loads."""
+    from opsd_mm.models import check_model_family
+
+    check_model_family(load_config(None, []), "qwen2")
+    with pytest.raises(ConfigError, match="processor.kind=qwen3_vl"):
+        check_model_family(load_config(None, ["processor.kind=qwen3_vl"]), "qwen3")
+    stripped = load_config(None, ["processor.student_prompt_format=specials_stripped"])
+    check_model_family(stripped, "qwen3")
+    with pytest.raises(ConfigError, match="processor.student_prompt_format"):
+        check_model_family(stripped, "qwen2_5_vl")

@@ -141,9 +141,10 @@ def test_ema_teacher_follows_formula(tiny_cache, tmp_path, tiny_text_dir):
 
 
 def test_nonfinite_loss_skips_counts_and_aborts(tiny_cache, tmp_path, tiny_text_dir, monkeypatch):
+    from opsd_mm import loss as loss_mod
     from opsd_mm import trainer as trainer_mod
 
-    real = trainer_mod.token_divergence
+    real = loss_mod.token_divergence
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -160,13 +161,13 @@ def test_nonfinite_loss_skips_counts_and_aborts(tiny_cache, tmp_path, tiny_text_
     )
     trainer = build_trainer(cfg)
     before = _snapshot(trainer.model)
-    monkeypatch.setattr(trainer_mod, "token_divergence", poisoned)
+    monkeypatch.setattr(loss_mod, "token_divergence", poisoned)
     m = trainer.train_step()
     assert m["skipped"] and m["nonfinite_steps"] == 1
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     with pytest.raises(trainer_mod.NonFiniteLossError, match="max_bad_steps_in_row=2"):
         trainer.train_step()
-    monkeypatch.setattr(trainer_mod, "token_divergence", real)
+    monkeypatch.setattr(loss_mod, "token_divergence", real)
 
 
 def test_accumulation_matches_one_big_batch(tiny_cache, tmp_path, tiny_text_dir):

@@ -1,0 +1,86 @@
+"""The loss of one micro-batch: teacher forward, student forward, per-token divergence.
+
+Why one entry point: the trainer should not know which path computes the loss. Here the
+``loss.fused`` choice is made (the fused, chunked path from hidden states and the lm_head
+weight, ``opsd_mm.fused``; or the naive reference on materialised logits,
+``opsd_mm.divergences``), and the teacher's head is taken through :meth:`Teacher.head_weight`,
+so that an EMA teacher whose head is swapped back after its forward still scores with its own
+weights. The trainer calls :func:`micro_batch_loss` once per micro-batch, inside its autocast.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from opsd_mm.config import LossConfig
+from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.forward import completion_hidden, completion_logits, unwrap
+from opsd_mm.importance import weighted_loss_sum
+from opsd_mm.metrics import PhaseTimer
+from opsd_mm.teacher import Teacher
+from opsd_mm.types import PairBatch
+
+
+def _phase(timer: PhaseTimer | None, name: str) -> AbstractContextManager:
+    return timer.phase(name) if timer is not None else nullcontext()
+
+
+def micro_batch_loss(
+    batch: PairBatch,
+    model: torch.nn.Module,
+    teacher: Teacher,
+    scale: float,
+    cfg: LossConfig,
+    timer: PhaseTimer | None = None,
+    rollout_logprob_N: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, DivergenceOut]:
+    """``scale * sum_n loss_n`` over the micro-batch's loss tokens, and the per-token stats.
+
+    The teacher scores the completion in the teacher context under ``torch.no_grad`` (phase
+    ``teacher``); the student in the student context with gradients (phase ``student``). The
+    loss tokens are the completion tokens minus the first ``cfg.skip_first_tokens`` of each
+    row (:func:`loss_mask`); ``scale`` is the trainer's normalisation (``loss.normalize``).
+    ``model`` is the (possibly accelerate-wrapped) student; the teacher runs on its unwrapped
+    module, as :meth:`Teacher.as_teacher` swaps weights on it. ``rollout_logprob_N``: the
+    rollout engine's log-probs of the loss tokens, for ``loss.importance_clip``
+    (``opsd_mm.importance``); the per-token losses are then weighted by the truncated ratios.
+    """
+    width_C = batch.completion_ids_BC.shape[1]
+    mask_BC = loss_mask(batch.completion_mask_BC, cfg.skip_first_tokens)
+    ids_N = batch.completion_ids_BC[mask_BC]
+    with _phase(timer, "teacher"), torch.no_grad():
+        with teacher.as_teacher(unwrap(model)) as teacher_model:
+            if cfg.fused:
+                t_hidden_BCH, t_head = completion_hidden(teacher_model, batch.teacher, width_C)
+                t_hidden_NH = t_hidden_BCH[mask_BC]
+                t_weight_VH = teacher.head_weight(t_head.weight)
+                t_bias_V = teacher.head_weight(t_head.bias)
+            else:
+                t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[mask_BC]
+    with _phase(timer, "student"):
+        if cfg.fused:
+            from opsd_mm.fused import fused_divergence
+
+            s_hidden_BCH, s_head = completion_hidden(model, batch.student, width_C)
+            return fused_divergence(
+                s_hidden_BCH[mask_BC],
+                t_hidden_NH,
+                s_head.weight,
+                ids_N,
+                cfg,
+                bias_V=s_head.bias,
+                teacher_weight_VH=t_weight_VH,
+                teacher_bias_V=t_bias_V,
+                scale=scale,
+                chunk_size=cfg.chunk_size or None,
+                compile=cfg.compile,
+                rollout_logprob_N=rollout_logprob_N,
+            )
+        s_logits_NV = completion_logits(model, batch.student, width_C)[mask_BC]
+        out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg)
+        loss = weighted_loss_sum(
+            out.loss_N, out.student_logprob_N, rollout_logprob_N, cfg.importance_clip
+        )
+        return loss * scale, out
