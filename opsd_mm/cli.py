@@ -13,9 +13,6 @@ from typing import Any
 from opsd_mm.config import RunConfig, load_config
 from opsd_mm.errors import DEBUG_ENV, debug_requested, run_command
 
-# The set-up helpers under their former names here (the demo and scripts import them from cli).
-from opsd_mm.setup import build_engine, set_seed  # noqa: F401
-
 
 def processor_path(cfg: RunConfig) -> str:
     from opsd_mm.models import resolve_model_path

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from opsd_mm.demo_tasks import make_text_task, make_vision_task, solution
+from opsd_mm.demo.tasks import make_text_task, make_vision_task, solution
 
 
 def test_text_task_holds_out_expressions():
@@ -39,9 +39,9 @@ def test_vision_task_codes_and_traces():
 
 def test_sft_trains_on_completion_tokens_only(tiny_text_dir):
     from opsd_mm.config import ModelConfig, ProcessorConfig
+    from opsd_mm.demo.sft import make_items, sft_loss, train_sft
     from opsd_mm.models import load_model
     from opsd_mm.processors.text import TextProcessor
-    from opsd_mm.sft import make_items, sft_loss, train_sft
 
     proc = TextProcessor.from_pretrained(
         tiny_text_dir, ProcessorConfig(student_template="plain", teacher_template="hint_v1")
@@ -105,7 +105,7 @@ def test_default_demo_is_one_seed_and_full_is_three():
 
 
 def test_demo_report_judges_learning_never_time():
-    from opsd_mm.demo_report import checks, table, time_line
+    from opsd_mm.demo.report import checks, table, time_line
 
     def run(acc: float) -> dict:
         return {"test_acc": acc, "rollout_tokens": 100, "train_s": 9999.0}

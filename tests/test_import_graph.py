@@ -20,10 +20,6 @@ CORE = Path(opsd_mm.__file__).parent
 WIRED = ("opsd_mm.processors", "opsd_mm.eval", "opsd_mm.demo")
 # The only core module allowed to import the wired packages.
 WIRING_MODULES = {"opsd_mm.cli"}
-# The demo's modules still live in the core while they move to their own package (issue 15);
-# until then they are left out of the graph (they import cli.py, which imports them back).
-MOVING = {"opsd_mm.demo", "opsd_mm.demo_plot", "opsd_mm.demo_report", "opsd_mm.demo_tasks",
-          "opsd_mm.sft"}  # fmt: skip
 
 
 def _module_name(path: Path) -> str:
@@ -51,8 +47,7 @@ def _graph() -> dict[str, set[str]]:
     graph = {}
     for path in sorted(CORE.glob("*.py")):
         name = _module_name(path)
-        if name not in MOVING:
-            graph[name] = {m for m in _imports(path) if m not in MOVING and m != name}
+        graph[name] = {m for m in _imports(path) if m != name}
     return graph
 
 

@@ -37,9 +37,9 @@ def warm_start(base: str, template_name: str, cfg, out: Path) -> Path:
     from transformers import AutoProcessor, AutoTokenizer
 
     from opsd_mm.data import load_examples
+    from opsd_mm.demo.sft import make_items, train_sft
     from opsd_mm.models import VL_MODEL_TYPES, load_model, model_type_of
     from opsd_mm.processors import build_processor
-    from opsd_mm.sft import make_items, train_sft
 
     template = (TEMPLATES / f"{template_name}.jinja").read_text(encoding="utf-8")
     model_type = model_type_of(base)

@@ -1,7 +1,7 @@
 """``opsd-mm demo``: OPSD teaching tiny models something only the privileged context knows.
 
-Offline and self-contained: for each task (``opsd_mm.demo_tasks``) the demo builds a tiny model
-from the project's fixtures, warm-starts it with our own SFT loop (``opsd_mm.sft``: a skill in a
+Offline and self-contained: for each task (``opsd_mm.demo.tasks``) the demo builds a tiny model
+from the project's fixtures, warm-starts it with our own SFT loop (``opsd_mm.demo.sft``: a skill in a
 known phrasing from the student context, the target phrasing only from the teacher context),
 then for each seed trains (a) OPSD with the real ``Trainer`` (fixed teacher = the warm start with
 the LoRA adapter off) and (b) an SFT baseline on the reference solutions for the same number of
@@ -15,8 +15,9 @@ runs three. The warm start is shared by the seeds: it is one fixed-seed checkpoi
 a checked-in checkpoint would be), so the seeds measure the spread of OPSD itself - LoRA init,
 rollout sampling and data order. ``--task-seed`` changes the data and warm start.
 
-Processors and evaluation reach it through ``Wiring``, handed in by ``cli.py``, so the core
-still never imports them.
+Processors and evaluation reach it through ``Wiring``, handed in by ``cli.py`` (the one module
+that wires the packages together); the trainer comes from ``opsd_mm.setup``, the path
+``opsd-mm train`` uses.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from typing import Any
 import torch
 
 from opsd_mm.config import ModelConfig, ProcessorConfig, load_config, save_config
-from opsd_mm.demo_report import checks, table, time_line
-from opsd_mm.demo_tasks import N_TEST, N_VAL, TaskData, make_text_task, make_vision_task, solution
+from opsd_mm.demo.report import checks, table, time_line
+from opsd_mm.demo.tasks import N_TEST, N_VAL, TaskData, make_text_task, make_vision_task, solution
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,8 @@ def warm_start(
     """Full fine-tuning of the random tiny model: the skill in the known phrasing (student
     context), then the mixture with the target phrasing in the teacher context. Saved as a
     self-contained model directory (weights + the base's tokenizer/processor files)."""
+    from opsd_mm.demo.sft import make_items, train_sft
     from opsd_mm.models import load_model
-    from opsd_mm.sft import make_items, train_sft
 
     t0 = time.perf_counter()
     model = load_model(base, ModelConfig(dtype="float32"))
@@ -290,10 +291,9 @@ def run_opsd(
 ) -> dict:
     """OPSD with the project's Trainer on in-memory examples (as ``build_trainer`` wires it),
     stepping ``train_step`` so that validation accuracy can be measured along the way."""
-    from opsd_mm.cli import build_engine, set_seed
+    from opsd_mm.forward import unwrap
     from opsd_mm.metrics import MetricsWriter
-    from opsd_mm.models import load_model, setup_trainable
-    from opsd_mm.trainer import Trainer
+    from opsd_mm.setup import set_seed, trainer_from_examples
 
     cfg = load_config(
         None,
@@ -317,10 +317,9 @@ def run_opsd(
         ],
     )
     t0 = time.perf_counter()
-    set_seed(seed)
-    model = setup_trainable(load_model(str(warm), cfg.model), cfg.model)
-    engine = build_engine(cfg, model, str(warm), processor)
-    trainer = Trainer(cfg, model=model, processor=processor, engine=engine, examples=task.train)
+    set_seed(seed)  # the LoRA initialisation follows the seed
+    trainer = trainer_from_examples(cfg, processor, task.train, model_path=str(warm))
+    model = unwrap(trainer.model)  # what the evaluations generate with
     save_config(cfg, run_dir / "config.yaml")
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     rollouts_per_step = cfg.trainer.batch_size * cfg.rollout.n
@@ -374,10 +373,10 @@ def run_sft_baseline(
 ) -> dict:
     """SFT on the reference solutions from the student context: same LoRA, learning rate,
     schedule and steps as OPSD, as many sequences per step as OPSD has rollouts."""
-    from opsd_mm.cli import set_seed
     from opsd_mm.config import LoraConfig
+    from opsd_mm.demo.sft import make_items, train_sft
     from opsd_mm.models import load_model, setup_trainable
-    from opsd_mm.sft import make_items, train_sft
+    from opsd_mm.setup import set_seed
 
     opsd_cfg = load_config(None, list(recipe.opsd))
     mcfg = ModelConfig(dtype="float32", lora=LoraConfig(r=16, alpha=32))
@@ -651,7 +650,7 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     print(f"\n{time_line(total_s, machine)}")
     for line in lines:
         print(line)
-    from opsd_mm.demo_plot import plot_results
+    from opsd_mm.demo.plot import plot_results
 
     plot_results(results, run_dir / "accuracy_loss.png")
     summary = {

@@ -10,7 +10,7 @@ the teacher is a literal reader of its privileged text, which decides the design
   this: with full worked traces, OPSD left held-out accuracy flat (12% -> 10%) while corrupting
   arithmetic. So each task's privileged text carries the missing *knowledge* and leaves the
   computation to the model, whose teacher then agrees with any self-consistent rollout.
-- The warm start (``opsd_mm.sft``) learns a skill in one phrasing from the student context, and
+- The warm start (``opsd_mm.demo.sft``) learns a skill in one phrasing from the student context, and
   the target phrasing only in the teacher context. From the question alone it cannot map the new
   phrasing onto its skill (near chance); with the privileged text it can (near 100%). OPSD must
   move that mapping into the weights; held-out items are never seen in any phrasing.
