@@ -108,7 +108,18 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
         examples=examples,
         accelerator=accelerator,
         load_skips=report.reasons(),
+        reward=build_reward(cfg),
     )
+
+
+def build_reward(cfg: RunConfig) -> Any:
+    """``loss.reward`` from evaluation's grading (``opsd_mm.eval.rewards``) when
+    ``loss.reward_weight`` > 0, else None (pure OPSD computes no reward)."""
+    if cfg.loss.reward_weight <= 0:
+        return None
+    from opsd_mm.eval.rewards import build_reward as build
+
+    return build(cfg.loss.reward, cfg.loss.reward_timeout)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
