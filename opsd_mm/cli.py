@@ -157,7 +157,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from opsd_mm.eval.examples import evaluate_examples
     from opsd_mm.processors import build_processor
 
-    return run_demo(args, Wiring(build_processor=build_processor, evaluate=evaluate_examples))
+    return run_demo(
+        args,
+        Wiring(
+            build_processor=build_processor, evaluate=evaluate_examples, build_reward=build_reward
+        ),
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
