@@ -279,7 +279,8 @@ class Trainer:
         with timer.phase("rollout"):
             rollouts_P_G = self.engine.generate(prompts, cfg.rollout.n, self._sampling())
         # 1b. reward (loss.reward_weight > 0): one advantage per completion, GRPO's.
-        advantages_P_G, reward_stats = self._advantages(examples, rollouts_P_G)
+        with timer.phase("reward") if self.reward is not None else nullcontext():
+            advantages_P_G, reward_stats = self._advantages(examples, rollouts_P_G)
 
         # 2. pair: the teacher context, followed by the same completion ids.
         pairs: list[Pair] = []

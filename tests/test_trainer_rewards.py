@@ -107,6 +107,7 @@ def test_constant_reward_gives_zero_pg_and_counts_groups(
     assert metrics["loss/reward_pg"] == 0.0 and metrics["loss"] == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
     assert metrics["reward_timeouts"] == 0 and metrics["reward_failures"] == 0
+    assert "time/reward" in metrics
 
 
 @pytest.mark.parametrize(
