@@ -151,7 +151,7 @@ class Progress:
         self.bar.close()
 
 
-def planned_work(name: str, plan: TaskPlan, n_seeds: int) -> float:
+def planned_work(name: str, plan: TaskPlan, n_seeds: int, reward_runs: int = 0) -> float:
     """Estimated seconds of one task (the progress bar's total): warm start, its four
     evaluations, then per seed OPSD and SFT with their validation and test evaluations."""
     recipe, steps, eval_every = plan.recipe, plan.steps, plan.eval_every
@@ -162,6 +162,7 @@ def planned_work(name: str, plan: TaskPlan, n_seeds: int) -> float:
     n_val_evals = -(-steps // eval_every)
     per_run = (n_val_evals * n_val + n_test) * item
     runs = steps * (STEP_COST[name, "opsd"] + STEP_COST[name, "sft"]) + 2 * per_run
+    runs += reward_runs * (steps * STEP_COST[name, "opsd"] + per_run)  # --compare-rewards
     return warm + n_seeds * runs
 
 
@@ -194,6 +195,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "machine, but stall badly when another process competes for the cores)",
     )
     parser.add_argument("--tiny-cache", default=None, help="cache dir of the tiny models")
+    parser.add_argument(
+        "--compare-rewards",
+        action="store_true",
+        help="also train GRPO (verifiable reward only) and the OPSD + reward hybrid with the same "
+        f"steps and rollouts, and plot accuracy against rollout tokens; seeds {FULL_SEEDS} unless "
+        "--seeds is given (demo/compare.py)",
+    )
 
 
 @dataclass(frozen=True)
@@ -205,6 +213,8 @@ class Wiring:
 
     build_processor: Callable[..., Any]
     evaluate: Callable[..., float]
+    # cli.build_reward (loss.reward -> opsd_mm.eval.rewards), for --compare-rewards.
+    build_reward: Callable[..., Any] | None = None
 
 
 # ----------------------------------------------------------------------------- phases
@@ -288,9 +298,11 @@ def run_opsd(
     curve0: float,
     wiring: Wiring,
     tick: Callable[[], None] = lambda: None,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """OPSD with the project's Trainer on in-memory examples (as ``build_trainer`` wires it),
-    stepping ``train_step`` so that validation accuracy can be measured along the way."""
+    stepping ``train_step`` so that validation accuracy can be measured along the way.
+    ``extra``: overrides after the recipe's (GRPO and the hybrid: ``loss.reward_weight``...)."""
     from opsd_mm.forward import unwrap
     from opsd_mm.metrics import MetricsWriter
     from opsd_mm.setup import set_seed, trainer_from_examples
@@ -314,22 +326,26 @@ def run_opsd(
             f"seed={seed}",
             f"run_dir={run_dir}",
             *recipe.opsd,
+            *extra,
         ],
     )
     t0 = time.perf_counter()
     set_seed(seed)  # the LoRA initialisation follows the seed
-    trainer = trainer_from_examples(cfg, processor, task.train, model_path=str(warm))
+    reward = wiring.build_reward(cfg) if wiring.build_reward else None
+    trainer = trainer_from_examples(cfg, processor, task.train, model_path=str(warm), reward=reward)
     model = unwrap(trainer.model)  # what the evaluations generate with
     save_config(cfg, run_dir / "config.yaml")
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     rollouts_per_step = cfg.trainer.batch_size * cfg.rollout.n
     curve, losses, tokens, eval_s = [(0, curve0)], [], 0, 0.0
+    curve_tokens, rewards = [0], []  # cumulative rollout tokens at each curve point
     try:
         while trainer.step < steps:
             metrics = trainer.train_step()
             tick()
             writer.write(metrics)
             losses.append(metrics["loss"])
+            rewards.append(metrics.get("reward/mean"))
             tokens += round(metrics["completion_len_mean"] * rollouts_per_step)
             if trainer.step % eval_every == 0 or trainer.step == steps:
                 t_eval = time.perf_counter()
@@ -342,6 +358,7 @@ def run_opsd(
                     task.max_new_tokens,
                 )
                 curve.append((trainer.step, acc))
+                curve_tokens.append(tokens)
                 eval_s += time.perf_counter() - t_eval
     finally:
         writer.close()
@@ -354,6 +371,8 @@ def run_opsd(
         "val_curve": curve,
         "loss": losses,
         "rollout_tokens": tokens,
+        "curve_tokens": curve_tokens,
+        "train_reward": rewards,
         "train_s": train_s,
     }
 
@@ -385,10 +404,12 @@ def run_sft_baseline(
     model = setup_trainable(load_model(str(warm), mcfg), mcfg)
     items = make_items(processor, task.train, "student", solution)
     curve, eval_s = [(0, curve0)], 0.0
+    curve_tokens, tokens = [0], 0  # cumulative training (target) tokens at each curve point
 
     def on_step(record: dict) -> None:
-        nonlocal eval_s
+        nonlocal eval_s, tokens
         tick()
+        tokens += record["tokens"]
         step = record["step"]
         if step % eval_every == 0 or step == steps:
             t_eval = time.perf_counter()
@@ -396,6 +417,7 @@ def run_sft_baseline(
                 model, processor, task.val, run_dir / "eval", f"val_step{step}", task.max_new_tokens
             )
             curve.append((step, acc))
+            curve_tokens.append(tokens)
             model.train()
             eval_s += time.perf_counter() - t_eval
 
@@ -418,6 +440,8 @@ def run_sft_baseline(
         "test_acc": test,
         "val_curve": curve,
         "loss": [h["loss"] for h in history],
+        "train_tokens": tokens,
+        "curve_tokens": curve_tokens,
         "train_s": train_s,
     }
 
@@ -485,7 +509,8 @@ def task_plan(name: str, args: argparse.Namespace) -> TaskPlan:
 
 def seed_list(args: argparse.Namespace) -> list[int]:
     """--seeds if given, else one seed (three with --full); --quick keeps the first."""
-    spec = args.seeds if args.seeds is not None else FULL_SEEDS if args.full else DEFAULT_SEEDS
+    full = args.full or getattr(args, "compare_rewards", False)
+    spec = args.seeds if args.seeds is not None else FULL_SEEDS if full else DEFAULT_SEEDS
     seeds = [int(s) for s in str(spec).split(",") if s.strip()]
     return seeds[:1] if args.quick else seeds
 
@@ -584,6 +609,30 @@ def run_task(
             tick=lambda: progress.add(STEP_COST[name, "sft"]),
         )
         per_seed[seed] = {"opsd": opsd, "sft": sft}
+        if getattr(args, "compare_rewards", False):
+            from opsd_mm.demo.compare import run_reward_methods
+
+            per_seed[seed].update(
+                run_reward_methods(
+                    name,
+                    lambda method, extra, seed=seed, sd=sd: run_opsd(
+                        task,
+                        recipe,
+                        warm_dir,
+                        processor,
+                        seed,
+                        steps,
+                        sd / method,
+                        eval_every,
+                        val0,
+                        wiring,
+                        tick=lambda: progress.add(STEP_COST[name, "opsd"]),
+                        extra=extra,
+                    ),
+                    progress.write,
+                    seed,
+                )
+            )
         progress.write(
             f"[{name}] seed {seed}: student {before:.1f}% -> OPSD {opsd['test_acc']:.1f}% "
             f"({opsd['train_s']:.0f}s), SFT {sft['test_acc']:.1f}% ({sft['train_s']:.0f}s)",
@@ -632,7 +681,11 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plans = {name: task_plan(name, args) for name in tasks}
-    progress = Progress(sum(planned_work(n, p, len(seeds)) for n, p in plans.items()))
+    compare = getattr(args, "compare_rewards", False)
+    if compare and wiring.build_reward is None:
+        raise SystemExit("--compare-rewards needs a reward (cli.py wires build_reward)")
+    reward_runs = 2 if compare else 0
+    progress = Progress(sum(planned_work(n, p, len(seeds), reward_runs) for n, p in plans.items()))
     t0 = time.perf_counter()
     try:
         results = {
@@ -653,6 +706,13 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     from opsd_mm.demo.plot import plot_results
 
     plot_results(results, run_dir / "accuracy_loss.png")
+    if compare:
+        from opsd_mm.demo.compare import compare_table, plot_tokens
+
+        text += "\n\n" + compare_table(results)
+        print(f"\n{compare_table(results)}")
+        plot_tokens(results, run_dir / "accuracy_tokens.png")
+        print(f"accuracy vs rollout tokens: {run_dir / 'accuracy_tokens.png'}")
     summary = {
         "args": vars(args) | {"func": None},
         "machine": machine,

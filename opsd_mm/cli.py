@@ -57,7 +57,17 @@ def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
     with the processors and benchmark loaders wired in here)."""
     from opsd_mm.setup import trainer_from_config
 
-    return trainer_from_config(cfg, data_wiring(), accelerator)
+    return trainer_from_config(cfg, data_wiring(), accelerator, reward=build_reward(cfg))
+
+
+def build_reward(cfg: RunConfig) -> Any:
+    """``loss.reward`` from evaluation's grading (``opsd_mm.eval.rewards``) when
+    ``loss.reward_weight`` > 0, else None (pure OPSD computes no reward)."""
+    if cfg.loss.reward_weight <= 0:
+        return None
+    from opsd_mm.eval.rewards import build_reward as build
+
+    return build(cfg.loss.reward, cfg.loss.reward_timeout)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -95,7 +105,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from opsd_mm.eval.examples import evaluate_examples
     from opsd_mm.processors import build_processor
 
-    return run_demo(args, Wiring(build_processor=build_processor, evaluate=evaluate_examples))
+    return run_demo(
+        args,
+        Wiring(
+            build_processor=build_processor, evaluate=evaluate_examples, build_reward=build_reward
+        ),
+    )
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -192,6 +192,17 @@ class LossConfig:
     # detached, multiplying the per-token loss (engine/trainer mismatch, stale weights); null:
     # off. See opsd_mm.importance.
     importance_clip: float | None = None
+    # Verifiable reward beside the teacher (docs/rewards.md): loss = distill_weight * the
+    # distillation term + reward_weight * the policy-gradient term -A * log p_s(y) on the sampled
+    # tokens, A the GRPO group-normalised advantage over the rollout.n samples of each prompt.
+    # reward_weight=0: pure OPSD (no reward is computed); distill_weight=0: plain GRPO.
+    reward_weight: float = 0.0
+    distill_weight: float = 1.0
+    # The reward: math (math-verify on the last \boxed{} against the example's answer; text and
+    # VL alike) or choice (a multiple-choice letter). Each item has reward_timeout seconds in the
+    # grading worker; a timeout scores 0 and is counted (reward/failed_timeout).
+    reward: Literal["math", "choice"] = "math"
+    reward_timeout: float = 10.0
 
 
 _DIVERGENCES = typing.get_args(typing.get_type_hints(LossConfig)["divergence"])
@@ -585,6 +596,25 @@ def validate_config(cfg: RunConfig) -> None:
         ("loss.token_clip", cfg.loss.token_clip),
     ):
         checks.append((key, clip, clip is None or clip > 0, "must be > 0 (null: no clip)"))
+    lo = cfg.loss
+    checks += [
+        ("loss.reward_weight", lo.reward_weight, lo.reward_weight >= 0, "must be >= 0 (0: off)"),
+        ("loss.distill_weight", lo.distill_weight, lo.distill_weight >= 0, "must be >= 0"),
+        (
+            "loss.distill_weight",
+            lo.distill_weight,
+            lo.distill_weight > 0 or lo.reward_weight > 0,
+            "0 together with loss.reward_weight=0 leaves no loss; set one of them > 0",
+        ),
+        ("loss.reward_timeout", lo.reward_timeout, lo.reward_timeout > 0, "must be > 0 seconds"),
+        (
+            "rollout.n",
+            r.n,
+            lo.reward_weight == 0 or r.n >= 2,
+            "must be >= 2 with loss.reward_weight > 0 (the advantage compares the samples of "
+            "one prompt; one sample gives advantage 0)",
+        ),
+    ]
     for key, value, ok, allowed in checks:
         _require(key, value, ok, allowed)
     if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":

@@ -15,10 +15,11 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from opsd_mm.config import LossConfig
-from opsd_mm.divergences import DivergenceOut, loss_mask, token_divergence
+from opsd_mm.divergences import DivergenceOut, loss_mask, loss_temperature, token_divergence
 from opsd_mm.forward import completion_hidden, completion_logits, unwrap
 from opsd_mm.importance import weighted_loss_sum
 from opsd_mm.metrics import PhaseTimer
+from opsd_mm.policy_gradient import pg_loss_N, sampled_logprob, sampled_logprob_fused
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import PairBatch
 
@@ -35,7 +36,8 @@ def micro_batch_loss(
     cfg: LossConfig,
     timer: PhaseTimer | None = None,
     rollout_logprob_N: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, DivergenceOut]:
+    advantage_B: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
     """``scale * sum_n loss_n`` over the micro-batch's loss tokens, and the per-token stats.
 
     The teacher scores the completion in the teacher context under ``torch.no_grad`` (phase
@@ -46,7 +48,13 @@ def micro_batch_loss(
     module, as :meth:`Teacher.as_teacher` swaps weights on it. ``rollout_logprob_N``: the
     rollout engine's log-probs of the loss tokens, for ``loss.importance_clip``
     (``opsd_mm.importance``); the per-token losses are then weighted by the truncated ratios.
+
+    With ``loss.reward_weight`` > 0 the loss is ``distill_weight * divergence + reward_weight *
+    (-A log p_s(y))``, both per token, summed and times ``scale`` (``opsd_mm.policy_gradient``);
+    ``advantage_B`` holds each row's group-normalised advantage A. The third value is the two
+    weighted terms, detached, [2] (distillation, policy gradient).
     """
+    w_d, w_r = cfg.distill_weight, cfg.reward_weight
     width_C = batch.completion_ids_BC.shape[1]
     mask_BC = loss_mask(batch.completion_mask_BC, cfg.skip_first_tokens)
     ids_N = batch.completion_ids_BC[mask_BC]
@@ -64,8 +72,9 @@ def micro_batch_loss(
             from opsd_mm.fused import fused_divergence
 
             s_hidden_BCH, s_head = completion_hidden(model, batch.student, width_C)
-            return fused_divergence(
-                s_hidden_BCH[mask_BC],
+            s_hidden_NH = s_hidden_BCH[mask_BC]
+            loss, out = fused_divergence(
+                s_hidden_NH,
                 t_hidden_NH,
                 s_head.weight,
                 ids_N,
@@ -78,9 +87,29 @@ def micro_batch_loss(
                 compile=cfg.compile,
                 rollout_logprob_N=rollout_logprob_N,
             )
-        s_logits_NV = completion_logits(model, batch.student, width_C)[mask_BC]
-        out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg)
-        loss = weighted_loss_sum(
-            out.loss_N, out.student_logprob_N, rollout_logprob_N, cfg.importance_clip
-        )
-        return loss * scale, out
+            if w_r > 0:
+                logp_N = sampled_logprob_fused(
+                    s_hidden_NH,
+                    s_head.weight,
+                    ids_N,
+                    bias_V=s_head.bias,
+                    temperature=loss_temperature(cfg),
+                    chunk_size=cfg.chunk_size or 256,
+                )
+        else:
+            s_logits_NV = completion_logits(model, batch.student, width_C)[mask_BC]
+            out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg)
+            loss = scale * weighted_loss_sum(
+                out.loss_N, out.student_logprob_N, rollout_logprob_N, cfg.importance_clip
+            )
+            if w_r > 0:
+                logp_N = sampled_logprob(s_logits_NV, ids_N, loss_temperature(cfg))
+        if w_r == 0:  # pure OPSD: the loss exactly as without a reward path
+            loss = loss if w_d == 1 else w_d * loss
+            return loss, out, torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
+        if advantage_B is None:
+            raise ValueError("loss.reward_weight > 0 needs the rows' advantages (advantage_B)")
+        adv_N = advantage_B[:, None].expand(mask_BC.shape)[mask_BC]
+        distill = w_d * loss
+        pg = w_r * (pg_loss_N(logp_N, adv_N).sum() * scale)
+        return distill + pg, out, torch.stack([distill.detach(), pg.detach()]).float()

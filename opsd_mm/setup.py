@@ -80,6 +80,7 @@ def trainer_from_examples(
     model_path: str | None = None,
     accelerator: Any = None,
     load_skips: dict[str, int] | None = None,
+    reward: Any = None,
 ) -> Trainer:
     """Model, engine and trainer for a processor and examples the caller holds.
 
@@ -103,10 +104,13 @@ def trainer_from_examples(
         examples=examples,
         accelerator=accelerator,
         load_skips=load_skips,
+        reward=reward,
     )
 
 
-def trainer_from_config(cfg: RunConfig, wiring: DataWiring, accelerator: Any = None) -> Trainer:
+def trainer_from_config(
+    cfg: RunConfig, wiring: DataWiring, accelerator: Any = None, reward: Any = None
+) -> Trainer:
     """Everything a run needs, from the config alone: the preset's split and teacher template
     resolved, the seed set, the data loaded and checked (its errors - missing images, splits,
     columns - come before the model loads), then :func:`trainer_from_examples`."""
@@ -115,5 +119,10 @@ def trainer_from_config(cfg: RunConfig, wiring: DataWiring, accelerator: Any = N
     accelerator = accelerator or make_accelerator(cfg)
     examples, report, processor = load_training_data(cfg, wiring)
     return trainer_from_examples(
-        cfg, processor, examples, accelerator=accelerator, load_skips=report.reasons()
+        cfg,
+        processor,
+        examples,
+        accelerator=accelerator,
+        load_skips=report.reasons(),
+        reward=reward,
     )

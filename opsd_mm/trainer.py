@@ -49,6 +49,7 @@ from opsd_mm.metrics import (
     summarize_tokens,
     truncate_metrics,
 )
+from opsd_mm.rewards import Reward, group_advantages, reward_metrics
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
     BadImageError,
@@ -109,11 +110,13 @@ class Trainer:
         examples: Sequence[Example],
         accelerator: Any = None,
         load_skips: dict[str, int] | None = None,
+        reward: Reward | None = None,
     ) -> None:
         """Built by ``opsd_mm.setup`` (which makes the model, processor, engine and the one
         Accelerator). ``load_skips``: rows skipped or dropped while loading the data, by reason
         (the data loader's ``LoadReport.reasons()``); logged as ``skipped/load/<reason>``
-        counters."""
+        counters. ``reward``: scores completions for ``loss.reward_weight`` (``opsd_mm.rewards``;
+        cli.py builds it from ``loss.reward``); required when the weight is > 0."""
         cfg = resolve_config(cfg)
         self.cfg = cfg
         tc = cfg.trainer
@@ -124,6 +127,12 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.processor = processor
         self.engine = engine
+        if cfg.loss.reward_weight > 0 and reward is None:
+            raise UserError(
+                f"loss.reward_weight={cfg.loss.reward_weight} needs a reward: pass reward= to "
+                "Trainer (cli.py builds it from loss.reward)"
+            )
+        self.reward = reward if cfg.loss.reward_weight > 0 else None
         if tc.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -173,6 +182,8 @@ class Trainer:
             "privileged_truncated": 0,
             "bad_examples": 0,  # examples skipped at run time (by reason: skipped/run/*)
         }
+        if self.reward is not None:  # reward items scored 0 for a failure, over the run
+            self.counters.update({"reward_timeouts": 0, "reward_failures": 0})
         self.load_counters = {
             f"skipped/load/{_reason_key(r)}": n for r, n in (load_skips or {}).items()
         }
@@ -260,11 +271,15 @@ class Trainer:
         examples, prompts = self._student_prompts(self.stream.next_batch())
         with timer.phase("rollout"):
             rollouts_P_G = self.engine.generate(prompts, cfg.rollout.n, self._sampling())
+        # 1b. reward (loss.reward_weight > 0): one advantage per completion, GRPO's.
+        with timer.phase("reward") if self.reward is not None else nullcontext():
+            advantages_P_G, reward_stats = self._advantages(examples, rollouts_P_G)
 
         # 2. pair: the teacher context, followed by the same completion ids.
         pairs: list[Pair] = []
+        advantages: list[float] = []  # per pair
         finish = []
-        for ex, prompt, rollouts in zip(examples, prompts, rollouts_P_G):
+        for ex, prompt, rollouts, adv_G in zip(examples, prompts, rollouts_P_G, advantages_P_G):
             try:
                 teacher_prompt = self.processor.teacher_prompt(ex)
             except ValueError as e:  # e.g. a teacher-only image that fails to load
@@ -273,7 +288,7 @@ class Trainer:
             self.counters["privileged_truncated"] += int(
                 bool(teacher_prompt.meta.get("privileged_truncated"))
             )
-            for r in rollouts:
+            for r, adv in zip(rollouts, adv_G):
                 finish.append(r.finish_reason)
                 try:
                     pair = self.processor.pair(
@@ -286,6 +301,7 @@ class Trainer:
                     continue
                 pair.logprobs = r.logprobs
                 pairs.append(pair)
+                advantages.append(adv)
 
         # The step's shape over all processes, in one collective. The summed loss-token count
         # normalises every micro-batch's loss. Every process runs as many micro-batches as the
@@ -295,6 +311,7 @@ class Trainer:
         skip = cfg.loss.skip_first_tokens
         n_local = sum(max(0, len(p.completion_ids) - skip) for p in pairs)
         micro = _chunks(pairs, cfg.trainer.micro_batch_size)
+        micro_adv = _chunks(advantages, cfg.trainer.micro_batch_size)
         shape_W2 = acc.gather(
             torch.tensor([[n_local, len(micro)]], dtype=torch.float64, device=acc.device)
         )
@@ -304,6 +321,7 @@ class Trainer:
         # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
         self.model.train()
         loss_total = torch.zeros((), device=acc.device)
+        terms_total = torch.zeros(2, device=acc.device)  # (distill, reward_pg), weighted
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processor's step context (VL: each image encoded once for the whole step).
@@ -315,13 +333,15 @@ class Trainer:
                 with acc.no_sync(self.model) if not sync else nullcontext():
                     scale = self._loss_scale(batch, n_global, n_micro)
                     rollout_N = self._rollout_logprobs(micro[min(i, len(micro) - 1)], batch)
-                    loss, out = self._micro_step(batch, scale, timer, rollout_N)
+                    adv_B = torch.tensor(micro_adv[min(i, len(micro) - 1)], device=acc.device)
+                    loss, out, terms = self._micro_step(batch, scale, timer, rollout_N, adv_B)
                     if padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
                         acc.backward(loss)
                 if not padding:
                     loss_total += loss.detach()
+                    terms_total += terms
                     outs.append(out)
                     if any(p.logprobs for p in micro[i]):
                         width_C = batch.completion_ids_BC.shape[1]
@@ -386,6 +406,8 @@ class Trainer:
             "grad_norm": grad_norm,
             "skipped": not good,
             "loss_tokens": n_global,
+            **self._term_metrics(terms_total),
+            **reward_stats,
             **summarize_tokens(div_N, "divergence"),
             "clip_fraction": _mean_of(outs, "clipped_N"),
             # mean |log p_engine - log p_trainer| on sampled tokens (vLLM; NaN with hf/fused)
@@ -456,14 +478,57 @@ class Trainer:
         scale: float,
         timer: PhaseTimer,
         rollout_logprob_N: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, DivergenceOut]:
-        """Teacher forward, student forward, loss * scale (``opsd_mm/loss.py``), in autocast."""
+        advantage_B: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
+        """Teacher forward, student forward, loss * scale (``opsd_mm/loss.py``), in autocast;
+        also the two weighted loss terms (distillation, reward policy gradient), detached."""
         with self.accelerator.autocast():
             return micro_batch_loss(
-                batch, self.model, self.teacher, scale, self.cfg.loss, timer, rollout_logprob_N
+                batch,
+                self.model,
+                self.teacher,
+                scale,
+                self.cfg.loss,
+                timer,
+                rollout_logprob_N,
+                advantage_B,
             )
 
     # ------------------------------------------------------------------ helpers
+
+    def _advantages(
+        self, examples: Sequence[Example], rollouts_P_G: Sequence[Sequence[Any]]
+    ) -> tuple[list[list[float]], dict[str, float]]:
+        """Score each completion with the reward and normalise within its prompt's group
+        (``opsd_mm.rewards.group_advantages``). Without a reward: all 0 and no metrics."""
+        if self.reward is None:
+            return [[0.0] * len(g) for g in rollouts_P_G], {}
+        tok = self.processor.tokenizer
+        flat_ex = [ex for ex, g in zip(examples, rollouts_P_G) for _ in g]
+        texts = [
+            tok.decode(r.completion_ids, skip_special_tokens=True) for g in rollouts_P_G for r in g
+        ]
+        with torch.no_grad():
+            scores = self.reward(flat_ex, texts) if texts else []
+        sizes = {len(g) for g in rollouts_P_G}
+        if len(sizes) > 1:
+            raise RuntimeError(f"rollout groups of unequal size {sorted(sizes)}")
+        n = sizes.pop() if sizes else 0
+        r_PG = torch.tensor([s.value for s in scores], dtype=torch.float32).view(-1, max(n, 1))
+        adv_PG, zero_P = group_advantages(r_PG)
+        stats = reward_metrics(r_PG, zero_P, scores)
+        self.counters["reward_timeouts"] += sum(s.failure == "timeout" for s in scores)
+        self.counters["reward_failures"] += sum(s.failure is not None for s in scores)
+        return adv_PG.tolist(), stats
+
+    def _term_metrics(self, terms_total: torch.Tensor) -> dict[str, float]:
+        """The step's two weighted loss terms (summed over processes like ``loss``), only when
+        the reward path is on."""
+        if self.reward is None:
+            return {}
+        acc = self.accelerator
+        t = acc.reduce(terms_total, "sum") / acc.num_processes
+        return {"loss/distill": t[0].item(), "loss/reward_pg": t[1].item()}
 
     def _student_prompts(self, batch: list[Example]) -> tuple[list[Example], list[Any]]:
         """Student prompts for a batch; an example whose prompt cannot be built (a bad image

@@ -136,3 +136,23 @@ def test_demo_report_judges_learning_never_time():
     line = time_line(9999.0, machine | {"load_1min": 2.5})
     assert line == "wall time 9999s on AMD EPYC (torch 2.14.1, AVX2 kernels, 1 thread, load 2.5)"
     assert not line.startswith(("PASS", "FAIL"))
+
+
+def test_compare_rewards_table_and_plot(tmp_path):
+    """--compare-rewards' report: one row per method with its tokens; the tokens plot is written."""
+    from opsd_mm.demo.compare import compare_table, plot_tokens
+
+    run = {"test_acc": 50.0, "val_curve": [(0, 10.0), (2, 40.0)], "train_s": 3.0}
+    seeds = {
+        s: {
+            m: {**run, "curve_tokens": [0, 100], "rollout_tokens": 100}
+            for m in ("opsd", "grpo", "hybrid")
+        }
+        | {"sft": {**run, "curve_tokens": [0, 80], "train_tokens": 80}}
+        for s in (0, 1)
+    }
+    results = {"text": {"before": 10.0, "teacher": 90.0, "model": "tiny:text", "seeds": seeds}}
+    text = compare_table(results)
+    assert "| text | GRPO | 50.0, 50.0 | 50.0 | 100 rollout | 3s |" in text
+    assert "| text | SFT (train tokens) | 50.0, 50.0 | 50.0 | 80 training | 3s |" in text
+    assert plot_tokens(results, tmp_path / "t.png").stat().st_size > 0

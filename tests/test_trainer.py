@@ -225,10 +225,10 @@ def test_micro_batch_mean_normalisation_and_schedule_horizon(tiny_cache, tmp_pat
         seen = []
         real = t._micro_step
 
-        def record(batch, scale, timer, real=real, seen=seen):
-            loss, out = real(batch, scale, timer)
+        def record(batch, scale, timer, *rest, real=real, seen=seen):
+            loss, out, terms = real(batch, scale, timer, *rest)
             seen.append(out.loss_N.detach())
-            return loss, out
+            return loss, out, terms
 
         t._micro_step = record
         real_generate = t.engine.generate
