@@ -48,6 +48,7 @@ from opsd_mm.metrics import (
     summarize_tokens,
     truncate_metrics,
 )
+from opsd_mm.packing import micro_batches, packable, pair_length
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
     BadImageError,
@@ -89,10 +90,6 @@ class TrainingInterrupted(Exception):
 def _reason_key(reason: str) -> str:
     """A skip reason as a metrics key part: ``image not found`` -> ``image_not_found``."""
     return re.sub(r"[^a-z0-9]+", "_", reason.lower()).strip("_") or "other"
-
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class Trainer:
@@ -186,6 +183,10 @@ class Trainer:
         self.run_id: str | None = None
         self._stop_signal: int | None = None
         self.timer_cuda = acc.device.type == "cuda"
+        why_not = packable(unwrap(self.model)) if tc.packing else "trainer.packing=false"
+        self.packing = why_not is None
+        if tc.packing and why_not:
+            log.warning("trainer.packing: padded forwards (%s)", why_not)
 
     # ------------------------------------------------------------------ the loop
 
@@ -299,7 +300,14 @@ class Trainer:
         # micro-batch with weight 0. If any process has none, every process skips the step.
         skip = cfg.loss.skip_first_tokens
         n_local = sum(max(0, len(p.completion_ids) - skip) for p in pairs)
-        micro = _chunks(pairs, cfg.trainer.micro_batch_size)
+        micro = micro_batches(
+            pairs,
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.micro_batch_tokens,
+            length=pair_length,
+            packed=self.packing,
+        )
+        pairs = [p for mb in micro for p in mb]  # the micro-batches' order, as div_N's
         shape_W2 = acc.gather(
             torch.tensor([[n_local, len(micro)]], dtype=torch.float64, device=acc.device)
         )
@@ -459,26 +467,27 @@ class Trainer:
             with timer.phase("teacher"), torch.no_grad():
                 with self.teacher.as_teacher(unwrap(self.model)) as teacher_model:
                     if cfg.loss.fused:
-                        t_hidden_BCH, t_head = completion_hidden(
-                            teacher_model, batch.teacher, width_C
+                        t_hidden_NH, t_head = completion_hidden(
+                            teacher_model, batch.teacher, width_C, mask_BC, self.packing
                         )
-                        t_hidden_NH = t_hidden_BCH[mask_BC]
                         # An EMA teacher's head is swapped back out after this block: keep a copy
                         # when the EMA covers it (full fine-tuning); otherwise share it.
                         t_weight = t_head.weight
                         if self.teacher.cfg.kind == "ema" and t_weight.requires_grad:
                             t_weight = t_weight.detach().clone()
                     else:
-                        t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[
-                            mask_BC
-                        ]
+                        t_logits_NV = completion_logits(
+                            teacher_model, batch.teacher, width_C, mask_BC, self.packing
+                        )
             with timer.phase("student"):
                 if cfg.loss.fused:
                     from opsd_mm.fused import fused_divergence
 
-                    s_hidden_BCH, s_head = completion_hidden(self.model, batch.student, width_C)
+                    s_hidden_NH, s_head = completion_hidden(
+                        self.model, batch.student, width_C, mask_BC, self.packing
+                    )
                     loss, out = fused_divergence(
-                        s_hidden_BCH[mask_BC],
+                        s_hidden_NH,
                         t_hidden_NH,
                         s_head.weight,
                         ids_N,
@@ -491,7 +500,9 @@ class Trainer:
                         compile=cfg.loss.compile,
                     )
                 else:
-                    s_logits_NV = completion_logits(self.model, batch.student, width_C)[mask_BC]
+                    s_logits_NV = completion_logits(
+                        self.model, batch.student, width_C, mask_BC, self.packing
+                    )
                     out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg.loss)
                     loss = out.loss_N.sum() * scale
         return loss, out
