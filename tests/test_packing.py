@@ -146,3 +146,35 @@ def test_token_budget_matches_row_micro_batches(tiny_cache, tmp_path, tiny_text_
     assert m_rows["loss"] > 0
     assert m_tok["loss"] == pytest.approx(m_rows["loss"], rel=1e-5)
     _grads_close(g_rows, g_tok)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("fused", [False, True], ids=["naive", "fused"])
+def test_packed_vl_step_matches_padded(tiny_cache, tmp_path, family, fused):
+    """One VL training step (LoRA, images, the vision-once cache) packed and padded: same loss
+    and gradients."""
+    from pathlib import Path
+
+    from opsd_mm.config import load_config
+
+    tiny_vl = Path(__file__).resolve().parents[1] / "configs" / "tiny_vl.yaml"
+    results = []
+    for packing in (False, True):
+        cfg = load_config(
+            tiny_vl,
+            [
+                f"run_dir={tmp_path / str(packing)}",
+                f"model.name_or_path=tiny:{family}",
+                f"model.tiny_cache_dir={tiny_cache}",
+                "logging.progress=false",
+                "trainer.save_every=0",
+                f"trainer.packing={str(packing).lower()}",
+                f"loss.fused={str(fused).lower()}",
+            ],
+        )
+        results.append(_step_with_grads(build_trainer(cfg)))
+    (m_pad, g_pad), (m_pack, g_pack) = results
+    assert m_pad["loss"] > 0
+    assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-5)
+    _grads_close(g_pad, g_pack, atol=1e-7)
