@@ -57,6 +57,12 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_cuda_mib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 class Cutter:
     """Cuts a step's completions to drawn lengths and maps ids past the tokenizer into ordinary
     ids (the random model samples its whole 151,936-id vocabulary; the tokenizer has ~1.5k)."""
@@ -146,7 +152,12 @@ def run_ours(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict:
                     "teacher_prompt_len": sum(len(p.teacher.input_ids) for p in pairs) / len(pairs),
                 }
             )
-    return {"rows": rows, "base_rss_mib": base, "peak_rss_mib": peak_mib()}
+    return {
+        "rows": rows,
+        "base_rss_mib": base,
+        "peak_rss_mib": peak_mib(),
+        "peak_cuda_mib": peak_cuda_mib(),
+    }
 
 
 def run_trl(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict:
@@ -187,8 +198,8 @@ def run_trl(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict:
     cfg = SDFTConfig(
         teacher_prompt_template=teacher_text,
         output_dir=str(run_dir),
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),  # ours: mixed_precision=auto, bf16 autocast on CUDA
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=ga,
         num_generations=args.n,
@@ -267,7 +278,12 @@ def run_trl(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict:
     trainer.add_callback(Clock())
     base = rss_mib()
     trainer.train()
-    return {"rows": rows, "base_rss_mib": base, "peak_rss_mib": peak_mib()}
+    return {
+        "rows": rows,
+        "base_rss_mib": base,
+        "peak_rss_mib": peak_mib(),
+        "peak_cuda_mib": peak_cuda_mib(),
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -354,6 +370,9 @@ def main() -> None:
                 f"{pl:>11.0f} / {tl:<6.0f}"
             )
         o, t = results.get((mode, "ours")), results.get((mode, "trl"))
+        if o and t and o.get("peak_cuda_mib"):
+            cuda = o["peak_cuda_mib"], t["peak_cuda_mib"]
+            print(f"{mode:<9}peak CUDA MiB ours {cuda[0]:.0f}, TRL {cuda[1]:.0f}")
         if o and t:
             print(
                 f"{mode:<9}ratio ours/TRL: step tok/s {o['step_tps'] / t['step_tps']:.2f}x, train "
