@@ -198,7 +198,8 @@ class TrainerConfig:
     micro_batch_size: int = 4
     # Micro-batches by forward tokens instead (0: off, use micro_batch_size rows): the step's
     # rows, longest first, fill micro-batches of at most this many tokens (a longer row goes
-    # alone). The loss is still the step-wide token mean, so the results do not change.
+    # alone). With loss.normalize=step_tokens the loss is still the step-wide token mean, so
+    # the results do not change (micro_batch_mean averages whatever micro-batches form).
     micro_batch_tokens: int = 0
     # Padding-free forwards: each micro-batch's rows packed into one sequence (per-row position
     # ids, block-diagonal attention); off, or where the model does not support it, rows are

@@ -3,6 +3,8 @@ against row micro-batches: per-row logits, step loss and gradients (tiny text mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -154,8 +156,6 @@ def test_token_budget_matches_row_micro_batches(tiny_cache, tmp_path, tiny_text_
 def test_packed_vl_step_matches_padded(tiny_cache, tmp_path, family, fused):
     """One VL training step (LoRA, images, the vision-once cache) packed and padded: same loss
     and gradients."""
-    from pathlib import Path
-
     from opsd_mm.config import load_config
 
     tiny_vl = Path(__file__).resolve().parents[1] / "configs" / "tiny_vl.yaml"
@@ -178,3 +178,11 @@ def test_packed_vl_step_matches_padded(tiny_cache, tmp_path, family, fused):
     assert m_pad["loss"] > 0
     assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-5)
     _grads_close(g_pad, g_pack, atol=1e-7)
+
+
+def test_micro_batch_tokens_range_checked(tmp_path):
+    from opsd_mm.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_text.yaml"
+    with pytest.raises(ConfigError, match="trainer.micro_batch_tokens"):
+        load_config(tiny, [f"run_dir={tmp_path}", "trainer.micro_batch_tokens=-1"])
