@@ -23,6 +23,9 @@ import torch
 from opsd_mm.types import SideBatch
 
 R = TypeVar("R")
+# VL model types whose forward takes [4, 1, S] position ids (text row + M-RoPE) and whose
+# get_rope_index computes the per-row M-RoPE positions (transformers 5.17-5.24).
+PACKED_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 
 
 def packed_index_BT(attention_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -91,6 +94,9 @@ def packable(model: torch.nn.Module) -> str | None:
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
     if impl not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"):
         return f"attention implementation {impl!r} is not known to support packed sequences"
+    kind = getattr(config, "model_type", "")
+    if getattr(config, "vision_config", None) is not None and kind not in PACKED_VL_TYPES:
+        return f"packed VL inputs are implemented for {sorted(PACKED_VL_TYPES)}, not {kind!r}"
     return None
 
 

@@ -173,7 +173,9 @@ def test_packed_vl_step_matches_padded(tiny_cache, tmp_path, family, fused):
                 f"loss.fused={str(fused).lower()}",
             ],
         )
-        results.append(_step_with_grads(build_trainer(cfg)))
+        t = build_trainer(cfg)
+        assert t.packing is packing
+        results.append(_step_with_grads(t))
     (m_pad, g_pad), (m_pack, g_pack) = results
     assert m_pad["loss"] > 0
     assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=1e-5)
@@ -186,3 +188,18 @@ def test_micro_batch_tokens_range_checked(tmp_path):
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_text.yaml"
     with pytest.raises(ConfigError, match="trainer.micro_batch_tokens"):
         load_config(tiny, [f"run_dir={tmp_path}", "trainer.micro_batch_tokens=-1"])
+
+
+def test_packable_names_why_not(text_setup):
+    from types import SimpleNamespace
+
+    from opsd_mm.packing import packable
+
+    _, model, _ = text_setup
+    assert packable(model) is None
+    odd = SimpleNamespace(config=SimpleNamespace(_attn_implementation="paged_attention"))
+    assert "paged_attention" in packable(odd)
+    vl = SimpleNamespace(
+        config=SimpleNamespace(_attn_implementation="sdpa", model_type="llava", vision_config={})
+    )
+    assert "llava" in packable(vl)
