@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fused-loss GPU checks of issue 6, as ONE prepared run for a session that holds the device:
+# The fused-loss GPU checks of issue 6 and the step benches of issue 17, as ONE prepared run for a session that holds the device:
 # about 6 minutes expected, 9 at most, of the session's 15 on an H200. Every step has its own
 # time limit, so one slow step cannot eat the rest.
 #   here, first:                   make gpu-wheels     (Liger-Kernel as a wheel in .whl/)
@@ -56,6 +56,16 @@ for n in 8192 16384; do
       --n "$n" --hidden "$h" --compile --autograd-chunks --repeat 3
   done
 done
+
+# Issue 17: padded vs packed forwards, row vs token-budget micro-batches (a Qwen3-1.7B-wide
+# random model, 8 layers, long-tailed completions up to 4k), then ours vs TRL's SDFTTrainer
+# (bf16 autocast on CUDA; peak CUDA memory besides RSS). Needs trl in the machine's packages.
+step throughput step_throughput 150 $PY bench/step_throughput.py --steps 2 --warmup 1 \
+  --hidden 2048 --layers 8 --vocab 151936 --prompts 16 --n 4 --mean-len 512 --sigma 1.2 \
+  --max-len 4096 --micro-batch-size 8 --micro-batch-tokens 16384
+step throughput vs_trl 180 $PY bench/vs_trl.py --steps 2 --warmup 1 --hidden 2048 --layers 8 \
+  --prompts 8 --n 4 --mean-len 512 --sigma 1.2 --max-len 2048 --micro-batch-size 8 \
+  --micro-batch-tokens 16384
 
 # The other modes, same memory class expected (no Liger counterpart).
 for mode in "--mode forward_kl" "--mode reverse_kl" "--mode sampled_pg" \

@@ -223,6 +223,15 @@ class TrainerConfig:
     # Sequences per forward/backward; the step's sequences are split into micro-batches
     # (gradient accumulation), and the loss is normalised by the step's global token count.
     micro_batch_size: int = 4
+    # Micro-batches by forward tokens instead (0: off, use micro_batch_size rows): the step's
+    # rows, longest first, fill micro-batches of at most this many tokens (a longer row goes
+    # alone). With loss.normalize=step_tokens the loss is still the step-wide token mean, so
+    # the results do not change (micro_batch_mean averages whatever micro-batches form).
+    micro_batch_tokens: int = 0
+    # Padding-free forwards: each micro-batch's rows packed into one sequence (per-row position
+    # ids, block-diagonal attention); off, or where the model does not support it, rows are
+    # padded to the longest (the reference layout).
+    packing: bool = True
     lr: float = 2e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -488,6 +497,12 @@ def validate_config(cfg: RunConfig) -> None:
         ("trainer.max_steps", t.max_steps, t.max_steps >= 1, at_least_1),
         ("trainer.batch_size", t.batch_size, t.batch_size >= 1, at_least_1),
         ("trainer.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, at_least_1),
+        (
+            "trainer.micro_batch_tokens",
+            t.micro_batch_tokens,
+            t.micro_batch_tokens >= 0,
+            "must be >= 0 (0: micro-batches of trainer.micro_batch_size rows)",
+        ),
         ("trainer.lr", t.lr, t.lr > 0, "must be > 0"),
         ("trainer.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
         ("trainer.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "must lie in [0, 1)"),

@@ -37,6 +37,7 @@ def micro_batch_loss(
     timer: PhaseTimer | None = None,
     rollout_logprob_N: torch.Tensor | None = None,
     advantage_B: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
     """``scale * sum_n loss_n`` over the micro-batch's loss tokens, and the per-token stats.
 
@@ -52,7 +53,8 @@ def micro_batch_loss(
     With ``loss.reward_weight`` > 0 the loss is ``distill_weight * divergence + reward_weight *
     (-A log p_s(y))``, both per token, summed and times ``scale`` (``opsd_mm.policy_gradient``);
     ``advantage_B`` holds each row's group-normalised advantage A. The third value is the two
-    weighted terms, detached, [2] (distillation, policy gradient).
+    weighted terms, detached, [2] (distillation, policy gradient). ``packed``: both forwards
+    run padding-free, the micro-batch's rows packed into one sequence (``opsd_mm.packing``).
     """
     w_d, w_r = cfg.distill_weight, cfg.reward_weight
     width_C = batch.completion_ids_BC.shape[1]
@@ -61,18 +63,20 @@ def micro_batch_loss(
     with _phase(timer, "teacher"), torch.no_grad():
         with teacher.as_teacher(unwrap(model)) as teacher_model:
             if cfg.fused:
-                t_hidden_BCH, t_head = completion_hidden(teacher_model, batch.teacher, width_C)
-                t_hidden_NH = t_hidden_BCH[mask_BC]
+                t_hidden_NH, t_head = completion_hidden(
+                    teacher_model, batch.teacher, width_C, mask_BC, packed
+                )
                 t_weight_VH = teacher.head_weight(t_head.weight)
                 t_bias_V = teacher.head_weight(t_head.bias)
             else:
-                t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C)[mask_BC]
+                t_logits_NV = completion_logits(
+                    teacher_model, batch.teacher, width_C, mask_BC, packed
+                )
     with _phase(timer, "student"):
         if cfg.fused:
             from opsd_mm.fused import fused_divergence
 
-            s_hidden_BCH, s_head = completion_hidden(model, batch.student, width_C)
-            s_hidden_NH = s_hidden_BCH[mask_BC]
+            s_hidden_NH, s_head = completion_hidden(model, batch.student, width_C, mask_BC, packed)
             loss, out = fused_divergence(
                 s_hidden_NH,
                 t_hidden_NH,
@@ -97,7 +101,7 @@ def micro_batch_loss(
                     chunk_size=cfg.chunk_size or 256,
                 )
         else:
-            s_logits_NV = completion_logits(model, batch.student, width_C)[mask_BC]
+            s_logits_NV = completion_logits(model, batch.student, width_C, mask_BC, packed)
             out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg)
             loss = scale * weighted_loss_sum(
                 out.loss_N, out.student_logprob_N, rollout_logprob_N, cfg.importance_clip

@@ -49,6 +49,7 @@ from opsd_mm.metrics import (
     summarize_tokens,
     truncate_metrics,
 )
+from opsd_mm.packing import micro_batches, packable, pair_length
 from opsd_mm.rewards import Reward, group_advantages, reward_metrics
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
@@ -91,10 +92,6 @@ class TrainingInterrupted(Exception):
 def _reason_key(reason: str) -> str:
     """A skip reason as a metrics key part: ``image not found`` -> ``image_not_found``."""
     return re.sub(r"[^a-z0-9]+", "_", reason.lower()).strip("_") or "other"
-
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class Trainer:
@@ -192,6 +189,10 @@ class Trainer:
         self.run_id: str | None = None
         self._stop_signal: int | None = None
         self.timer_cuda = acc.device.type == "cuda"
+        why_not = packable(unwrap(self.model)) if tc.packing else "trainer.packing=false"
+        self.packing = why_not is None
+        if tc.packing and why_not:
+            log.warning("trainer.packing: padded forwards (%s)", why_not)
 
     # ------------------------------------------------------------------ the loop
 
@@ -310,8 +311,17 @@ class Trainer:
         # micro-batch with weight 0. If any process has none, every process skips the step.
         skip = cfg.loss.skip_first_tokens
         n_local = sum(max(0, len(p.completion_ids) - skip) for p in pairs)
-        micro = _chunks(pairs, cfg.trainer.micro_batch_size)
-        micro_adv = _chunks(advantages, cfg.trainer.micro_batch_size)
+        # Micro-batches of (pair, advantage): rows, or a token budget (sorted by length).
+        micro_rows = micro_batches(
+            list(zip(pairs, advantages)),
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.micro_batch_tokens,
+            length=lambda row: pair_length(row[0]),
+            packed=self.packing,
+        )
+        micro = [[p for p, _ in mb] for mb in micro_rows]
+        micro_adv = [[a for _, a in mb] for mb in micro_rows]
+        pairs = [p for mb in micro for p in mb]  # the micro-batches' order, as div_N's
         shape_W2 = acc.gather(
             torch.tensor([[n_local, len(micro)]], dtype=torch.float64, device=acc.device)
         )
@@ -492,6 +502,7 @@ class Trainer:
                 timer,
                 rollout_logprob_N,
                 advantage_B,
+                packed=self.packing,
             )
 
     # ------------------------------------------------------------------ helpers
