@@ -29,8 +29,8 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
     engine - rather than a DTensor error at step 1 or a broken checkpoint hours later.
 
     DDP supports everything. FSDP2 trains (LoRA and full fine-tuning, fixed and live teachers,
-    fused loss) but checkpoints would need full state dicts gathered from every process, and
-    the EMA copy would need the parameters' sharding. DeepSpeed is not supported and no config
+    fused loss) and checkpoints (sharded, ``opsd_mm/checkpoint.py``), but the EMA copy would
+    need the parameters' sharding. DeepSpeed is not supported and no config
     for it ships: FSDP2 is the sharded path. Why: accelerate steps the DeepSpeed engine inside
     ``backward()``, which conflicts with the trainer's own micro-batch accumulation, and it cannot
     be tested on the CPU (DeepSpeed 0.19.8 with DS_ACCELERATOR=cpu trains over gloo, but
@@ -53,7 +53,5 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
         problems = []
         if cfg.teacher.kind == "ema":
             problems.append("teacher.kind=ema (use fixed or live)")
-        if cfg.trainer.save_every or cfg.trainer.resume:
-            problems.append("checkpoints (set trainer.save_every=0, trainer.resume=false)")
         if problems:
             raise ConfigError(f"not supported under FSDP2 yet: {'; '.join(problems)}")
