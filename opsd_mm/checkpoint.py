@@ -36,6 +36,7 @@ process mid-write (tests/test_crash_resume.py). Nothing else reads the variable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -275,13 +276,21 @@ def load_sharded_checkpoint(
     state = json.loads((path / "state.json").read_text())
     sharded, options = _sharded_state(model, optimizer, teacher_state)
     dcp.load(sharded, checkpoint_id=str(path / SHARDED_DIR))
-    set_state_dict(
+    # Not strict: the frozen parameters (a LoRA base) are not in the checkpoint.
+    result = set_state_dict(
         model,
         optimizer,
         model_state_dict=sharded["model"],
         optim_state_dict=sharded["optimizer"],
-        options=options,
+        options=dataclasses.replace(options, strict=False),
     )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model "
+            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
     if teacher_state:
         with torch.no_grad():
             for n, v in sharded["teacher"].items():

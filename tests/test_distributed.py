@@ -49,9 +49,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[dict]:
+def _two_processes(
+    out: Path, *args: str, launcher: str = "accelerate", nproc: int = 2
+) -> list[dict]:
     """A real 2-process launch on the CPU (gloo): ``accelerate launch`` with our DDP config,
-    or ``torchrun`` (the FSDP2 harness builds its own Accelerator)."""
+    or ``torchrun`` (the FSDP2 harness builds its own Accelerator; ``nproc`` processes)."""
     if launcher == "accelerate":
         cmd = [
             *(sys.executable, "-m", "accelerate.commands.launch"),
@@ -66,14 +68,14 @@ def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            "2",
+            str(nproc),
         ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [*cmd, str(RUN_TINY), str(out), *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
 def _two_machines(out: Path, *args: str) -> list[dict]:
@@ -284,8 +286,8 @@ def test_fsdp2_full_finetune_matches_one_process(one_full_ft, tiny_cache, tmp_pa
     assert max(short) <= 3 < max(long) <= 8
 
 
-def _fsdp2(out: Path, *args: str) -> list[dict]:
-    return _two_processes(out, *args, "--fsdp2", launcher="torchrun")
+def _fsdp2(out: Path, *args: str, nproc: int = 2) -> list[dict]:
+    return _two_processes(out, *args, "--fsdp2", launcher="torchrun", nproc=nproc)
 
 
 def _resume_matches(one: dict, first: list[dict], second: list[dict]) -> None:
@@ -314,6 +316,72 @@ def test_fsdp2_full_finetune_resumes_from_a_sharded_checkpoint(one_full_ft, tiny
     assert [m["step"] for m in second[0]["metrics"]] == [2]
     _resume_matches(one_full_ft, first, second)
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """LoRA under FSDP2: a sharded checkpoint after step 1 on 2 processes (batch 2) resumes on
+    2 processes, and (DCP resharding) on 1 plain, unwrapped process with batch 4: both match 1
+    uninterrupted process."""
+    one = _one_process(
+        tmp_path / "one", "--ragged", *_common(tiny_cache, tmp_path / "ref"), "trainer.batch_size=4"
+    )
+    run = tmp_path / "run"
+    args = ("--ragged", *_common(tiny_cache, run), "trainer.batch_size=2")
+    first = _fsdp2(tmp_path / "first", *args, "trainer.max_steps=1", "trainer.save_every=1")
+    assert first[0]["model_class"].startswith("FSDP")
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved)
+    run2to1 = tmp_path / "run2to1"
+    shutil.copytree(run, run2to1)
+    second = _fsdp2(tmp_path / "second", *args, "trainer.resume=true")
+    _resume_matches(one, first, second)
+
+    # 2 -> 1 process, not FSDP-wrapped: DCP loads the shards into whole tensors.
+    resumed = _one_process(
+        tmp_path / "resumed",
+        "--ragged",
+        *_common(tiny_cache, run2to1),
+        "trainer.batch_size=4",
+        "trainer.resume=true",
+    )
+    assert [m["step"] for m in resumed["metrics"]] == [2]
+    assert resumed["completions"][0] == one["completions"][1]
+    assert resumed["metrics"][0]["loss"] == pytest.approx(one["metrics"][1]["loss"], rel=LOSS_RTOL)
+    for n, p in one["params"].items():
+        torch.testing.assert_close(resumed["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_of_one_process_resumes_on_two(one_full_ft, tiny_cache, tmp_path):
+    """Full fine-tuning: step 1 under FSDP2 on 1 process (batch 4) checkpoints; step 2 resumes
+    on 2 processes (batch 2, the same global batch), DCP resharding the weights and AdamW
+    state: the same losses and weights as 1 uninterrupted process."""
+    run = tmp_path / "run"
+    args = (*FULL_FT, *_full_ft(tiny_cache, run))
+    (first,) = _fsdp2(
+        tmp_path / "first",
+        *args,
+        "trainer.batch_size=4",
+        "trainer.max_steps=1",
+        "trainer.save_every=1",
+        nproc=1,
+    )
+    assert first["model_class"] == "FSDPQwen3ForCausalLM"
+    assert first["metrics"][0]["loss"] == pytest.approx(
+        one_full_ft["metrics"][0]["loss"], rel=LOSS_RTOL
+    )
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved)
+    second = _fsdp2(tmp_path / "second", *args, "trainer.batch_size=2", "trainer.resume=true")
+    assert [m["step"] for m in second[0]["metrics"]] == [2]
+    for m, r in zip(second, (0, 1)):
+        assert m["metrics"][0]["loss"] == pytest.approx(
+            one_full_ft["metrics"][1]["loss"], rel=LOSS_RTOL
+        ), r
+    for n, p in one_full_ft["params"].items():
+        assert torch.equal(second[0]["params"][n], second[1]["params"][n]), n
+        torch.testing.assert_close(second[0]["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
 
 
 # ----------------------------------------------------------------------------- configs
