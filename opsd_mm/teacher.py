@@ -8,6 +8,12 @@
   swapped into the model for the teacher forward and swapped back afterwards, so under LoRA the
   extra memory is one adapter's worth.
 
+Under FSDP2 the EMA tensors are sharded like the parameters (DTensors of the same placement,
+taken by :meth:`Teacher.follow_sharding` once the model is sharded), so each process averages
+its own shard. The swap writes into the sharded parameters, so every FSDP unit is resharded
+around it: an unsharded copy left from an earlier forward (FSDP2 keeps the root's) would
+otherwise hide the swap.
+
 Every teacher forward runs under ``torch.no_grad``; callers enter ``as_teacher`` inside it.
 """
 
@@ -26,6 +32,16 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """Free every FSDP2 unit's gathered parameters (no-op for other modules), so the registered
+    parameters are the sharded ones and the next forward gathers them afresh."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class Teacher:
     """Gives the module to run as teacher, and keeps EMA state when asked to."""
 
@@ -42,6 +58,13 @@ class Teacher:
                 n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
             }
 
+    def follow_sharding(self, model: torch.nn.Module) -> None:
+        """Re-take the EMA tensors from ``model``'s parameters after FSDP2 sharded them (they
+        still hold the initial weights), so they share the parameters' placement."""
+        if self.ema:
+            params = dict(model.named_parameters())
+            self.ema = {n: params[n].detach().clone() for n in self.ema}
+
     @contextmanager
     def as_teacher(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Yield the module that acts as teacher; restore the student afterwards."""
@@ -54,6 +77,7 @@ class Teacher:
                 with model.disable_adapter():
                     yield model
         else:
+            _reshard(model)
             params = dict(model.named_parameters())
             saved = {n: params[n].detach().clone() for n in self.ema}
             try:
@@ -62,6 +86,7 @@ class Teacher:
                         params[n].copy_(v)
                 yield model
             finally:
+                _reshard(model)
                 with torch.no_grad():
                     for n, v in saved.items():
                         params[n].copy_(v)

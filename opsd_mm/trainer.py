@@ -157,6 +157,8 @@ class Trainer:
         register_fsdp_forward_method(self.model, "generate")
         if self.teacher.frozen is not None:
             self.teacher.frozen.to(acc.device)
+        if self._sharded:
+            self.teacher.follow_sharding(unwrap(self.model))
         self.stream = ExampleStream(
             examples,
             tc.batch_size,
