@@ -414,6 +414,51 @@ def test_fsdp2_checkpoint_of_one_process_resumes_on_two(one_full_ft, tiny_cache,
         torch.testing.assert_close(second[0]["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_export_of_a_sharded_checkpoint_is_the_trained_model(
+    lora, tiny_cache, tiny_text_dir, tmp_path
+):
+    """``opsd-mm export`` of an FSDP2 checkpoint (2 processes): the exported weights are the
+    trained ones (full fine-tuning: exactly; LoRA: merged into the base)."""
+    from transformers import AutoModelForCausalLM
+
+    from opsd_mm.cli import main
+    from opsd_mm.config import load_config
+    from opsd_mm.models import load_model, resolve_model_path, setup_trainable
+
+    run = tmp_path / "run"
+    extra = () if lora else ("model.lora.enabled=false",)
+    (r0, _) = _fsdp2(
+        tmp_path / "out",
+        *_common(tiny_cache, run, *extra),
+        "trainer.batch_size=2",
+        "trainer.max_steps=1",
+        "trainer.save_every=1",
+    )
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved)
+    assert main(["export", str(saved), "--out", str(tmp_path / "export")]) == 0
+    exported = dict(
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "export", dtype=torch.float32
+        ).named_parameters()
+    )
+    if lora:  # the trained adapter, merged here by peft
+        cfg = load_config(run / "config.yaml")
+        base = load_model(resolve_model_path(cfg.model), cfg.model)
+        model = setup_trainable(load_model(resolve_model_path(cfg.model), cfg.model), cfg.model)
+        base = dict(base.named_parameters())
+        assert not model.load_state_dict(r0["params"], strict=False).unexpected_keys
+        want = dict(model.merge_and_unload().named_parameters())
+        assert any(not torch.equal(base[n], exported[n]) for n in want)  # merged, not the base
+    else:
+        want = r0["params"]
+    assert want.keys() <= exported.keys()
+    for n, p in want.items():
+        torch.testing.assert_close(exported[n], p.detach(), atol=1e-6, rtol=0, msg=n)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
