@@ -8,7 +8,7 @@
   swapped into the model for the teacher forward and swapped back afterwards, so under LoRA the
   extra memory is one adapter's worth.
 
-Under FSDP2 the EMA tensors are sharded like the parameters (DTensors of the same placement,
+Under FSDP2 a frozen copy is sharded like the student, and the EMA tensors like the parameters (DTensors of the same placement,
 taken by :meth:`Teacher.follow_sharding` once the model is sharded), so each process averages
 its own shard. The swap writes into the sharded parameters, so every FSDP unit is resharded
 around it: an unsharded copy left from an earlier forward (FSDP2 keeps the root's) would
@@ -59,8 +59,16 @@ class Teacher:
             }
 
     def follow_sharding(self, model: torch.nn.Module) -> None:
-        """Re-take the EMA tensors from ``model``'s parameters after FSDP2 sharded them (they
-        still hold the initial weights), so they share the parameters' placement."""
+        """After FSDP2 sharded ``model``: shard a frozen copy the same way (``fully_shard`` on
+        the same submodules, then its root), and re-take the EMA tensors from the sharded
+        parameters (they still hold the initial weights), so they share their placement."""
+        if self.frozen is not None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            units = [n for n, m in model.named_modules() if n and isinstance(m, FSDPModule)]
+            for name in units:
+                fully_shard(self.frozen.get_submodule(name), reshard_after_forward=True)
+            fully_shard(self.frozen, reshard_after_forward=True)
         if self.ema:
             params = dict(model.named_parameters())
             self.ema = {n: params[n].detach().clone() for n in self.ema}
@@ -96,9 +104,12 @@ class Teacher:
         it may be used after the block exits. An EMA teacher's trainable parameters are swapped
         back to the student's when the block exits: such a parameter (full fine-tuning, where the
         EMA covers the head) is copied; otherwise the tensor is shared (a frozen copy, the
-        LoRA base, or the live weights stay what they are). None stays None."""
+        LoRA base, or the live weights stay what they are); a sharded (FSDP2) frozen copy's is
+        gathered whole. None stays None."""
         if param is not None and self.cfg.kind == "ema" and param.requires_grad:
             return param.detach().clone()
+        if param is not None and hasattr(param, "full_tensor"):  # a sharded frozen copy's
+            return param.full_tensor()  # collective: every process runs each teacher forward
         return param
 
     @torch.no_grad()

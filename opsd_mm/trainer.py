@@ -157,7 +157,7 @@ class Trainer:
         register_fsdp_forward_method(self.model, "generate")
         if self.teacher.frozen is not None:
             self.teacher.frozen.to(acc.device)
-        if self._sharded:
+        if self._sharded:  # a frozen copy and the EMA sharded like the student
             self.teacher.follow_sharding(unwrap(self.model))
         self.stream = ExampleStream(
             examples,

@@ -279,6 +279,10 @@ def test_fsdp2_full_finetune_matches_one_process(one_full_ft, tiny_cache, tmp_pa
         launcher="torchrun",
     )
     assert two[0]["model_class"] == "FSDPQwen3ForCausalLM"
+    # The frozen teacher is sharded like the student: each process holds about half of it.
+    assert [r["frozen_teacher_class"] for r in two] == ["FSDPQwen3ForCausalLM"] * 2
+    whole = one_full_ft["frozen_teacher_local_numel"]
+    assert all(r["frozen_teacher_local_numel"] <= whole // 2 + 1000 for r in two)
     assert [_rejected_per_step(r) for r in two] == [[1, 2], [1, 1]]
     assert _rejected_per_step(one_full_ft) == [2, 3]
     _assert_matches(one_full_ft, two)
