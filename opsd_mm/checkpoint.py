@@ -15,6 +15,15 @@ Every checkpoint records the id of the run that wrote it (``state.json`` ``run_i
 fails to load is renamed ``corrupt-step-*`` (out of the ``step-*`` namespace, kept for
 inspection) by :func:`set_aside_corrupt`, so resume can fall back to the previous one.
 
+Under FSDP2 (:func:`save_sharded_checkpoint`) the weights, optimizer state and EMA teacher are
+sharded, so ``model/``, ``optimizer.pt`` and ``teacher.safetensors`` are replaced by one
+``torch.distributed.checkpoint`` (DCP) directory, ``sharded/``, that every process writes its
+shard into (keys ``model``, ``optimizer``, ``teacher``; the trainable parameters only, and the
+optimizer state keyed by parameter name). DCP reshards on load, so such a checkpoint resumes on
+any process count, a plain 1-process module included (:func:`load_sharded_checkpoint`). The rest
+(scheduler, RNG, ``state.json``), the temporary directory, the rename and the pruning are as
+below, done by the main process between barriers.
+
 Only the main process writes; under DDP the weights and optimizer state are the same on every
 process, and the per-process RNG states are gathered to it first. Removing a checkpoint (pruning,
 or replacing one of the same step) renames it to ``.tmp-*`` before deleting, so a crash never
@@ -27,11 +36,13 @@ process mid-write (tests/test_crash_resume.py). Nothing else reads the variable.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +50,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step-"
+SHARDED_DIR = "sharded"
 STALL_ENV = "OPSD_TEST_STALL_CHECKPOINT"
 
 
@@ -139,7 +151,6 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / step_name(step)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
     tmp.mkdir()
     model.save_pretrained(tmp / "model", safe_serialization=True)
@@ -150,6 +161,21 @@ def save_checkpoint(
     torch.save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
     if teacher_state:
         save_file(teacher_state, str(tmp / "teacher.safetensors"))
+    return _finish(run_dir, step, tmp, state, keep_last=keep_last, run_id=run_id)
+
+
+def _finish(
+    run_dir: str | Path,
+    step: int,
+    tmp: Path,
+    state: dict[str, Any],
+    *,
+    keep_last: int,
+    run_id: str | None,
+) -> Path:
+    """Write ``state.json`` into the finished ``tmp``, fsync, rename it into place, prune."""
+    root = checkpoint_dir(run_dir)
+    final = root / step_name(step)
     # state.json last: its presence marks the content complete even before the rename.
     (tmp / "state.json").write_text(json.dumps({"step": step, "run_id": run_id, **state}, indent=2))
     for f in tmp.rglob("*"):
@@ -164,6 +190,118 @@ def save_checkpoint(
     for old in ours[:-keep_last] if keep_last > 0 else []:
         _remove(old)
     return final
+
+
+def _sharded_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    teacher_state: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, Any], Any]:
+    """The DCP state dict (trainable parameters, optimizer state by parameter name, EMA
+    tensors; DTensor shards under FSDP2, whole tensors for a plain module) and its options."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
+    if teacher_state:
+        state["teacher"] = teacher_state
+    return state, options
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    is_main: bool,
+    barrier: Callable[[], None],
+    teacher_state: dict[str, torch.Tensor] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
+    keep_last: int = 2,
+    run_id: str | None = None,
+) -> Path:
+    """:func:`save_checkpoint` for sharded models: called on every process (collective), each
+    writes its shard into ``sharded/`` of the one temporary directory; the main process then
+    writes the rest and renames it into place after a barrier. ``barrier``: waits for every
+    process (``Accelerator.wait_for_everyone``)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = checkpoint_dir(run_dir)
+    tmp = root / f".tmp-{step_name(step)}-sharded"  # one name for every process
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    sharded, _ = _sharded_state(model, optimizer, teacher_state)
+    dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))
+    if os.environ.get(STALL_ENV) == str(step):
+        time.sleep(3600)  # test hook (module docstring): killed here, half-written
+    barrier()  # every shard written
+    final = root / step_name(step)
+    if is_main:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
+        final = _finish(run_dir, step, tmp, state, keep_last=keep_last, run_id=run_id)
+    barrier()
+    return final
+
+
+def is_sharded(path: str | Path) -> bool:
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def load_sharded_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    teacher_state: dict[str, torch.Tensor] | None = None,
+    process_index: int = 0,
+) -> dict[str, Any]:
+    """Restore a :func:`save_sharded_checkpoint` checkpoint on every process (collective when
+    distributed); return ``state.json``. DCP reshards to this run's process count and layout: a
+    sharded FSDP2 module on any number of processes, or a plain module on one. ``teacher_state``
+    (the EMA tensors) is filled in place. RNG as in :func:`load_checkpoint`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    sharded, options = _sharded_state(model, optimizer, teacher_state)
+    dcp.load(sharded, checkpoint_id=str(path / SHARDED_DIR))
+    # Not strict: the frozen parameters (a LoRA base) are not in the checkpoint.
+    result = set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=sharded["model"],
+        optim_state_dict=sharded["optimizer"],
+        options=dataclasses.replace(options, strict=False),
+    )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in result.missing_keys if k in trainable]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model "
+            f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
+    if teacher_state:
+        with torch.no_grad():
+            for n, v in sharded["teacher"].items():
+                if v is not teacher_state[n]:
+                    teacher_state[n].copy_(v)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    per_process = rng.get("per_process", [rng])
+    if process_index < len(per_process):
+        _set_rng_state(per_process[process_index])
+    return state
 
 
 def load_model_weights(model: torch.nn.Module, model_dir: Path) -> None:

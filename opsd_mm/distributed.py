@@ -28,10 +28,9 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
     """Refuse at start-up, naming the setting, what the trainer cannot yet do under a sharding
     engine - rather than a DTensor error at step 1 or a broken checkpoint hours later.
 
-    DDP supports everything. FSDP2 trains (LoRA and full fine-tuning, fixed and live teachers,
-    fused loss) but checkpoints would need full state dicts gathered from every process, and
-    the EMA copy would need the parameters' sharding. DeepSpeed is not supported and no config
-    for it ships: FSDP2 is the sharded path. Why: accelerate steps the DeepSpeed engine inside
+    DDP and FSDP2 support everything (FSDP2: LoRA and full fine-tuning, every teacher kind, the
+    fused loss, sharded checkpoints). DeepSpeed is not supported and no config for it ships:
+    FSDP2 is the sharded path. Why: accelerate steps the DeepSpeed engine inside
     ``backward()``, which conflicts with the trainer's own micro-batch accumulation, and it cannot
     be tested on the CPU (DeepSpeed 0.19.8 with DS_ACCELERATOR=cpu trains over gloo, but
     accelerate then reports num_processes=1 and process_index=0 on every rank).
@@ -49,11 +48,3 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
         raise ConfigError(
             "FSDP1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
         )
-    if acc.distributed_type == DistributedType.FSDP:
-        problems = []
-        if cfg.teacher.kind == "ema":
-            problems.append("teacher.kind=ema (use fixed or live)")
-        if cfg.trainer.save_every or cfg.trainer.resume:
-            problems.append("checkpoints (set trainer.save_every=0, trainer.resume=false)")
-        if problems:
-            raise ConfigError(f"not supported under FSDP2 yet: {'; '.join(problems)}")

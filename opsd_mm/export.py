@@ -11,10 +11,11 @@ Layouts of ``model/`` (:func:`checkpoint_layout`):
               in float32, the adapter merged into it (peft ``merge_and_unload``), and the result
               cast back to the base's dtype - so the merge itself adds no bf16 rounding.
     full      ``config.json`` + ``*.safetensors``: the weights as saved, in their dtype.
-    sharded   ``.metadata`` of ``torch.distributed.checkpoint`` (FSDP2): not written by the
-              trainer yet; refused by :func:`export_checkpoint`. Its branch goes in :func:`load_trained`
-              (gather the shards with ``dcp_to_torch_save`` or load into a meta-initialised
-              model, then as ``full``; merge as ``adapter`` when the run used LoRA).
+    sharded   FSDP2's ``sharded/`` (``torch.distributed.checkpoint``, no ``model/``): the
+              base model is loaded in float32 and made trainable as the run's config says
+              (LoRA or full), the saved trainable parameters are loaded into it (DCP gathers
+              the shards, in one process), then the adapter is merged as for ``adapter`` and
+              the result cast back to the base's dtype.
 
 The output is written into a temporary sibling directory and renamed into place, so ``DIR``
 is either complete or absent. An existing non-empty ``DIR`` is refused.
@@ -44,12 +45,12 @@ def checkpoint_layout(model_dir: Path) -> str:
         return ADAPTER
     if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):
         return FULL
-    if (model_dir / ".metadata").is_file():
+    if (model_dir.parent / "sharded" / ".metadata").is_file():
         return SHARDED
     found = sorted(p.name for p in model_dir.iterdir())[:8] if model_dir.is_dir() else "nothing"
     raise ExportError(
         f"{model_dir}: not a checkpoint layout export knows (expected adapter_config.json, "
-        f"or config.json with *.safetensors); found {found}"
+        f"or config.json with *.safetensors, or ../sharded/.metadata); found {found}"
     )
 
 
@@ -91,7 +92,22 @@ def load_trained(checkpoint: Path, layout: str, base: str, cfg) -> torch.nn.Modu
         return _loader(mtype.model_type).from_pretrained(
             model_dir, dtype="auto", trust_remote_code=kw["trust_remote_code"]
         )
-    raise AssertionError(f"unhandled layout {layout}")  # SHARDED: refused by the caller
+    if layout == SHARDED:
+        import torch.distributed.checkpoint as dcp
+
+        from opsd_mm.models import setup_trainable
+
+        base_config = AutoConfig.from_pretrained(base, **kw)
+        dtype = getattr(base_config, "dtype", None) or torch.float32
+        model = _loader(base_config.model_type).from_pretrained(base, dtype=torch.float32, **kw)
+        model = setup_trainable(model, cfg.model)
+        trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        sharded = checkpoint / "sharded"
+        dcp.load({"model": trainable}, checkpoint_id=str(sharded), no_dist=True)
+        if cfg.model.lora.enabled:
+            model = model.merge_and_unload()
+        return model.to(dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype))
+    raise AssertionError(f"unhandled layout {layout}")
 
 
 def save_processor(base: str, model_type: str, out: Path, cfg) -> None:
@@ -118,11 +134,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not empty; choose a new directory")
     layout = checkpoint_layout(checkpoint / "model")  # before anything loads
-    if layout == SHARDED:
-        raise ExportError(
-            f"{checkpoint}: a sharded (torch.distributed.checkpoint) checkpoint; exporting "
-            "those is not implemented yet"
-        )
     cfg = run_config_of(checkpoint)
     base = resolve_model_path(cfg.model)
     model = load_trained(checkpoint, layout, base, cfg).eval()

@@ -8,6 +8,12 @@
   swapped into the model for the teacher forward and swapped back afterwards, so under LoRA the
   extra memory is one adapter's worth.
 
+Under FSDP2 a frozen copy is sharded like the student, and the EMA tensors like the parameters (DTensors of the same placement,
+taken by :meth:`Teacher.follow_sharding` once the model is sharded), so each process averages
+its own shard. The swap writes into the sharded parameters, so every FSDP unit is resharded
+around it: an unsharded copy left from an earlier forward (FSDP2 keeps the root's) would
+otherwise hide the swap.
+
 Every teacher forward runs under ``torch.no_grad``; callers enter ``as_teacher`` inside it.
 """
 
@@ -26,6 +32,16 @@ def _is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """Free every FSDP2 unit's gathered parameters (no-op for other modules), so the registered
+    parameters are the sharded ones and the next forward gathers them afresh."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 class Teacher:
     """Gives the module to run as teacher, and keeps EMA state when asked to."""
 
@@ -42,6 +58,21 @@ class Teacher:
                 n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
             }
 
+    def follow_sharding(self, model: torch.nn.Module) -> None:
+        """After FSDP2 sharded ``model``: shard a frozen copy the same way (``fully_shard`` on
+        the same submodules, then its root), and re-take the EMA tensors from the sharded
+        parameters (they still hold the initial weights), so they share their placement."""
+        if self.frozen is not None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            units = [n for n, m in model.named_modules() if n and isinstance(m, FSDPModule)]
+            for name in units:
+                fully_shard(self.frozen.get_submodule(name), reshard_after_forward=True)
+            fully_shard(self.frozen, reshard_after_forward=True)
+        if self.ema:
+            params = dict(model.named_parameters())
+            self.ema = {n: params[n].detach().clone() for n in self.ema}
+
     @contextmanager
     def as_teacher(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """Yield the module that acts as teacher; restore the student afterwards."""
@@ -54,6 +85,7 @@ class Teacher:
                 with model.disable_adapter():
                     yield model
         else:
+            _reshard(model)
             params = dict(model.named_parameters())
             saved = {n: params[n].detach().clone() for n in self.ema}
             try:
@@ -62,6 +94,7 @@ class Teacher:
                         params[n].copy_(v)
                 yield model
             finally:
+                _reshard(model)
                 with torch.no_grad():
                     for n, v in saved.items():
                         params[n].copy_(v)
@@ -71,9 +104,12 @@ class Teacher:
         it may be used after the block exits. An EMA teacher's trainable parameters are swapped
         back to the student's when the block exits: such a parameter (full fine-tuning, where the
         EMA covers the head) is copied; otherwise the tensor is shared (a frozen copy, the
-        LoRA base, or the live weights stay what they are). None stays None."""
+        LoRA base, or the live weights stay what they are); a sharded (FSDP2) frozen copy's is
+        gathered whole. None stays None."""
         if param is not None and self.cfg.kind == "ema" and param.requires_grad:
             return param.detach().clone()
+        if param is not None and hasattr(param, "full_tensor"):  # a sharded frozen copy's
+            return param.full_tensor()  # collective: every process runs each teacher forward
         return param
 
     @torch.no_grad()

@@ -163,6 +163,8 @@ class Trainer:
         register_fsdp_forward_method(self.model, "generate")
         if self.teacher.frozen is not None:
             self.teacher.frozen.to(acc.device)
+        if self._sharded:  # a frozen copy and the EMA sharded like the student
+            self.teacher.follow_sharding(unwrap(self.model))
         self.stream = ExampleStream(
             examples,
             tc.batch_size,
@@ -635,29 +637,46 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         rng_states = gather_object([ckpt.rng_state()])
+        state = {
+            "data": self.stream.state(),
+            "counters": self.counters,
+            "bad_in_row": self._bad_in_row,
+            "num_processes": acc.num_processes,
+            "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
+            "settings": self._settings(),
+        }
+        common = {
+            "model": unwrap(self.model),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "state": state,
+            "rng_states": rng_states,
+            "keep_last": self.cfg.trainer.keep_last,
+            "run_id": self.run_id,
+        }
+        if self._sharded:  # every process writes its shard
+            return ckpt.save_sharded_checkpoint(
+                self.run_dir,
+                self.step,
+                is_main=acc.is_main_process,
+                barrier=acc.wait_for_everyone,
+                teacher_state=self.teacher.ema or None,
+                **common,
+            )
         path = None
         if acc.is_main_process:
             path = ckpt.save_checkpoint(
-                self.run_dir,
-                self.step,
-                model=unwrap(self.model),
-                optimizer=self.optimizer,
-                scheduler=self.scheduler,
-                state={
-                    "data": self.stream.state(),
-                    "counters": self.counters,
-                    "bad_in_row": self._bad_in_row,
-                    "num_processes": acc.num_processes,
-                    "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
-                    "settings": self._settings(),
-                },
-                teacher_state=self.teacher.state_dict() or None,
-                rng_states=rng_states,
-                keep_last=self.cfg.trainer.keep_last,
-                run_id=self.run_id,
+                self.run_dir, self.step, teacher_state=self.teacher.state_dict() or None, **common
             )
         acc.wait_for_everyone()
         return path
+
+    @property
+    def _sharded(self) -> bool:
+        """Checkpoints are sharded (``torch.distributed.checkpoint``) under FSDP2."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     def _claim_run_dir(self) -> None:
         """One run per run_dir (``opsd_mm/run_dir.py``). Fresh: refuse a directory that holds
@@ -750,13 +769,29 @@ class Trainer:
         failed: list[tuple[Path, Exception]] = []
         for path in reversed(ours):
             try:
-                state, teacher_state = ckpt.load_checkpoint(
-                    path,
-                    model=unwrap(self.model),
-                    optimizer=self.optimizer,
-                    scheduler=self.scheduler,
-                    process_index=acc.process_index,
-                )
+                teacher_state = None
+                if ckpt.is_sharded(path):  # FSDP2's; loads on any process count and layout
+                    state = ckpt.load_sharded_checkpoint(
+                        path,
+                        model=unwrap(self.model),
+                        optimizer=self.optimizer,
+                        scheduler=self.scheduler,
+                        teacher_state=self.teacher.ema or None,
+                        process_index=acc.process_index,
+                    )
+                elif self._sharded:
+                    raise RuntimeError(
+                        "a checkpoint written without FSDP2 cannot be resumed under FSDP2 "
+                        "(resume it without FSDP2, or start the FSDP2 run from its weights)"
+                    )
+                else:
+                    state, teacher_state = ckpt.load_checkpoint(
+                        path,
+                        model=unwrap(self.model),
+                        optimizer=self.optimizer,
+                        scheduler=self.scheduler,
+                        process_index=acc.process_index,
+                    )
                 break
             except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
                 failed.append((path, e))

@@ -49,9 +49,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[dict]:
+def _two_processes(
+    out: Path, *args: str, launcher: str = "accelerate", nproc: int = 2
+) -> list[dict]:
     """A real 2-process launch on the CPU (gloo): ``accelerate launch`` with our DDP config,
-    or ``torchrun`` (the FSDP2 harness builds its own Accelerator)."""
+    or ``torchrun`` (the FSDP2 harness builds its own Accelerator; ``nproc`` processes)."""
     if launcher == "accelerate":
         cmd = [
             *(sys.executable, "-m", "accelerate.commands.launch"),
@@ -66,14 +68,14 @@ def _two_processes(out: Path, *args: str, launcher: str = "accelerate") -> list[
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node",
-            "2",
+            str(nproc),
         ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [*cmd, str(RUN_TINY), str(out), *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
 
 def _two_machines(out: Path, *args: str) -> list[dict]:
@@ -277,11 +279,188 @@ def test_fsdp2_full_finetune_matches_one_process(one_full_ft, tiny_cache, tmp_pa
         launcher="torchrun",
     )
     assert two[0]["model_class"] == "FSDPQwen3ForCausalLM"
+    # The frozen teacher is sharded like the student: each process holds about half of it.
+    assert [r["frozen_teacher_class"] for r in two] == ["FSDPQwen3ForCausalLM"] * 2
+    whole = one_full_ft["frozen_teacher_local_numel"]
+    assert all(r["frozen_teacher_local_numel"] <= whole // 2 + 1000 for r in two)
     assert [_rejected_per_step(r) for r in two] == [[1, 2], [1, 1]]
     assert _rejected_per_step(one_full_ft) == [2, 3]
     _assert_matches(one_full_ft, two)
     short, long = (r["uneven_generate_lengths"] for r in two)
     assert max(short) <= 3 < max(long) <= 8
+
+
+def _fsdp2(out: Path, *args: str, nproc: int = 2) -> list[dict]:
+    return _two_processes(out, *args, "--fsdp2", launcher="torchrun", nproc=nproc)
+
+
+def _resume_matches(one: dict, first: list[dict], second: list[dict]) -> None:
+    """Step 1 from ``first`` (which checkpointed) + step 2 from ``second`` (which resumed) on 2
+    processes match the uninterrupted 1-process run."""
+    for r in (0, 1):
+        second[r]["metrics"] = first[r]["metrics"] + second[r]["metrics"]
+        second[r]["completions"] = first[r]["completions"] + second[r]["completions"]
+    _assert_matches(one, second)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_finetune_resumes_from_a_sharded_checkpoint(one_full_ft, tiny_cache, tmp_path):
+    """FSDP2 full fine-tuning checkpoints with torch.distributed.checkpoint (each process writes
+    its shard) after step 1; a fresh 2-process launch resumes and runs step 2: the same losses
+    and weights as 1 uninterrupted process."""
+    run = tmp_path / "run"
+    args = (*FULL_FT, *_full_ft(tiny_cache, run), "trainer.batch_size=2")
+    first = _fsdp2(tmp_path / "first", *args, "trainer.max_steps=1", "trainer.save_every=1")
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved) and not (saved / "model").exists()
+    assert (saved / "sharded" / ".metadata").exists()
+    assert len(list((saved / "sharded").glob("*.distcp"))) == 2  # one shard file per process
+    assert not list(ckpt.checkpoint_dir(run).glob(".tmp-*"))
+    second = _fsdp2(tmp_path / "second", *args, "trainer.resume=true")
+    assert [m["step"] for m in second[0]["metrics"]] == [2]
+    _resume_matches(one_full_ft, first, second)
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_fsdp2_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """LoRA and an EMA teacher under FSDP2 (the EMA sharded like the adapter): a sharded
+    checkpoint after step 1 on 2 processes (batch 2) resumes on 2 processes, and (DCP
+    resharding) on 1 plain, unwrapped process with batch 4: both match 1 uninterrupted process,
+    EMA included."""
+    ema = ("teacher.kind=ema", "teacher.ema_decay=0.5")
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "ref", *ema),
+        "trainer.batch_size=4",
+    )
+    run = tmp_path / "run"
+    args = ("--ragged", *_common(tiny_cache, run, *ema), "trainer.batch_size=2")
+    first = _fsdp2(tmp_path / "first", *args, "trainer.max_steps=1", "trainer.save_every=1")
+    assert first[0]["model_class"].startswith("FSDP")
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved)
+    run2to1 = tmp_path / "run2to1"
+    shutil.copytree(run, run2to1)
+    second = _fsdp2(tmp_path / "second", *args, "trainer.resume=true")
+    _resume_matches(one, first, second)
+    assert one["ema"].keys() == second[0]["ema"].keys() and one["ema"]
+    for n, v in one["ema"].items():
+        assert torch.equal(second[0]["ema"][n], second[1]["ema"][n]), n
+        torch.testing.assert_close(second[0]["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+
+    # 2 -> 1 process, not FSDP-wrapped: DCP loads the shards into whole tensors.
+    resumed = _one_process(
+        tmp_path / "resumed",
+        "--ragged",
+        *_common(tiny_cache, run2to1, *ema),
+        "trainer.batch_size=4",
+        "trainer.resume=true",
+    )
+    assert [m["step"] for m in resumed["metrics"]] == [2]
+    assert resumed["completions"][0] == one["completions"][1]
+    assert resumed["metrics"][0]["loss"] == pytest.approx(one["metrics"][1]["loss"], rel=LOSS_RTOL)
+    for n, p in one["params"].items():
+        torch.testing.assert_close(resumed["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
+    for n, v in one["ema"].items():
+        torch.testing.assert_close(resumed["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+
+
+@pytest.mark.slow
+def test_fsdp2_full_finetune_ema_matches_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """Full fine-tuning with an EMA teacher under FSDP2: the EMA covers the root module's
+    embeddings, norm and head too (FSDP2 keeps the root gathered after a forward, so the swap
+    reshards first). 2 processes x batch 2 match 1 process x batch 4."""
+    args = (*FULL_FT, "teacher.kind=ema", "teacher.ema_decay=0.5")
+    one = _one_process(
+        tmp_path / "one", *args, *_full_ft(tiny_cache, tmp_path / "r1"), "trainer.batch_size=4"
+    )
+    two = _fsdp2(
+        tmp_path / "two", *args, *_full_ft(tiny_cache, tmp_path / "r2"), "trainer.batch_size=2"
+    )
+    assert type(two[0]["ema"]["lm_head.weight"]) is torch.Tensor  # gathered by the harness
+    _assert_matches(one, two)
+    assert one["ema"].keys() == two[0]["ema"].keys()
+    for n, v in one["ema"].items():
+        torch.testing.assert_close(two[0]["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_of_one_process_resumes_on_two(one_full_ft, tiny_cache, tmp_path):
+    """Full fine-tuning: step 1 under FSDP2 on 1 process (batch 4) checkpoints; step 2 resumes
+    on 2 processes (batch 2, the same global batch), DCP resharding the weights and AdamW
+    state: the same losses and weights as 1 uninterrupted process."""
+    run = tmp_path / "run"
+    args = (*FULL_FT, *_full_ft(tiny_cache, run))
+    (first,) = _fsdp2(
+        tmp_path / "first",
+        *args,
+        "trainer.batch_size=4",
+        "trainer.max_steps=1",
+        "trainer.save_every=1",
+        nproc=1,
+    )
+    assert first["model_class"] == "FSDPQwen3ForCausalLM"
+    assert first["metrics"][0]["loss"] == pytest.approx(
+        one_full_ft["metrics"][0]["loss"], rel=LOSS_RTOL
+    )
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved)
+    second = _fsdp2(tmp_path / "second", *args, "trainer.batch_size=2", "trainer.resume=true")
+    assert [m["step"] for m in second[0]["metrics"]] == [2]
+    for m, r in zip(second, (0, 1)):
+        assert m["metrics"][0]["loss"] == pytest.approx(
+            one_full_ft["metrics"][1]["loss"], rel=LOSS_RTOL
+        ), r
+    for n, p in one_full_ft["params"].items():
+        assert torch.equal(second[0]["params"][n], second[1]["params"][n]), n
+        torch.testing.assert_close(second[0]["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_export_of_a_sharded_checkpoint_is_the_trained_model(
+    lora, tiny_cache, tiny_text_dir, tmp_path
+):
+    """``opsd-mm export`` of an FSDP2 checkpoint (2 processes): the exported weights are the
+    trained ones (full fine-tuning: exactly; LoRA: merged into the base)."""
+    from transformers import AutoModelForCausalLM
+
+    from opsd_mm.cli import main
+    from opsd_mm.config import load_config
+    from opsd_mm.models import load_model, resolve_model_path, setup_trainable
+
+    run = tmp_path / "run"
+    extra = () if lora else ("model.lora.enabled=false",)
+    (r0, _) = _fsdp2(
+        tmp_path / "out",
+        *_common(tiny_cache, run, *extra),
+        "trainer.batch_size=2",
+        "trainer.max_steps=1",
+        "trainer.save_every=1",
+    )
+    (saved,) = ckpt.list_checkpoints(run)
+    assert ckpt.is_sharded(saved)
+    assert main(["export", str(saved), "--out", str(tmp_path / "export")]) == 0
+    exported = dict(
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "export", dtype=torch.float32
+        ).named_parameters()
+    )
+    if lora:  # the trained adapter, merged here by peft
+        cfg = load_config(run / "config.yaml")
+        base = load_model(resolve_model_path(cfg.model), cfg.model)
+        model = setup_trainable(load_model(resolve_model_path(cfg.model), cfg.model), cfg.model)
+        base = dict(base.named_parameters())
+        assert not model.load_state_dict(r0["params"], strict=False).unexpected_keys
+        want = dict(model.merge_and_unload().named_parameters())
+        assert any(not torch.equal(base[n], exported[n]) for n in want)  # merged, not the base
+    else:
+        want = r0["params"]
+    assert want.keys() <= exported.keys()
+    for n, p in want.items():
+        torch.testing.assert_close(exported[n], p.detach(), atol=1e-6, rtol=0, msg=n)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -345,11 +524,8 @@ def test_unsupported_engines_are_refused_at_start():
     fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=False)
     ds = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, is_fsdp2=False)
     check_distributed_support(cfg("teacher.kind=ema"), ddp)
-    check_distributed_support(cfg("trainer.save_every=0"), fsdp2)
-    with pytest.raises(ConfigError, match="teacher.kind=ema"):
-        check_distributed_support(cfg("teacher.kind=ema", "trainer.save_every=0"), fsdp2)
-    with pytest.raises(ConfigError, match="trainer.save_every=0"):
-        check_distributed_support(cfg(), fsdp2)
+    check_distributed_support(cfg("trainer.save_every=1", "trainer.resume=true"), fsdp2)
+    check_distributed_support(cfg("teacher.kind=ema", "trainer.resume=true"), fsdp2)
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         check_distributed_support(cfg(), fsdp1)
     with pytest.raises(ConfigError, match="DeepSpeed"):

@@ -136,6 +136,10 @@ def main(argv: list[str]) -> int:
             "local_process_index": acc.local_process_index,
             "model_class": type(trainer.model).__name__,
             "frozen_teacher_class": type(trainer.teacher.frozen).__name__,
+            "frozen_teacher_local_numel": sum(
+                getattr(p, "_local_tensor", p).numel()
+                for p in (trainer.teacher.frozen or torch.nn.Module()).parameters()
+            ),
         },
         out_dir / f"rank{acc.process_index}.pt",
     )
