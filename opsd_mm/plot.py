@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from opsd_mm.errors import UserError
 from opsd_mm.metrics import read_metrics
+
+
+class PlotError(UserError):
+    """A run directory without metrics, or runs with nothing to draw."""
+
+    kind = "plot error"
+
 
 # (panel title, [(metrics key, line label suffix), ...], log y scale)
 PANELS: list[tuple[str, list[tuple[str, str]], bool]] = [
@@ -58,7 +66,7 @@ def load_runs(run_dirs: Sequence[str | Path]) -> dict[str, list[dict[str, Any]]]
     for d in run_dirs:
         path = Path(d) / "metrics.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no metrics.jsonl (is {d} a run directory?)")
+            raise PlotError(f"{path}: no metrics.jsonl (is {d} a run directory?)")
         label = Path(d).resolve().name
         while label in runs:
             label += "'"
@@ -81,7 +89,7 @@ def plot_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     # Keep the panels some run has data for.
     panels = [p for p in panels if any(_series(rows, k) for rows in runs.values() for k, _ in p[1])]
     if not panels:
-        raise ValueError(f"no plottable metrics in {', '.join(map(str, run_dirs))}")
+        raise PlotError(f"no plottable metrics in {', '.join(map(str, run_dirs))}")
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)

@@ -344,7 +344,8 @@ class Trainer:
                 sync = i == n_micro - 1
                 with acc.no_sync(self.model) if not sync else nullcontext():
                     scale = self._loss_scale(batch, n_global, n_micro)
-                    rollout_N = self._rollout_logprobs(micro[min(i, len(micro) - 1)], batch)
+                    engine_N = self._engine_logprobs(micro[min(i, len(micro) - 1)], batch)
+                    rollout_N = engine_N if cfg.loss.importance_clip is not None else None
                     adv_B = torch.tensor(micro_adv[min(i, len(micro) - 1)], device=acc.device)
                     loss, out, terms = self._micro_step(batch, scale, timer, rollout_N, adv_B)
                     if padding:
@@ -355,11 +356,8 @@ class Trainer:
                     loss_total += loss.detach()
                     terms_total += terms
                     outs.append(out)
-                    if any(p.logprobs for p in micro[i]):
-                        width_C = batch.completion_ids_BC.shape[1]
-                        mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
-                        engine_BC = pad_logprobs([p.logprobs for p in micro[i]], width_C)
-                        logprobs.append((engine_BC[mask_BC.cpu()], out.student_logprob_N.cpu()))
+                    if engine_N is not None:
+                        logprobs.append((engine_N, out.student_logprob_N.cpu()))
         # 6. optimizer step, unless the step is bad: no usable completion (every one rejected, on
         # some process: nothing to learn from; a diverged model samples ids outside the
         # vocabulary), or a non-finite loss or gradient norm. A bad step changes no weights and
@@ -475,10 +473,11 @@ class Trainer:
             return 1.0 / (max(int(mask_BC.sum()), 1) * max(n_micro, 1))
         return acc.num_processes / max(n_global, 1.0)
 
-    def _rollout_logprobs(self, pairs: list[Pair], batch: PairBatch) -> torch.Tensor | None:
-        """The engine's log-probs of the loss tokens ([N], NaN where unknown), for
-        ``loss.importance_clip``; None when it is off or no rollout reports any."""
-        if self.cfg.loss.importance_clip is None or not any(p.logprobs for p in pairs):
+    def _engine_logprobs(self, pairs: Sequence[Pair], batch: PairBatch) -> torch.Tensor | None:
+        """The rollout engine's log-probs of the micro-batch's loss tokens ([N] on the CPU, NaN
+        where unknown), or None when no rollout reports any. Read once per micro-batch: they
+        feed ``loss.importance_clip`` and the rollout/trainer log-prob gap metric."""
+        if not any(p.logprobs for p in pairs):
             return None
         mask_BC = loss_mask(batch.completion_mask_BC, self.cfg.loss.skip_first_tokens)
         width_C = batch.completion_ids_BC.shape[1]
