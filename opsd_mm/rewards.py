@@ -12,7 +12,7 @@ Shapes: ``P`` prompts of a step, ``G`` samples per prompt (``rollout.n``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -74,15 +74,38 @@ def group_advantages(
     return adv_PG, zero_P
 
 
+FAILURE_KINDS = ("timeout", "no_answer", "error", "no_gold")
+
+
 def reward_metrics(
-    rewards_PG: torch.Tensor, zero_P: torch.Tensor, scores: Sequence[RewardScore]
+    rewards_PG: torch.Tensor,
+    zero_P: torch.Tensor,
+    scores: Sequence[RewardScore],
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Per-step reward metrics: the mean reward, the fraction of groups with zero variance (no
-    learning signal from the reward), and the step's failures by kind (``reward/failed_*``)."""
+    learning signal from the reward), and the step's failures by kind (``reward/failed_*``).
+
+    ``reduce_sum`` sums a tensor over processes (the trainer passes accelerate's): the metrics
+    are then the step's over every process - each process scores only its own prompts, and the
+    main process alone writes metrics.jsonl. Collective: every process must call it."""
+    sums = torch.tensor(
+        [
+            rewards_PG.double().sum().item(),
+            rewards_PG.numel(),
+            zero_P.double().sum().item(),
+            zero_P.numel(),
+            *(sum(s.failure == kind for s in scores) for kind in FAILURE_KINDS),
+        ],
+        dtype=torch.float64,
+    )
+    if reduce_sum is not None:
+        sums = reduce_sum(sums)
+    total, n, zero, groups, *failed = sums.tolist()
     out = {
-        "reward/mean": rewards_PG.float().mean().item() if rewards_PG.numel() else float("nan"),
-        "reward/zero_variance_groups": zero_P.float().mean().item() if zero_P.numel() else 0.0,
+        "reward/mean": total / n if n else float("nan"),
+        "reward/zero_variance_groups": zero / groups if groups else 0.0,
     }
-    for kind in ("timeout", "no_answer", "error", "no_gold"):
-        out[f"reward/failed_{kind}"] = sum(s.failure == kind for s in scores)
+    for kind, count in zip(FAILURE_KINDS, failed):
+        out[f"reward/failed_{kind}"] = int(count)
     return out

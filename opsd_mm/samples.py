@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ def per_sample_means(
         return [None] * len(pairs)
     out: list[float | None] = []
     for part in torch.split(div_N.detach().float().cpu(), counts):
-        out.append(part.mean().item() if part.numel() else None)
+        mean = part.mean().item() if part.numel() else math.nan
+        out.append(mean if math.isfinite(mean) else None)  # NaN: no teacher (plain GRPO)
     return out
 
 

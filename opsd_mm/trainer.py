@@ -528,7 +528,10 @@ class Trainer:
         n = sizes.pop() if sizes else 0
         r_PG = torch.tensor([s.value for s in scores], dtype=torch.float32).view(-1, max(n, 1))
         adv_PG, zero_P = group_advantages(r_PG)
-        stats = reward_metrics(r_PG, zero_P, scores)
+        acc = self.accelerator
+        stats = reward_metrics(  # over every process's prompts
+            r_PG, zero_P, scores, reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu()
+        )
         self.counters["reward_timeouts"] += sum(s.failure == "timeout" for s in scores)
         self.counters["reward_failures"] += sum(s.failure is not None for s in scores)
         return adv_PG.tolist(), stats

@@ -217,6 +217,39 @@ def test_ddp_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_di
     assert [r["step"] for r in read_metrics(run2to1 / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
+def test_ddp_reward_hybrid_matches_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """OPSD + reward hybrid (loss.reward_weight) on 2 processes: each process scores only its
+    own prompts, yet the logged reward metrics are the whole step's (the same on both
+    processes and equal to the 1-process run's), and losses and weights match."""
+    extra = (
+        "loss.reward_weight=0.5",
+        "loss.distill_weight=0.5",
+        "rollout.n=3",
+        "trainer.batch_size=4",  # prompts per process; overridden below
+    )
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        "--length-reward",
+        *_common(tiny_cache, tmp_path / "run1", *extra),
+        "trainer.batch_size=4",
+    )
+    two = _two_processes(
+        tmp_path / "two",
+        "--ragged",
+        "--length-reward",
+        *_common(tiny_cache, tmp_path / "run2", *extra),
+        "trainer.batch_size=2",
+    )
+    _assert_matches(one, two)
+    for m1, m0, m_1 in zip(one["metrics"], two[0]["metrics"], two[1]["metrics"]):
+        assert 0 < m1["reward/zero_variance_groups"] < 1 or m1["reward/mean"] > 0
+        for key in ("reward/mean", "reward/zero_variance_groups", "loss/reward_pg"):
+            assert m0[key] == m_1[key], key  # the global value on every process
+            assert m0[key] == pytest.approx(m1[key], rel=LOSS_RTOL, abs=1e-7), key
+
+
 # Full fine-tuning, fixed teacher (a frozen copy), one sequence per micro-batch, and some
 # completions rejected: in step 2, process 0 keeps 2 sequences and process 1 keeps 3.
 FULL_FT = ("--ragged", "--reject")

@@ -128,3 +128,27 @@ def test_reward_weight_without_reward_is_an_error(tiny_cache, tmp_path, tiny_tex
     monkeypatch.setattr(cli, "build_reward", lambda cfg: None)
     with pytest.raises(UserError, match="loss.reward_weight"):
         build_trainer(_cfg(tiny_cache, tmp_path, "loss.reward_weight=1"))
+
+
+def test_plain_grpo_runs_no_teacher_forward(tiny_cache, tmp_path, tiny_text_dir, monkeypatch):
+    """loss.distill_weight=0: the teacher's term weighs nothing, so its forward is skipped
+    (naive and fused paths); the divergence statistics are then undefined (NaN), not 0."""
+    for fused in ("false", "true"):
+        cfg = _cfg(
+            tiny_cache,
+            tmp_path / fused,
+            f"loss.fused={fused}",
+            "loss.reward_weight=1.0",
+            "loss.distill_weight=0",
+        )
+        monkeypatch.setattr(cli, "build_reward", lambda cfg: LengthReward())
+        trainer = build_trainer(cfg)
+
+        def no_teacher(model):
+            raise AssertionError("the teacher ran with loss.distill_weight=0")
+
+        trainer.teacher.as_teacher = no_teacher
+        metrics = trainer.train_step()
+        assert metrics["loss/reward_pg"] != 0 and metrics["loss/distill"] == 0
+        assert "time/teacher" not in metrics
+        assert metrics["divergence_mean"] != metrics["divergence_mean"]  # NaN

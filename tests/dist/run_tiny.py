@@ -12,6 +12,8 @@ accelerate's FSDP2 path on the CPU: accelerate only routes FSDP for accelerator 
 harness switches the distributed type itself (torch's ``fully_shard`` itself works over gloo).
 ``--reject`` makes the processor refuse about a third of the completions (by example id and
 completion only), so the processes hold unequal numbers of micro-batches.
+``--length-reward`` turns on a deterministic reward (the completion's length) for
+``loss.reward_weight`` > 0, so the reward path runs without a math grader.
 ``--uneven-generate`` finally samples with a different ``max_new_tokens`` on each process: under
 a sharded model every forward is collective, so this hangs unless generation is synchronised.
 
@@ -27,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from opsd_mm import cli
 from opsd_mm.cli import build_trainer
 from opsd_mm.config import load_config
+from opsd_mm.rewards import RewardScore
 from opsd_mm.rollout import row_seed
 from opsd_mm.types import Rollout, SamplingConfig
 
@@ -104,12 +108,27 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().clone()
 
 
+class LengthReward:
+    """The completion's length / 10: deterministic, and rarely constant within a group."""
+
+    name = "length"
+
+    def __call__(self, examples, completions):
+        return [RewardScore(len(c) / 10.0) for c in completions]
+
+
 def main(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
     out_dir, *overrides = [a for a in argv if not a.startswith("--")]
     out_dir = Path(out_dir)
     cfg = load_config(TINY, ["logging.progress=false", *overrides])
-    trainer = build_trainer(cfg, fsdp2_cpu_accelerator() if "--fsdp2" in flags else None)
+    build_reward = cli.build_reward
+    if "--length-reward" in flags:  # restored below: the 1-process runs share the test's process
+        cli.build_reward = lambda cfg: LengthReward()
+    try:
+        trainer = build_trainer(cfg, fsdp2_cpu_accelerator() if "--fsdp2" in flags else None)
+    finally:
+        cli.build_reward = build_reward
     if "--reject" in flags:
         reject_some(trainer.processor)
     generate = trainer.engine.generate
