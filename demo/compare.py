@@ -10,8 +10,8 @@ against reinforcement learning with a verifiable reward. Every method runs in th
   group-normalised math-verify reward of the final ``\\boxed{}``;
 - ``hybrid``: both terms at weight 1.
 
-SFT is placed at its training (target) tokens: it never samples. The teacher forward still runs
-under GRPO (its divergence is logged), so wall time is not GRPO's own; tokens are.
+SFT is placed at its training (target) tokens: it never samples. GRPO skips the teacher
+forward (``loss.distill_weight=0``), so its train time is its own too.
 """
 
 from __future__ import annotations
