@@ -130,6 +130,10 @@ class ProcessorConfig:
     # Encode each image once per step and share it between the teacher and student forwards
     # (only while the vision tower is frozen; numerically identical to re-encoding).
     reuse_vision: bool = True
+    # Keep up to this many rendered prompts per side (student, teacher) across epochs, so a
+    # multi-epoch run tokenises and image-processes each example once (opsd_mm/prompt_cache.py;
+    # identical prompts). 0: render every time. Memory: the prompts' ids and pixel tensors.
+    prompt_cache: int = 0
 
 
 @dataclass(frozen=True)
@@ -566,6 +570,7 @@ def validate_config(cfg: RunConfig) -> None:
         ("teacher.ema_decay", te.ema_decay, 0 <= te.ema_decay < 1, "must lie in [0, 1)"),
         ("teacher.ema_update_every", te.ema_update_every, te.ema_update_every >= 1, at_least_1),
         ("processor.max_prompt_tokens", p.max_prompt_tokens, p.max_prompt_tokens >= 1, at_least_1),
+        ("processor.prompt_cache", p.prompt_cache, p.prompt_cache >= 0, "must be >= 0 (0: off)"),
         (
             "processor.max_teacher_prompt_tokens",
             p.max_teacher_prompt_tokens,

@@ -50,6 +50,7 @@ from opsd_mm.metrics import (
     truncate_metrics,
 )
 from opsd_mm.packing import micro_batches, packable, pair_length
+from opsd_mm.prompt_cache import PromptCache
 from opsd_mm.rewards import Reward, group_advantages, reward_metrics
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
@@ -123,6 +124,9 @@ class Trainer:
         check_distributed_support(cfg, acc)
         self.run_dir = Path(cfg.run_dir)
         self.processor = processor
+        # Rendered prompts, kept across epochs when processor.prompt_cache > 0.
+        self.student_prompt = PromptCache(processor.student_prompt, cfg.processor.prompt_cache)
+        self.teacher_prompt = PromptCache(processor.teacher_prompt, cfg.processor.prompt_cache)
         self.engine = engine
         if cfg.loss.reward_weight > 0 and reward is None:
             raise UserError(
@@ -284,7 +288,7 @@ class Trainer:
         finish = []
         for ex, prompt, rollouts, adv_G in zip(examples, prompts, rollouts_P_G, advantages_P_G):
             try:
-                teacher_prompt = self.processor.teacher_prompt(ex)
+                teacher_prompt = self.teacher_prompt(ex)
             except ValueError as e:  # e.g. a teacher-only image that fails to load
                 self._skip_example(e, "teacher_prompt")
                 continue
@@ -552,7 +556,7 @@ class Trainer:
         examples, prompts = [], []
         for ex in batch:
             try:
-                prompt = self.processor.student_prompt(ex)
+                prompt = self.student_prompt(ex)
             except ValueError as e:
                 self._skip_example(e, "student_prompt")
                 continue
