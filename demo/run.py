@@ -56,6 +56,10 @@ class Recipe:
     opsd: tuple[str, ...]  # config overrides for the OPSD run
     processor: tuple[tuple[str, Any], ...] = ()
     batch: int = 32  # warm-start SFT sequences per step
+    # Padded tokens per forward of the warm start and the SFT baseline (0: the whole batch in
+    # one forward); the OPSD runs set trainer.micro_batch_tokens in ``opsd``. See the README's
+    # demo section for what length-sorted micro-batches save.
+    micro_tokens: int = 0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -97,9 +101,15 @@ RECIPES: dict[str, Recipe] = {
             "rollout.n=1",
             "trainer.batch_size=32",
             "trainer.lr=2e-3",
+            # Teacher prompts are 60-150 tokens: length-sorted micro-batches of <= 1000 padded
+            # tokens halve the teacher forward; the prompts of the 1000 training examples are
+            # rendered once instead of about five times.
+            "trainer.micro_batch_tokens=1000",
+            "processor.prompt_cache=2048",
         ),
         # One 28 px grid cell = one merged vision token; keep the images unresized.
         processor=(("min_pixels", 28 * 28), ("max_pixels", 28 * 28 * 64)),
+        micro_tokens=1000,
     ),
 }
 
@@ -196,6 +206,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny-cache", default=None, help="cache dir of the tiny models")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="tasks run side by side, one process each (0: one per task, up to the cores; "
+        "1: one after the other)",
+    )
+    parser.add_argument(
         "--compare-rewards",
         action="store_true",
         help="also train GRPO (verifiable reward only) and the OPSD + reward hybrid with the same "
@@ -262,6 +279,7 @@ def warm_start(
             student,
             steps=recipe.warm_pre_steps,
             batch_size=recipe.batch,
+            micro_tokens=recipe.micro_tokens,
             lr=recipe.warm_lr,
             seed=2 * seed,
             warmup_steps=min(20, recipe.warm_pre_steps // 4),
@@ -429,6 +447,7 @@ def run_sft_baseline(
         batch_size=opsd_cfg.trainer.batch_size * opsd_cfg.rollout.n,
         lr=opsd_cfg.trainer.lr,
         seed=seed,
+        micro_tokens=recipe.micro_tokens,
         warmup_steps=min(5, steps // 4),
         on_step=on_step,
     )
@@ -660,7 +679,9 @@ def run_task(
     }
 
 
-def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
+def quiet(threads: int) -> None:
+    """The demo's process settings (the parent's and each task worker's): no per-model
+    progress bars or known deprecation chatter, and ``threads`` torch threads."""
     import warnings
 
     import transformers
@@ -669,8 +690,12 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     for noisy in ("opsd_mm.models", "opsd_mm.processors.vision_cache"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
+    quiet(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in RECIPES]
     if unknown or not tasks:
@@ -685,19 +710,30 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     if compare and wiring.build_reward is None:
         raise SystemExit("--compare-rewards needs a reward (cli.py wires build_reward)")
     reward_runs = 2 if compare else 0
+    from opsd_mm.demo.workers import default_jobs, run_parallel
+    from opsd_mm.testing import resolve_tiny
+
+    jobs = args.jobs or default_jobs(len(plans))
+    if jobs < 1:
+        raise SystemExit(f"--jobs: must be >= 1 (0: one per task, up to the cores), got {jobs}")
+    for plan in plans.values():  # built here once, not by two workers at the same time
+        resolve_tiny(plan.recipe.tiny, args.tiny_cache)
     progress = Progress(sum(planned_work(n, p, len(seeds), reward_runs) for n, p in plans.items()))
     t0 = time.perf_counter()
     try:
-        results = {
-            name: run_task(name, plan, args, seeds, run_dir, wiring, progress)
-            for name, plan in plans.items()
-        }
+        if jobs > 1 and len(plans) > 1:
+            results = run_parallel(plans, args, seeds, run_dir, wiring, progress, jobs)
+        else:
+            results = {
+                name: run_task(name, plan, args, seeds, run_dir, wiring, progress)
+                for name, plan in plans.items()
+            }
     finally:
         progress.close()
     total_s = _since(t0)
     lines = checks(results, args.quick)
     text = table(results)
-    machine = machine_info()
+    machine = machine_info() | {"task_processes": min(jobs, len(plans))}
     print()
     print(text)
     print(f"\n{time_line(total_s, machine)}")

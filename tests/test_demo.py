@@ -56,13 +56,45 @@ def test_sft_trains_on_completion_tokens_only(tiny_text_dir):
     assert len(history) == 8 and history[-1]["loss"] < loss0.item()
 
 
+def test_sft_micro_batches_give_the_full_batch_loss_and_gradient(tiny_text_dir):
+    """micro_tokens splits a batch by length (student and teacher prompts of the warm-start
+    mixture); the loss and the gradient stay those of the whole padded batch."""
+    from opsd_mm.config import ModelConfig, ProcessorConfig
+    from opsd_mm.demo.sft import _accumulated_loss, make_items, sft_loss
+    from opsd_mm.models import load_model
+    from opsd_mm.processors.text import TextProcessor
+
+    proc = TextProcessor.from_pretrained(
+        tiny_text_dir, ProcessorConfig(student_template="plain", teacher_template="hint_v1")
+    )
+    task = make_text_task(seed=0, n_warm=8)
+    items = make_items(proc, task.warm_student[:3], "student", solution)
+    items += make_items(proc, task.warm_teacher[:3], "teacher", solution)
+    model = load_model(str(tiny_text_dir), ModelConfig(dtype="float32"))
+    whole, n_whole = sft_loss(model, proc, items)
+    whole.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    budget = max(len(it.prompt.input_ids) + len(it.completion_ids) for it in items) * 2
+    split, n_split = _accumulated_loss(model, proc, items, budget)
+    assert n_split == n_whole
+    assert split.item() == pytest.approx(whole.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
     from opsd_mm.cli import main
 
     torch_threads = torch.get_num_threads()
     run_dir = tmp_path / "demo"
-    rc = main(["demo", "--quick", "--run-dir", str(run_dir), "--tiny-cache", str(tiny_cache)])
+    rc = main(
+        [
+            *("demo", "--quick", "--run-dir", str(run_dir), "--tiny-cache", str(tiny_cache)),
+            *("--jobs", "2"),  # the tasks in two worker processes, whatever the cores
+        ]
+    )
     torch.set_num_threads(torch_threads)
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -88,6 +120,29 @@ def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
         assert len(metrics.splitlines()) == r["steps"]
         preds = run_dir / name / f"seed{seed}" / "opsd" / "eval" / "test" / "predictions.jsonl"
         assert len(preds.read_text().splitlines()) == r["data"]["test"]
+
+
+def test_a_failing_task_worker_is_reported_with_its_name(tmp_path):
+    """A task whose worker process raises: the demo stops with an error naming the task and
+    the worker's exception, and no worker is left running."""
+    import argparse
+    import multiprocessing
+
+    from opsd_mm.demo.run import task_plan
+    from opsd_mm.demo.workers import TaskFailed, run_parallel
+
+    class Bar:
+        def add(self, amount):
+            pass
+
+        def write(self, msg):
+            pass
+
+    args = argparse.Namespace(quick=True, steps=None, eval_every=1, task_seed=0, threads=1)
+    plans = {"nonexistent": task_plan("text", args)}  # run_task raises on the unknown name
+    with pytest.raises(TaskFailed, match="demo task 'nonexistent' failed: "):
+        run_parallel(plans, args, [0], tmp_path, None, Bar(), jobs=1)
+    assert not multiprocessing.active_children()
 
 
 def test_default_demo_is_one_seed_and_full_is_three():
