@@ -56,10 +56,6 @@ class Recipe:
     opsd: tuple[str, ...]  # config overrides for the OPSD run
     processor: tuple[tuple[str, Any], ...] = ()
     batch: int = 32  # warm-start SFT sequences per step
-    # Padded tokens per forward of the warm start and the SFT baseline (0: the whole batch in
-    # one forward); the OPSD runs set trainer.micro_batch_tokens in ``opsd``. See the README's
-    # demo section for what length-sorted micro-batches save.
-    micro_tokens: int = 0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -109,7 +105,6 @@ RECIPES: dict[str, Recipe] = {
         ),
         # One 28 px grid cell = one merged vision token; keep the images unresized.
         processor=(("min_pixels", 28 * 28), ("max_pixels", 28 * 28 * 64)),
-        micro_tokens=1000,
     ),
 }
 
@@ -279,7 +274,6 @@ def warm_start(
             student,
             steps=recipe.warm_pre_steps,
             batch_size=recipe.batch,
-            micro_tokens=recipe.micro_tokens,
             lr=recipe.warm_lr,
             seed=2 * seed,
             warmup_steps=min(20, recipe.warm_pre_steps // 4),
@@ -447,7 +441,6 @@ def run_sft_baseline(
         batch_size=opsd_cfg.trainer.batch_size * opsd_cfg.rollout.n,
         lr=opsd_cfg.trainer.lr,
         seed=seed,
-        micro_tokens=recipe.micro_tokens,
         warmup_steps=min(5, steps // 4),
         on_step=on_step,
     )

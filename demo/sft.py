@@ -55,13 +55,9 @@ def make_items(
 
 
 def sft_loss(
-    model: torch.nn.Module,
-    processor: Processor,
-    items: Sequence[SFTItem],
-    reduction: str = "mean",
+    model: torch.nn.Module, processor: Processor, items: Sequence[SFTItem]
 ) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy over the completion tokens of ``items`` -> (loss, tokens); the
-    mean over those tokens, or their sum with ``reduction="sum"`` (micro-batches of one step).
+    """Mean next-token cross-entropy over the completion tokens of ``items`` -> (loss, tokens).
 
     The prompt rides on the student side of a ``Pair`` (whatever context it was rendered in),
     so the processor's collation does the layout and image packing."""
@@ -72,12 +68,7 @@ def sft_loss(
     mask_BC = batch.completion_mask_BC.bool()
     logits_NV = logits_BCV[mask_BC].float()
     ids_N = batch.completion_ids_BC[mask_BC]
-    loss = torch.nn.functional.cross_entropy(logits_NV, ids_N, reduction=reduction)
-    return loss, int(ids_N.numel())
-
-
-def item_length(item: SFTItem) -> int:
-    return len(item.prompt.input_ids) + len(item.completion_ids)
+    return torch.nn.functional.cross_entropy(logits_NV, ids_N), int(ids_N.numel())
 
 
 def train_sft(
@@ -93,16 +84,9 @@ def train_sft(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-    micro_tokens: int = 0,
 ) -> list[dict[str, Any]]:
     """``steps`` AdamW steps over shuffled epochs of ``items`` (cosine decay after a linear
-    warm-up); trains the parameters that require grad. Returns per-step metric dicts.
-
-    ``micro_tokens`` > 0 splits each batch into micro-batches of at most that many padded
-    tokens, similar lengths together (``opsd_mm.packing.token_micro_batches``), and accumulates
-    their summed losses over the batch's token count: the same loss and gradient as one padded
-    forward (up to float rounding), with far less padding when prompt lengths differ - the
-    warm-start mixture pairs short student prompts with long teacher prompts."""
+    warm-up); trains the parameters that require grad. Returns per-step metric dicts."""
     if not items:
         raise ValueError("train_sft() got no items")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,11 +110,8 @@ def train_sft(
             order.extend(fresh)
         batch = [items[i] for i in order[:batch_size]]
         del order[:batch_size]
-        if micro_tokens > 0:
-            loss, n_tokens = _accumulated_loss(model, processor, batch, micro_tokens)
-        else:
-            loss, n_tokens = sft_loss(model, processor, batch)
-            loss.backward()
+        loss, n_tokens = sft_loss(model, processor, batch)
+        loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
         opt.step()
         sched.step()
@@ -147,22 +128,3 @@ def train_sft(
             on_step(record)
     model.eval()
     return history
-
-
-def _accumulated_loss(
-    model: torch.nn.Module, processor: Processor, batch: Sequence[SFTItem], micro_tokens: int
-) -> tuple[torch.Tensor, int]:
-    """Backward the batch's mean token loss micro-batch by micro-batch -> (detached loss,
-    tokens). The token count comes first (each micro-batch's sum is divided by the total)."""
-    from opsd_mm.packing import token_micro_batches
-
-    micro = token_micro_batches(
-        list(batch), [item_length(it) for it in batch], micro_tokens, packed=False
-    )
-    total = sum(len(it.completion_ids) for it in batch)
-    loss_sum = torch.zeros(())
-    for mb in micro:
-        part, _ = sft_loss(model, processor, mb, reduction="sum")
-        (part / total).backward()
-        loss_sum += part.detach().cpu()
-    return loss_sum / total, total

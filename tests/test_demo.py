@@ -56,33 +56,6 @@ def test_sft_trains_on_completion_tokens_only(tiny_text_dir):
     assert len(history) == 8 and history[-1]["loss"] < loss0.item()
 
 
-def test_sft_micro_batches_give_the_full_batch_loss_and_gradient(tiny_text_dir):
-    """micro_tokens splits a batch by length (student and teacher prompts of the warm-start
-    mixture); the loss and the gradient stay those of the whole padded batch."""
-    from opsd_mm.config import ModelConfig, ProcessorConfig
-    from opsd_mm.demo.sft import _accumulated_loss, make_items, sft_loss
-    from opsd_mm.models import load_model
-    from opsd_mm.processors.text import TextProcessor
-
-    proc = TextProcessor.from_pretrained(
-        tiny_text_dir, ProcessorConfig(student_template="plain", teacher_template="hint_v1")
-    )
-    task = make_text_task(seed=0, n_warm=8)
-    items = make_items(proc, task.warm_student[:3], "student", solution)
-    items += make_items(proc, task.warm_teacher[:3], "teacher", solution)
-    model = load_model(str(tiny_text_dir), ModelConfig(dtype="float32"))
-    whole, n_whole = sft_loss(model, proc, items)
-    whole.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    budget = max(len(it.prompt.input_ids) + len(it.completion_ids) for it in items) * 2
-    split, n_split = _accumulated_loss(model, proc, items, budget)
-    assert n_split == n_whole
-    assert split.item() == pytest.approx(whole.item(), rel=1e-6)
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
-
-
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
     from opsd_mm.cli import main
