@@ -16,7 +16,6 @@ forward (``loss.distill_weight=0``), so its train time is its own too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,9 @@ REWARD_RUNS = {
 }
 
 
-def run_reward_methods(
-    task: str,
-    run: Callable[[str, tuple[str, ...]], dict],
-    say: Callable[[str], None],
-    seed: int,
-) -> dict[str, dict]:
-    """GRPO and the hybrid for one seed; ``run(method, overrides)`` is the demo's ``run_opsd``."""
-    out = {}
-    for method, overrides in REWARD_RUNS.items():
-        out[method] = run(method, (*_REWARD, *_GROUPS[task], *overrides))
-        say(
-            f"[{task}] seed {seed}: {method} {out[method]['test_acc']:.1f}% "
-            f"({out[method]['rollout_tokens']} rollout tokens, {out[method]['train_s']:.0f}s)"
-        )
-    return out
+def reward_overrides(task: str, method: str) -> tuple[str, ...]:
+    """The config overrides of a reward run (``grpo`` or ``hybrid``) after the recipe's."""
+    return (*_REWARD, *_GROUPS[task], *REWARD_RUNS[method])
 
 
 def _tokens(run: dict) -> int:

@@ -33,12 +33,12 @@ def checks(results: dict[str, dict], quick: bool) -> list[str]:
 
 
 def time_line(total_s: float, machine: dict) -> str:
-    """``wall time 212s on AMD EPYC (torch 2.14.1, AVX2 kernels, 2 task processes of 1 thread,
+    """``wall time 212s on AMD EPYC (torch 2.14.1, AVX2 kernels, 2 worker processes of 1 thread,
     load 0.3)``."""
     threads = machine.get("threads")
     load = machine.get("load_1min")
     procs = machine.get("task_processes", 1)
-    where = f"{procs} task processes of " if procs > 1 else ""
+    where = f"{procs} worker processes of " if procs > 1 else ""
     return (
         f"wall time {total_s:.0f}s on {machine.get('cpu', '?')} (torch {machine.get('torch', '?')}"
         f", {machine.get('cpu_capability', '?')} kernels, {where}{threads} thread"

@@ -204,8 +204,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--jobs",
         type=int,
         default=0,
-        help="tasks run side by side, one process each (0: one per task, up to the cores; "
-        "1: one after the other)",
+        help="worker processes: warm starts and training runs side by side (0: one per core, "
+        "up to the jobs that can run at once; 1: all in this process, one after the other)",
     )
     parser.add_argument(
         "--compare-rewards",
@@ -536,34 +536,51 @@ def _counted(evaluate: Callable[..., float], cost: float, progress: Progress) ->
     return wrapped
 
 
-def run_task(
-    name: str,
-    plan: TaskPlan,
-    args: argparse.Namespace,
-    seeds: list[int],
-    run_dir: Path,
-    wiring: Wiring,
-    progress: Progress,
-) -> dict:
+@dataclass
+class TaskSetup:
+    """What every phase of one task needs, built once per process (cheap: the data are
+    generated, the processor loads a tokenizer)."""
+
+    name: str
+    plan: TaskPlan
+    task: TaskData
+    processor: Any
+    wiring: Wiring  # its evaluate counts progress
+    task_dir: Path
+
+
+def setup_task(
+    name: str, plan: TaskPlan, args: argparse.Namespace, run_dir: Path, wiring: Wiring, progress
+) -> TaskSetup:
+    from opsd_mm.testing import resolve_tiny
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown demo task {name!r}; choose from {sorted(RECIPES)}")
+    wiring = replace(wiring, evaluate=_counted(wiring.evaluate, EVAL_ITEM_COST[name], progress))
+    make = make_text_task if name == "text" else make_vision_task
+    task = make(seed=args.task_seed, **plan.sizes)
+    base = str(resolve_tiny(plan.recipe.tiny, args.tiny_cache))
+    return TaskSetup(
+        name, plan, task, _processor(base, plan.recipe, wiring), wiring, run_dir / name
+    )
+
+
+def prepare_task(setup: TaskSetup, args: argparse.Namespace, progress) -> dict:
+    """The warm start (into a fresh task directory) and its four evaluations; what the
+    training runs of every seed start from."""
     from opsd_mm.models import load_model
     from opsd_mm.testing import resolve_tiny
 
-    recipe, sizes, steps, eval_every = plan.recipe, plan.sizes, plan.steps, plan.eval_every
-    wiring = replace(wiring, evaluate=_counted(wiring.evaluate, EVAL_ITEM_COST[name], progress))
-    t0 = time.perf_counter()
-    make = make_text_task if name == "text" else make_vision_task
-    task = make(seed=args.task_seed, **sizes)
-    base = str(resolve_tiny(recipe.tiny, args.tiny_cache))
-    processor = _processor(base, recipe, wiring)
-    task_dir = run_dir / name
-    shutil.rmtree(task_dir, ignore_errors=True)
-    warm_dir = task_dir / "warm_start"
+    name, task, processor, evaluate = setup.name, setup.task, setup.processor, setup.wiring.evaluate
+    recipe = setup.plan.recipe
+    shutil.rmtree(setup.task_dir, ignore_errors=True)
+    warm_dir = setup.task_dir / "warm_start"
     progress.write(f"[{name}] warm start: SFT of tiny:{recipe.tiny} ...")
     warm_cost = STEP_COST[name, "warm"]
     warm = warm_start(
         task,
         recipe,
-        base,
+        str(resolve_tiny(recipe.tiny, args.tiny_cache)),
         processor,
         warm_dir,
         seed=args.task_seed,
@@ -571,19 +588,13 @@ def run_task(
     )
     t_eval = time.perf_counter()
     model = load_model(str(warm_dir), ModelConfig(dtype="float32")).eval()
-    ev = task_dir / "eval_warm_start"
-    before = wiring.evaluate(model, processor, task.test, ev, "test_student", task.max_new_tokens)
-    teacher = wiring.evaluate(
-        model, processor, task.test, ev, "test_teacher", task.max_new_tokens, context="teacher"
-    )
-    val0 = wiring.evaluate(model, processor, task.val, ev, "val_student", task.max_new_tokens)
-    known = wiring.evaluate(
-        model,
-        processor,
-        task.warm_student[: len(task.test)],
-        ev,
-        "known_phrasing",
-        task.max_new_tokens,
+    ev = setup.task_dir / "eval_warm_start"
+    new = task.max_new_tokens
+    before = evaluate(model, processor, task.test, ev, "test_student", new)
+    teacher = evaluate(model, processor, task.test, ev, "test_teacher", new, context="teacher")
+    val0 = evaluate(model, processor, task.val, ev, "val_student", new)
+    known = evaluate(
+        model, processor, task.warm_student[: len(task.test)], ev, "known_phrasing", new
     )
     del model
     warm["eval_s"] = _since(t_eval)
@@ -591,68 +602,54 @@ def run_task(
         f"[{name}] warm start: {warm['steps']} steps in {warm['wall_s']:.0f}s; held-out student "
         f"{before:.1f}%, teacher context {teacher:.1f}% (known phrasing, student: {known:.1f}%)",
     )
-    per_seed = {}
-    for seed in seeds:
-        sd = task_dir / f"seed{seed}"
-        opsd = run_opsd(
-            task,
-            recipe,
-            warm_dir,
-            processor,
-            seed,
-            steps,
-            sd / "opsd",
-            eval_every,
-            val0,
-            wiring,
-            tick=lambda: progress.add(STEP_COST[name, "opsd"]),
-        )
-        sft = run_sft_baseline(
-            task,
-            recipe,
-            warm_dir,
-            processor,
-            seed,
-            steps,
-            sd / "sft",
-            eval_every,
-            val0,
-            wiring,
-            tick=lambda: progress.add(STEP_COST[name, "sft"]),
-        )
-        per_seed[seed] = {"opsd": opsd, "sft": sft}
-        if getattr(args, "compare_rewards", False):
-            from opsd_mm.demo.compare import run_reward_methods
+    return {"warm": warm, "before": before, "teacher": teacher, "val0": val0, "known": known}
 
-            per_seed[seed].update(
-                run_reward_methods(
-                    name,
-                    lambda method, extra, seed=seed, sd=sd: run_opsd(
-                        task,
-                        recipe,
-                        warm_dir,
-                        processor,
-                        seed,
-                        steps,
-                        sd / method,
-                        eval_every,
-                        val0,
-                        wiring,
-                        tick=lambda: progress.add(STEP_COST[name, "opsd"]),
-                        extra=extra,
-                    ),
-                    progress.write,
-                    seed,
-                )
-            )
+
+def methods(args: argparse.Namespace) -> list[str]:
+    """The training runs of each seed: OPSD and the SFT baseline, and with --compare-rewards
+    GRPO and the hybrid (``opsd_mm.demo.compare``)."""
+    from opsd_mm.demo.compare import REWARD_RUNS
+
+    return ["opsd", "sft", *(REWARD_RUNS if getattr(args, "compare_rewards", False) else ())]
+
+
+def run_method(setup: TaskSetup, prepared: dict, seed: int, method: str, progress) -> dict:
+    """One training run of one seed from the warm start, with its validation curve and test
+    accuracy."""
+    name, plan = setup.name, setup.plan
+    out_dir = setup.task_dir / f"seed{seed}" / method
+    common = (setup.task, plan.recipe, setup.task_dir / "warm_start", setup.processor, seed)
+    rest = (plan.steps, out_dir, plan.eval_every, prepared["val0"], setup.wiring)
+    if method == "sft":
+        tick = lambda: progress.add(STEP_COST[name, "sft"])  # noqa: E731
+        return run_sft_baseline(*common, *rest, tick=tick)
+    from opsd_mm.demo.compare import reward_overrides
+
+    extra = reward_overrides(name, method) if method != "opsd" else ()
+    out = run_opsd(*common, *rest, tick=lambda: progress.add(STEP_COST[name, "opsd"]), extra=extra)
+    if method != "opsd":
         progress.write(
-            f"[{name}] seed {seed}: student {before:.1f}% -> OPSD {opsd['test_acc']:.1f}% "
-            f"({opsd['train_s']:.0f}s), SFT {sft['test_acc']:.1f}% ({sft['train_s']:.0f}s)",
+            f"[{name}] seed {seed}: {method} {out['test_acc']:.1f}% "
+            f"({out['rollout_tokens']} rollout tokens, {out['train_s']:.0f}s)"
         )
+    return out
+
+
+def seed_line(name: str, prepared: dict, seed: int, runs: dict) -> str:
+    opsd, sft = runs["opsd"], runs["sft"]
+    return (
+        f"[{name}] seed {seed}: student {prepared['before']:.1f}% -> OPSD {opsd['test_acc']:.1f}% "
+        f"({opsd['train_s']:.0f}s), SFT {sft['test_acc']:.1f}% ({sft['train_s']:.0f}s)"
+    )
+
+
+def task_result(setup: TaskSetup, prepared: dict, per_seed: dict, wall_s: float) -> dict:
+    """The task's entry of results.json."""
+    task, recipe = setup.task, setup.plan.recipe
     return {
-        "task": name,
+        "task": setup.name,
         "model": f"tiny:{recipe.tiny}",
-        "steps": steps,
+        "steps": setup.plan.steps,
         "threshold": recipe.threshold,
         "recipe": {k: v for k, v in recipe.__dict__.items()},
         "data": {
@@ -663,13 +660,33 @@ def run_task(
             "warm_teacher": len(task.warm_teacher),
             **task.meta,
         },
-        "warm_start": warm,
-        "before": before,
-        "teacher": teacher,
-        "known_phrasing": known,
+        "warm_start": prepared["warm"],
+        "before": prepared["before"],
+        "teacher": prepared["teacher"],
+        "known_phrasing": prepared["known"],
         "seeds": per_seed,
-        "wall_s": _since(t0),
+        "wall_s": wall_s,
     }
+
+
+def run_task(
+    name: str,
+    plan: TaskPlan,
+    args: argparse.Namespace,
+    seeds: list[int],
+    run_dir: Path,
+    wiring: Wiring,
+    progress: Progress,
+) -> dict:
+    """One task in this process: warm start, then every seed's runs in turn."""
+    t0 = time.perf_counter()
+    setup = setup_task(name, plan, args, run_dir, wiring, progress)
+    prepared = prepare_task(setup, args, progress)
+    per_seed = {}
+    for seed in seeds:
+        per_seed[seed] = {m: run_method(setup, prepared, seed, m, progress) for m in methods(args)}
+        progress.write(seed_line(name, prepared, seed, per_seed[seed]))
+    return task_result(setup, prepared, per_seed, _since(t0))
 
 
 def quiet(threads: int) -> None:
@@ -706,16 +723,24 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     from opsd_mm.demo.workers import default_jobs, run_parallel
     from opsd_mm.testing import resolve_tiny
 
-    jobs = args.jobs or default_jobs(len(plans))
+    runs = methods(args)
+    jobs = args.jobs or default_jobs(len(plans) * len(seeds) * len(runs))
     if jobs < 1:
-        raise SystemExit(f"--jobs: must be >= 1 (0: one per task, up to the cores), got {jobs}")
+        raise SystemExit(f"--jobs: must be >= 1 (0: one per core), got {jobs}")
     for plan in plans.values():  # built here once, not by two workers at the same time
         resolve_tiny(plan.recipe.tiny, args.tiny_cache)
-    progress = Progress(sum(planned_work(n, p, len(seeds), reward_runs) for n, p in plans.items()))
+    work = {n: planned_work(n, p, len(seeds), reward_runs) for n, p in plans.items()}
+    progress = Progress(sum(work.values()))
     t0 = time.perf_counter()
     try:
-        if jobs > 1 and len(plans) > 1:
-            results = run_parallel(plans, args, seeds, run_dir, wiring, progress, jobs)
+        if jobs > 1:
+            done = run_parallel(plans, args, seeds, run_dir, wiring, progress, jobs, runs, work)
+            results = {
+                name: task_result(
+                    setup_task(name, plan, args, run_dir, wiring, progress), *done[name]
+                )
+                for name, plan in plans.items()
+            }
         else:
             results = {
                 name: run_task(name, plan, args, seeds, run_dir, wiring, progress)
@@ -726,7 +751,7 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     total_s = _since(t0)
     lines = checks(results, args.quick)
     text = table(results)
-    machine = machine_info() | {"task_processes": min(jobs, len(plans))}
+    machine = machine_info() | {"task_processes": jobs}
     print()
     print(text)
     print(f"\n{time_line(total_s, machine)}")

@@ -94,9 +94,31 @@ def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
         preds = run_dir / name / f"seed{seed}" / "opsd" / "eval" / "test" / "predictions.jsonl"
         assert len(preds.read_text().splitlines()) == r["data"]["test"]
 
+    # The same text task in this one process (--jobs 1): the worker processes change nothing.
+    one = tmp_path / "one"
+    rc = main(
+        [
+            *("demo", "--quick", "--run-dir", str(one), "--tiny-cache", str(tiny_cache)),
+            *("--jobs", "1", "--tasks", "text"),
+        ]
+    )
+    torch.set_num_threads(torch_threads)
+    assert rc == 0
+    alone = json.loads((one / "results.json").read_text())["tasks"]["text"]
+    text = results["tasks"]["text"]
+    for key in ("before", "teacher", "known_phrasing"):
+        assert alone[key] == text[key], key
+    for method in ("opsd", "sft"):
+        a, b = alone["seeds"]["0"][method], text["seeds"]["0"][method]
+        assert (a["test_acc"], a["loss"], a["val_curve"]) == (
+            b["test_acc"],
+            b["loss"],
+            b["val_curve"],
+        )
+
 
 def test_a_failing_task_worker_is_reported_with_its_name(tmp_path):
-    """A task whose worker process raises: the demo stops with an error naming the task and
+    """A job whose worker process raises: the demo stops with an error naming the job and
     the worker's exception, and no worker is left running."""
     import argparse
     import multiprocessing
@@ -113,8 +135,8 @@ def test_a_failing_task_worker_is_reported_with_its_name(tmp_path):
 
     args = argparse.Namespace(quick=True, steps=None, eval_every=1, task_seed=0, threads=1)
     plans = {"nonexistent": task_plan("text", args)}  # run_task raises on the unknown name
-    with pytest.raises(TaskFailed, match="demo task 'nonexistent' failed: "):
-        run_parallel(plans, args, [0], tmp_path, None, Bar(), jobs=1)
+    with pytest.raises(TaskFailed, match="demo job 'nonexistent warm' failed: .*unknown demo"):
+        run_parallel(plans, args, [0], tmp_path, None, Bar(), 1, ["opsd"], {"nonexistent": 1})
     assert not multiprocessing.active_children()
 
 
