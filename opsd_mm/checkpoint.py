@@ -30,8 +30,9 @@ or replacing one of the same step) renames it to ``.tmp-*`` before deleting, so 
 leaves a half-deleted directory that still looks complete.
 
 Test hook: with ``OPSD_TEST_STALL_CHECKPOINT=<step>`` in the environment, saving that step stops
-half-way (model and optimizer written, ``state.json`` not) and sleeps, so a test can kill the
-process mid-write (tests/test_crash_resume.py). Nothing else reads the variable.
+half-way (model and optimizer written, or under FSDP2 every process's shard, ``state.json``
+not) and sleeps, so a test can kill the
+process mid-write (tests/test_crash_resume.py, tests/test_crash_resume_sharded.py). Nothing else reads the variable.
 """
 
 from __future__ import annotations
