@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The fused-loss GPU checks of issue 6, FSDP2 on CUDA (issue 16) and the step benches of issue 17,
 # as ONE prepared run for a session that holds the device:
-# about 6 minutes expected, 9 at most, of the session's 15 on an H200, before the FSDP2 steps
-# (up to 5 minutes more, not yet timed on a GPU: the budget below then skips the last benches).
+# about 6 minutes expected, 9 at most, of the session's 15 on an H200, plus the FSDP2 steps
+# (each ~75 s on the H200, 3 launches; the budget below skips the last benches if need be).
 # Every step has its own time limit, so one slow step cannot eat the rest.
 #   here, first:                   make gpu-wheels     (Liger-Kernel as a wheel in .whl/)
 #   then through the device tool:  bash bench/gpu_checks.sh    with carry [".whl"], timeout_s 600
