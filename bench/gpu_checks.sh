@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The fused-loss GPU checks of issue 6 and the step benches of issue 17, as ONE prepared run for a session that holds the device:
-# about 6 minutes expected, 9 at most, of the session's 15 on an H200. Every step has its own
-# time limit, so one slow step cannot eat the rest.
+# The fused-loss GPU checks of issue 6, FSDP2 on CUDA (issue 16) and the step benches of issue 17,
+# as ONE prepared run for a session that holds the device:
+# about 6 minutes expected, 9 at most, of the session's 15 on an H200, plus the FSDP2 steps
+# (each ~75 s on the H200, 3 launches; the budget below skips the last benches if need be).
+# Every step has its own time limit, so one slow step cannot eat the rest.
 #   here, first:                   make gpu-wheels     (Liger-Kernel as a wheel in .whl/)
 #   then through the device tool:  bash bench/gpu_checks.sh    with carry [".whl"], timeout_s 600
 # Logs land in $OUT (the device tool brings them back), or in ./gpu-checks-out elsewhere.
@@ -48,6 +50,29 @@ step checks parity 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fu
 # in CI, with the machine's own packages (--no-deps; nothing can be fetched there).
 step checks install 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
 step checks trainer 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_trainer.py
+
+# Issue 16: FSDP2 on CUDA (nccl) through the shipped accelerate config: full fine-tuning with an
+# EMA teacher in bf16, sharded checkpoint every step, resumed for the last step (loss equal to
+# the uninterrupted run's), then the fixed teacher (its initial trainable parameters swapped in).
+# One process on one GPU; 2 processes as well when 2 GPUs are visible. Run dirs stay out of
+# $OUT (the device tool brings back few files). On the CPU the same script runs without
+# --launch (plain process): bench/resume_check.py --out DIR model.lora.enabled=false ...
+FSDP2_LAUNCH="$PY -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml"
+FSDP2_ARGS="model.lora.enabled=false model.dtype=auto trainer.batch_size=2"
+step fsdp2 fsdp2_ema_1gpu 150 $PY bench/resume_check.py --out /tmp/fsdp2-ema-1 --sharded \
+  --rtol 1e-3 --launch "$FSDP2_LAUNCH --num_processes 1 --main_process_port 29511" \
+  $FSDP2_ARGS teacher.kind=ema teacher.ema_decay=0.5
+step fsdp2 fsdp2_fixed_1gpu 150 $PY bench/resume_check.py --out /tmp/fsdp2-fixed-1 --sharded \
+  --rtol 1e-3 --launch "$FSDP2_LAUNCH --num_processes 1 --main_process_port 29512" \
+  $FSDP2_ARGS teacher.kind=fixed
+GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if ((GPUS >= 2)); then
+  step fsdp2 fsdp2_ema_2gpu 150 $PY bench/resume_check.py --out /tmp/fsdp2-ema-2 --sharded \
+    --rtol 1e-3 --launch "$FSDP2_LAUNCH --num_processes 2 --main_process_port 29513" \
+    $FSDP2_ARGS teacher.kind=ema teacher.ema_decay=0.5
+else
+  echo "=== fsdp2_ema_2gpu: skipped, $GPUS GPU(s) visible" | tee -a "$OUT/fsdp2.txt"
+fi
 
 # The issue's shapes, JSD, against Liger; --compile adds torch.compile'd chunks.
 for n in 8192 16384; do

@@ -30,8 +30,9 @@ or replacing one of the same step) renames it to ``.tmp-*`` before deleting, so 
 leaves a half-deleted directory that still looks complete.
 
 Test hook: with ``OPSD_TEST_STALL_CHECKPOINT=<step>`` in the environment, saving that step stops
-half-way (model and optimizer written, ``state.json`` not) and sleeps, so a test can kill the
-process mid-write (tests/test_crash_resume.py). Nothing else reads the variable.
+half-way (model and optimizer written, or under FSDP2 every process's shard, ``state.json``
+not) and sleeps, so a test can kill the
+process mid-write (tests/test_crash_resume.py, tests/test_crash_resume_sharded.py). Nothing else reads the variable.
 """
 
 from __future__ import annotations
@@ -256,6 +257,14 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / SHARDED_DIR).is_dir()
 
 
+def _failure(e: BaseException) -> str:
+    """The first failing process's error in a DCP ``CheckpointException``, in one line."""
+    failures = getattr(e, "failures", None) or {}
+    for rank, (exc, _) in sorted(failures.items()):
+        return f"process {rank}: {type(exc).__name__}: {str(exc)[:200]}"
+    return str(e)[:200]
+
+
 def load_sharded_checkpoint(
     path: str | Path,
     *,
@@ -270,12 +279,18 @@ def load_sharded_checkpoint(
     sharded FSDP2 module on any number of processes, or a plain module on one. ``teacher_state``
     (the EMA tensors) is filled in place. RNG as in :func:`load_checkpoint`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     sharded, options = _sharded_state(model, optimizer, teacher_state)
-    dcp.load(sharded, checkpoint_id=str(path / SHARDED_DIR))
+    try:
+        dcp.load(sharded, checkpoint_id=str(path / SHARDED_DIR))
+    except CheckpointException as e:
+        # A BaseException: re-raised as an Exception, so that resume's fallback to the
+        # previous checkpoint sees an unreadable shard (raised on every process alike).
+        raise RuntimeError(f"{path / SHARDED_DIR} cannot be read: {_failure(e)}") from None
     # Not strict: the frozen parameters (a LoRA base) are not in the checkpoint.
     result = set_state_dict(
         model,

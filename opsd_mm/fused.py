@@ -274,8 +274,8 @@ def fused_divergence(
             (frozen under LoRA, trainable under full fine-tuning or tied embeddings).
         sampled_ids_N: the completion tokens (used by ``sampled_pg``; may be None otherwise).
         cfg: the loss settings, with exactly the semantics of ``token_divergence``.
-        teacher_weight_VH, teacher_bias_V: the teacher's lm_head, when it differs (a frozen copy
-            under full fine-tuning). When ``teacher_weight_VH`` is None the teacher uses
+        teacher_weight_VH, teacher_bias_V: the teacher's lm_head, when it differs (a fixed or
+            EMA teacher under full fine-tuning). When ``teacher_weight_VH`` is None the teacher uses
             ``weight_VH`` and ``bias_V`` (same model); otherwise ``teacher_bias_V`` as given.
         scale: multiplies the summed loss; pass ``1 / num_tokens_global`` to get what
             ``reduce_loss`` gives on the naive path.

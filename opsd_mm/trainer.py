@@ -138,7 +138,8 @@ class Trainer:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        # The teacher is built from the initial weights, before any checkpoint is loaded.
+        # The teacher is built from the initial weights, before any checkpoint is loaded: a fixed
+        # teacher's copies are not checkpointed, so a resumed run must rebuild them from these.
         self.teacher = Teacher(cfg.teacher, model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -165,9 +166,7 @@ class Trainer:
         from torch.distributed.fsdp import register_fsdp_forward_method
 
         register_fsdp_forward_method(self.model, "generate")
-        if self.teacher.frozen is not None:
-            self.teacher.frozen.to(acc.device)
-        if self._sharded:  # a frozen copy and the EMA sharded like the student
+        if self._sharded:  # the teacher's tensors sharded like the parameters
             self.teacher.follow_sharding(unwrap(self.model))
         self.stream = ExampleStream(
             examples,

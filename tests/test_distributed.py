@@ -279,7 +279,10 @@ def test_ddp_full_finetune_frozen_teacher_matches_one_process(one_full_ft, tiny_
         tmp_path / "two", *FULL_FT, *_full_ft(tiny_cache, tmp_path / "run"), "trainer.batch_size=2"
     )
     assert two[0]["model_class"] == "DistributedDataParallel"
-    assert two[0]["frozen_teacher_class"] == "Qwen3ForCausalLM"  # a plain module, not wrapped
+    for r in two:  # the teacher: one whole copy of the trainable parameters, nothing else
+        mem = r["memory"]
+        assert mem["with_teacher"] - mem["student"] == mem["trainable"] > 0
+        assert mem["teacher_local_numel"] == mem["teacher_numel"]
     _assert_matches(one_full_ft, two)
 
 
@@ -312,10 +315,14 @@ def test_fsdp2_full_finetune_matches_one_process(one_full_ft, tiny_cache, tmp_pa
         launcher="torchrun",
     )
     assert two[0]["model_class"] == "FSDPQwen3ForCausalLM"
-    # The frozen teacher is sharded like the student: each process holds about half of it.
-    assert [r["frozen_teacher_class"] for r in two] == ["FSDPQwen3ForCausalLM"] * 2
-    whole = one_full_ft["frozen_teacher_local_numel"]
-    assert all(r["frozen_teacher_local_numel"] <= whole // 2 + 1000 for r in two)
+    # The fixed teacher's copy of the trainable parameters is sharded like them: each process
+    # holds about half of it, and nothing else.
+    whole = one_full_ft["memory"]["teacher_numel"]
+    assert whole > 0 and all(r["memory"]["teacher_numel"] == whole for r in two)
+    assert all(r["memory"]["teacher_local_numel"] <= whole // 2 + 1000 for r in two)
+    for r in two:
+        mem = r["memory"]
+        assert mem["with_teacher"] - mem["student"] == mem["trainable"] > 0
     assert [_rejected_per_step(r) for r in two] == [[1, 2], [1, 1]]
     assert _rejected_per_step(one_full_ft) == [2, 3]
     _assert_matches(one_full_ft, two)
@@ -494,6 +501,54 @@ def test_export_of_a_sharded_checkpoint_is_the_trained_model(
     assert want.keys() <= exported.keys()
     for n, p in want.items():
         torch.testing.assert_close(exported[n], p.detach(), atol=1e-6, rtol=0, msg=n)
+
+
+# Full fine-tuning of the tiny Qwen2.5-VL's language model, vision tower and projector frozen,
+# fixed teacher: the teacher must hold no copy of the frozen modules on any process.
+VL_FULL_FT = (
+    "--vl",
+    "--ragged",
+    "model.lora.enabled=false",
+    "model.train_vision_tower=false",
+    "model.train_projector=false",
+)
+
+
+@pytest.fixture(scope="module")
+def one_vl_full_ft(tiny_cache, tmp_path_factory):
+    """1 process x batch 2."""
+    tmp = tmp_path_factory.mktemp("one-vl")
+    return _one_process(
+        tmp / "out", *VL_FULL_FT, *_common(tiny_cache, tmp / "run"), "trainer.batch_size=2"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_fixed_teacher_shares_the_frozen_vision_tower(engine, one_vl_full_ft, tiny_cache, tmp_path):
+    """On each of 2 processes (DDP, FSDP2) the fixed teacher adds exactly the bytes of the
+    trainable parameters this process holds (its shard under FSDP2), none of the frozen vision
+    tower's or projector's; the run matches 1 process x batch 2."""
+    args = (*VL_FULL_FT, *_common(tiny_cache, tmp_path / "run"), "trainer.batch_size=1")
+    if engine == "ddp":
+        two = _two_processes(tmp_path / "two", *args)
+    else:
+        two = _fsdp2(tmp_path / "two", *args)
+    one = one_vl_full_ft["memory"]
+    assert any(".visual.merger" in n for n in one["frozen_names"])
+    assert any(".visual.blocks" in n for n in one["frozen_names"])
+    assert one["with_teacher"] - one["student"] == one["trainable"]
+    for r in two:
+        mem = r["memory"]
+        assert mem["frozen_names"] == one["frozen_names"]
+        assert not set(mem["teacher_names"]) & set(mem["frozen_names"])
+        assert mem["with_teacher"] - mem["student"] == mem["trainable"] > 0
+        if engine == "ddp":
+            assert mem["student"] == one["student"] and mem["frozen"] == one["frozen"]
+        else:  # sharded: about half of everything on each process
+            assert mem["frozen"] <= one["frozen"] // 2 + 4096
+            assert mem["teacher_local_numel"] <= one["teacher_numel"] // 2 + 1000
+    _assert_matches(one_vl_full_ft, two)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from opsd_mm import checkpoint as ckpt
 from opsd_mm.cli import build_trainer, main
 from opsd_mm.config import load_config
 from opsd_mm.metrics import read_metrics
@@ -255,36 +256,34 @@ def test_micro_batch_mean_normalisation_and_schedule_horizon(tiny_cache, tmp_pat
     assert losses[("micro_batch_mean", 4)] == pytest.approx(losses[("step_tokens", 4)], rel=1e-6)
 
 
-def test_full_finetuning_with_frozen_teacher_copy(tiny_cache, tmp_path, tiny_text_dir):
-    cfg = _cfg(
-        tiny_cache,
-        tmp_path,
-        "model.lora.enabled=false",
-        "trainer.max_steps=2",
-        "trainer.save_every=2",
-        "trainer.lr=1e-3",
-    )
-    trainer = build_trainer(cfg)
-    assert trainer.teacher.frozen is not None
-    frozen_before = _snapshot(trainer.teacher.frozen)
-    before = _snapshot(trainer.model)
-    trainer.train()
+def test_full_finetuning_with_fixed_teacher(tiny_cache, tmp_path, tiny_text_dir):
+    """Full fine-tuning, fixed teacher: the teacher keeps the initial values of the trainable
+    parameters (swapped in for its forward), unchanged by training, and a resumed run rebuilds
+    them from the initial weights, not from the resumed student's: the resumed step's loss
+    equals the uninterrupted one's exactly."""
+    full = ("model.lora.enabled=false", "trainer.lr=1e-3", "trainer.save_every=1")
+    trainer = build_trainer(_cfg(tiny_cache, tmp_path / "a", *full, "trainer.max_steps=3"))
+    initial = _snapshot(trainer.model)
+    assert trainer.teacher.weights.keys() == initial.keys()  # every parameter trains
+    assert trainer.teacher.state_dict() == {}  # nothing to checkpoint
+    losses = [m["loss"] for m in trainer.train()]
     after = _snapshot(trainer.model)
-    assert any(not torch.equal(before[n], after[n]) for n in before)
-    assert all(
-        torch.equal(frozen_before[n], p) for n, p in trainer.teacher.frozen.named_parameters()
-    )
-    # The full-model checkpoint reloads into a fresh model.
+    assert any(not torch.equal(initial[n], after[n]) for n in initial)
+    for n, v in trainer.teacher.weights.items():
+        assert torch.equal(v, initial[n]), n
+    saved = ckpt.list_checkpoints(tmp_path / "a")[-1]
+    assert not (saved / "teacher.safetensors").exists()
+
+    part = build_trainer(_cfg(tiny_cache, tmp_path / "b", *full, "trainer.max_steps=2"))
+    part.train()
     resumed = build_trainer(
-        _cfg(
-            tiny_cache,
-            tmp_path,
-            "model.lora.enabled=false",
-            "trainer.resume=true",
-            "trainer.max_steps=2",
-        )
+        _cfg(tiny_cache, tmp_path / "b", *full, "trainer.max_steps=3", "trainer.resume=true")
     )
-    resumed.resume()
+    rest = resumed.train()
+    assert [m["step"] for m in rest] == [3]
+    assert rest[0]["loss"] == losses[2]  # exactly, on CPU with the same seed
+    for n, v in resumed.teacher.weights.items():
+        assert torch.equal(v, initial[n]), n
     for n, p in resumed.model.named_parameters():
         assert torch.equal(p, after[n]), n
 

@@ -14,12 +14,13 @@ harness switches the distributed type itself (torch's ``fully_shard`` itself wor
 completion only), so the processes hold unequal numbers of micro-batches.
 ``--length-reward`` turns on a deterministic reward (the completion's length) for
 ``loss.reward_weight`` > 0, so the reward path runs without a math grader.
+``--vl`` trains the tiny Qwen2.5-VL of ``configs/tiny_vl.yaml`` instead of the tiny text model.
 ``--uneven-generate`` finally samples with a different ``max_new_tokens`` on each process: under
 a sharded model every forward is collective, so this hangs unless generation is synchronised.
 
 Each rank writes ``OUT_DIR/rank{r}.pt``: the metrics of every step it ran, the completions it
-sampled (example id -> completion ids, per step), its trainable parameters and its EMA teacher
-state. The tests load these files, so the script itself asserts nothing.
+sampled (example id -> completion ids, per step), its trainable parameters, its EMA teacher
+state, and the bytes its parameters and teacher hold (``memory``). The tests load these files, so the script itself asserts nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from opsd_mm.rewards import RewardScore
 from opsd_mm.rollout import row_seed
 from opsd_mm.types import Rollout, SamplingConfig
 
-TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny_text.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = CONFIGS / "tiny_text.yaml"
+TINY_VL = CONFIGS / "tiny_vl.yaml"
 
 
 def ragged(rollouts_P_G, prompts) -> list[list[Rollout]]:
@@ -117,11 +120,36 @@ class LengthReward:
         return [RewardScore(len(c) / 10.0) for c in completions]
 
 
+def memory(model, teacher) -> dict:
+    """Bytes this process holds (distinct storages, local shards) in the student's parameters
+    (all, trainable, frozen) and in the student and teacher together, with every FSDP2 unit
+    resharded first (so the parameters are the shards, not a gathered root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from opsd_mm.testing.memory import local, storage_bytes, tensors_in
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    params = dict(model.named_parameters())
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    return {
+        "student": storage_bytes(params.values()),
+        "with_teacher": storage_bytes([*params.values(), *tensors_in(teacher)]),
+        "trainable": storage_bytes(p for p in params.values() if p.requires_grad),
+        "frozen": storage_bytes(params[n] for n in frozen),
+        "frozen_names": frozen,
+        "teacher_names": sorted(teacher.weights),
+        "teacher_local_numel": sum(local(v).numel() for v in teacher.weights.values()),
+        "teacher_numel": sum(v.numel() for v in teacher.weights.values()),
+    }
+
+
 def main(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
     out_dir, *overrides = [a for a in argv if not a.startswith("--")]
     out_dir = Path(out_dir)
-    cfg = load_config(TINY, ["logging.progress=false", *overrides])
+    cfg = load_config(TINY_VL if "--vl" in flags else TINY, ["logging.progress=false", *overrides])
     build_reward = cli.build_reward
     if "--length-reward" in flags:  # restored below: the 1-process runs share the test's process
         cli.build_reward = lambda cfg: LengthReward()
@@ -154,11 +182,7 @@ def main(argv: list[str]) -> int:
             "num_processes": acc.num_processes,
             "local_process_index": acc.local_process_index,
             "model_class": type(trainer.model).__name__,
-            "frozen_teacher_class": type(trainer.teacher.frozen).__name__,
-            "frozen_teacher_local_numel": sum(
-                getattr(p, "_local_tensor", p).numel()
-                for p in (trainer.teacher.frozen or torch.nn.Module()).parameters()
-            ),
+            "memory": memory(model, trainer.teacher),
         },
         out_dir / f"rank{acc.process_index}.pt",
     )
