@@ -23,9 +23,13 @@ fi
 # The whole script stops starting steps at BUDGET seconds (default 540: the device tool allows
 # 600 per command), and cuts each step's limit to what is left; steps run most important first.
 DEADLINE=$((SECONDS + ${BUDGET:-540}))
+# ONLY="name name ...": run just those steps (a session's device time may not fit them all).
 step() {
   local log="$OUT/$1.txt" name=$2 limit=$3
   shift 3
+  if [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]]; then
+    return
+  fi
   local left=$((DEADLINE - SECONDS))
   if ((left < 15)); then
     echo "=== $name: skipped, the script's budget is spent" | tee -a "$log"
