@@ -124,9 +124,11 @@ class Trainer:
         check_distributed_support(cfg, acc)
         self.run_dir = Path(cfg.run_dir)
         self.processor = processor
-        # Rendered prompts, kept across epochs when processor.prompt_cache > 0.
-        self.student_prompt = PromptCache(processor.student_prompt, cfg.processor.prompt_cache)
-        self.teacher_prompt = PromptCache(processor.teacher_prompt, cfg.processor.prompt_cache)
+        # Rendered prompts, kept across epochs when processor.prompt_cache > 0. The methods are
+        # looked up at each call, so a processor whose method is replaced later is followed.
+        size = cfg.processor.prompt_cache
+        self.student_prompt = PromptCache(lambda ex: self.processor.student_prompt(ex), size)
+        self.teacher_prompt = PromptCache(lambda ex: self.processor.teacher_prompt(ex), size)
         self.engine = engine
         if cfg.loss.reward_weight > 0 and reward is None:
             raise UserError(
