@@ -39,6 +39,7 @@ from opsd_mm.distributed import check_distributed_support, make_accelerator
 from opsd_mm.divergences import DivergenceOut, loss_mask
 from opsd_mm.errors import UserError
 from opsd_mm.forward import unwrap
+from opsd_mm.importance import importance_metrics
 from opsd_mm.loss import micro_batch_loss
 from opsd_mm.metrics import (
     MetricsWriter,
@@ -445,6 +446,7 @@ class Trainer:
             ),
             # optimizer steps between the sampling weights and the trained ones (rollout.async: 1)
             **staleness_metrics(rollouts_P_G, self.step - 1),
+            **self._importance_metrics(logprobs),
             "student_entropy": _mean_of(outs, "student_entropy_N"),
             "teacher_entropy": _mean_of(outs, "teacher_entropy_N"),
             "completion_len_mean": sum(lengths) / len(lengths),
@@ -502,6 +504,18 @@ class Trainer:
         mask_BC = loss_mask(batch.completion_mask_BC, self.cfg.loss.skip_first_tokens)
         width_C = batch.completion_ids_BC.shape[1]
         return pad_logprobs([p.logprobs for p in pairs], width_C)[mask_BC.cpu()]
+
+    def _importance_metrics(
+        self, logprobs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, float]:
+        """``loss.importance_clip``'s weights over the step's tokens (``importance/*``), from
+        the (engine, trainer) log-probs of each micro-batch; nothing when the clip is off."""
+        clip = self.cfg.loss.importance_clip
+        if clip is None:
+            return {}
+        engine_N = torch.cat([e for e, _ in logprobs]) if logprobs else torch.zeros(0)
+        trainer_N = torch.cat([t for _, t in logprobs]) if logprobs else torch.zeros(0)
+        return importance_metrics(trainer_N, engine_N, clip)
 
     def _micro_step(
         self,
