@@ -12,6 +12,12 @@ async run's loss is judged against). Printed: completion tokens/s of each run (s
 neither run's first step, which is synchronous in both, counts), the async/sync ratio, the
 mean loss of the last five steps, and the per-step loss curves; the curves go to ``--plot``.
 
+Also printed: the training phases' time per step in both modes. Overlap pays only as far as
+the two cores do not slow each other down; on the 2-core machine this was measured on, a
+forward pass on one core ran 2.4-3x slower while vLLM generated on the other (a separate
+process pinned there), so async gains less than (generation + training) / max(generation,
+training) predicts.
+
 Workload: async overlaps generation (the server's core) with training (the trainer's core),
 so it pays most when the two cost about the same; the defaults (batch 4 x 2 samples of up to
 64 tokens) are sized so on a 2-core CPU machine (the printed phase times show the balance).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +42,7 @@ from opsd_mm.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST = 5  # steps averaged for the final loss
+TRAIN_PHASES = ("teacher", "student", "optimizer")
 
 
 def _run(args: argparse.Namespace, url: str, run_dir: Path, mode: str, seed: int) -> list[dict]:
@@ -59,10 +67,10 @@ def _run(args: argparse.Namespace, url: str, run_dir: Path, mode: str, seed: int
         "data.synthetic_size=256",
         f"seed={seed}",
         f"run_dir={run_dir}",
-        "trainer.overwrite=true",
         "logging.progress=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own directory, from a previous run
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{mode} seed {seed} failed:\n{done.stderr[-3000:]}")
@@ -140,6 +148,12 @@ def main() -> None:
         )
     ratio = s["async-seed0"]["tokens_per_s"] / s["sync-seed0"]["tokens_per_s"]
     print(f"async / sync tokens/s (seed 0): {ratio:.2f}x")
+    train_s = {k: sum(s[k]["phases"].get(p, 0.0) for p in TRAIN_PHASES) for k in s}
+    print(
+        f"training phases ({'+'.join(TRAIN_PHASES)}) per step: sync {train_s['sync-seed0']:.3f} s, "
+        f"async {train_s['async-seed0']:.3f} s ({train_s['async-seed0'] / train_s['sync-seed0']:.2f}x "
+        "while the server generates on the other core)"
+    )
     noise = abs(s["sync-seed1"]["final_loss"] - s["sync-seed0"]["final_loss"])
     diff = abs(s["async-seed0"]["final_loss"] - s["sync-seed0"]["final_loss"])
     print(
