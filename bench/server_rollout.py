@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from opsd_mm.config import ProcessorConfig, RolloutConfig
-from opsd_mm.fixtures import resolve_tiny
 from opsd_mm.processors import build_processor
 from opsd_mm.rollout_server import ServerEngine, save_sync_weights
+from opsd_mm.testing import resolve_tiny
 from opsd_mm.types import Example, SamplingConfig
 
 

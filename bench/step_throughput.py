@@ -50,7 +50,7 @@ class LengthsEngine:
             for _ in prompts
         ]
 
-    def sync_weights(self, model):
+    def sync_weights(self, model, version=None):
         pass
 
 

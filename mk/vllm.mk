@@ -14,7 +14,7 @@ VLLM_OUR_DEPS = $(VLLM_PY) -c 'import re, tomllib; \
 	skip = {"torch", "torchvision", "transformers"}; \
 	print(" ".join(d for d in deps if re.split(r"[ <>=!~;\[]", d)[0].lower() not in skip))'
 
-.PHONY: venv-vllm test-vllm bench-rollout
+.PHONY: venv-vllm test-vllm bench-rollout bench-async
 
 venv-vllm: $(VLLM_STAMP)
 
@@ -42,3 +42,8 @@ test-vllm: $(VLLM_STAMP)
 
 bench-rollout: $(VLLM_STAMP)
 	$(VLLM_PY) bench/rollout.py
+
+# Sync vs rollout.async=true through the generation server: the trainer from .venv on core 0,
+# the server from .venv-vllm on core 1 (bench/async_rollout.py).
+bench-async: $(VLLM_STAMP) $(STAMP)
+	$(PY) bench/async_rollout.py --plot runs/bench_async.png

@@ -161,6 +161,11 @@ class RolloutConfig:
     # Where the trainer writes the safetensors the server reloads (a path both can read;
     # null: RUN_DIR/engine_weights).
     server_sync_dir: str | None = None
+    # Generate the next step's rollouts while this step trains (one step off-policy: a batch
+    # comes from the weights one optimizer step behind the ones it trains; see
+    # opsd_mm.rollout_async). vllm_server only, one trainer process. Spelled ``async`` in YAML
+    # and overrides (rollout.async=true): ``async`` is a Python keyword.
+    async_: bool = False
 
 
 @dataclass(frozen=True)
@@ -352,19 +357,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+# Config keys that are Python keywords: the YAML / override spelling -> the dataclass field.
+_KEY_TO_FIELD = {"async": "async_"}
+_FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
+
+
+def _key_hints(cls: type) -> dict[str, Any]:
+    """The annotations of ``cls``'s fields under their config spelling (``async``, not
+    ``async_``)."""
+    return {_FIELD_TO_KEY.get(k, k): tp for k, tp in typing.get_type_hints(cls).items()}
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints = _key_hints(cls)
     for k in raw:
-        if k not in names:
+        if k not in hints:
             where = f"{prefix}.{k}" if prefix else k
             raise ConfigError(
-                f"unknown config key '{where}'; valid keys here: {', '.join(sorted(names))}"
+                f"unknown config key '{where}'; valid keys here: {', '.join(sorted(hints))}"
             )
     kwargs = {}
     for k, v in raw.items():
         where = f"{prefix}.{k}" if prefix else k
-        kwargs[k] = _coerce(v, hints[k], where)
+        kwargs[_KEY_TO_FIELD.get(k, k)] = _coerce(v, hints[k], where)
     return cls(**kwargs)
 
 
@@ -376,7 +391,7 @@ def _field_type(key: str) -> Any:
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"unknown config key '{key}'")
-        hints = typing.get_type_hints(cls)
+        hints = _key_hints(cls)
         if part not in hints:
             where = ".".join(parts[: i + 1])
             raise ConfigError(
@@ -555,6 +570,13 @@ def validate_config(cfg: RunConfig) -> None:
         ("rollout.server_timeout_s", r.server_timeout_s, r.server_timeout_s > 0, "must be > 0"),
         ("rollout.server_retries", r.server_retries, r.server_retries >= 0, "must be >= 0"),
         (
+            "rollout.async",
+            r.async_,
+            not r.async_ or r.engine == "vllm_server",
+            "true needs rollout.engine=vllm_server: the hf and colocated vllm engines generate "
+            "in the training process, with the weights being trained",
+        ),
+        (
             "loss.importance_clip",
             cfg.loss.importance_clip,
             cfg.loss.importance_clip is None or cfg.loss.importance_clip > 0,
@@ -680,8 +702,30 @@ def validate_loss_config(cfg: LossConfig) -> None:
             )
 
 
+# Keys whose values are secrets: written and logged as SECRET_MASK when set.
+SECRET_KEYS = ("rollout.server_token",)
+SECRET_MASK = "***"
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as the nested dict that is written (``config.yaml``) and logged (tracker
+    hyper-parameters): keys spelled as in YAML, secrets (``SECRET_KEYS``) masked, so a run
+    directory or a dashboard never holds a bearer token."""
+    d = _rename_keys(dataclasses.asdict(cfg))
+    for key in SECRET_KEYS:
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(last) is not None:
+            node[last] = SECRET_MASK
+    return d
+
+
+def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        _FIELD_TO_KEY.get(k, k): _rename_keys(v) if isinstance(v, dict) else v for k, v in d.items()
+    }
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

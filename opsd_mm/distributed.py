@@ -37,6 +37,12 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
     """
     from accelerate.utils import DistributedType
 
+    if cfg.rollout.async_ and acc.num_processes > 1:
+        raise ConfigError(
+            f"rollout.async=true runs with one trainer process, not {acc.num_processes}: the "
+            "batch generated ahead, which a checkpoint records, is one process's; launch one "
+            "process or set rollout.async=false"
+        )
     if acc.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
             "DeepSpeed is not supported: FSDP2 is the sharded path (parameters, gradients and "

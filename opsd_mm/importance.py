@@ -57,3 +57,25 @@ def weighted_loss_sum(
     if clip is None or rollout_logprob_N is None:
         return loss_N.sum()
     return (loss_N * importance_weights(trainer_logprob_N, rollout_logprob_N, clip)).sum()
+
+
+def importance_metrics(
+    trainer_logprob_N: torch.Tensor, rollout_logprob_N: torch.Tensor, clip: float
+) -> dict[str, float]:
+    """A step's importance weights, for metrics.jsonl: the mean truncated weight, the fraction
+    of tokens whose ratio p_trainer / p_rollout exceeds ``clip`` (so the truncation changed
+    them), and the largest untruncated ratio. Tokens without a rollout log-prob count as
+    ratio 1. NaN when there are no tokens."""
+    if trainer_logprob_N.numel() == 0:
+        nan = float("nan")
+        return {
+            "importance/weight_mean": nan,
+            "importance/clip_fraction": nan,
+            "importance/ratio_max": nan,
+        }
+    ratio_N = importance_weights(trainer_logprob_N, rollout_logprob_N, float("inf"))
+    return {
+        "importance/weight_mean": ratio_N.clamp(max=clip).mean().item(),
+        "importance/clip_fraction": (ratio_N > clip).float().mean().item(),
+        "importance/ratio_max": ratio_N.max().item(),
+    }

@@ -120,8 +120,9 @@ class HFEngine:
             batch_size=batch_size,
         )
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """The HF engine samples from the training model itself: nothing to copy."""
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
+        """The HF engine samples from the training model itself: nothing to copy, and its
+        rollouts carry no weight version (they are never stale)."""
         self.model = model
 
     @torch.no_grad()

@@ -115,7 +115,7 @@ class ServerEngine:
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
-        self.weight_version = 0  # bumped by every sync; the server echoes what it holds
+        self.weight_version = 0  # the trainer step last synced; the server echoes what it holds
         self.synced = False  # whether sync_dir holds weights the server should have
         self.last_sync_s = 0.0
         self.last_sync_bytes = 0
@@ -203,19 +203,26 @@ class ServerEngine:
                 break
         else:
             raise ServerError(f"generation server {self.url} kept restarting; giving up")
+        # The version the server held while it generated (it echoes the last reload's).
+        version = reply.get("weight_version")
         return [
-            [Rollout(r["completion_ids"], r["finish_reason"], r.get("logprobs")) for r in rollouts]
+            [
+                Rollout(r["completion_ids"], r["finish_reason"], r.get("logprobs"), version)
+                for r in rollouts
+            ]
             for rollouts in reply["rollouts"]
         ]
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Write the merged weights into ``sync_dir`` and have the server reload them. Under
-        several processes only the main one writes and calls; the others wait at a barrier."""
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
+        """Write the merged weights into ``sync_dir`` and have the server reload them, as
+        ``version`` (the trainer step; None: one more than the last). Under several processes
+        only the main one writes and calls; the others wait at a barrier. Never call it while a
+        ``generate`` of this engine is in flight (``opsd_mm.rollout_async`` waits first)."""
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not dist or torch.distributed.get_rank() == 0:
             start = time.perf_counter()
             self.last_sync_bytes = save_sync_weights(model, self.sync_dir)
-            self.weight_version += 1
+            self.weight_version = self.weight_version + 1 if version is None else version
             self.synced = True
             self._reload()
             self.last_sync_s = time.perf_counter() - start
@@ -257,5 +264,5 @@ def build_server_engine(cfg: Any, model: torch.nn.Module, processor: Any) -> Ser
         timeout_s=r.server_timeout_s,
         retries=r.server_retries,
     )
-    engine.sync_weights(model)
+    engine.sync_weights(model, version=0)
     return engine

@@ -205,6 +205,7 @@ class VLLMEngine:
         # vLLM's sleep tags still offloaded/freed ("weights", "kv_cache"); empty when awake.
         self._sleeping: set[str] = set()
         self.last_sync_s = 0.0
+        self.weight_version = 0  # the trainer step of the weights held (recorded on rollouts)
 
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
@@ -362,6 +363,7 @@ class VLLMEngine:
                     completion_ids=ids,
                     finish_reason=_finish_reason(sample.finish_reason, out.request_id),
                     logprobs=lps if len(lps) == len(ids) else None,
+                    weight_version=self.weight_version,
                 )
             )
         if self.sleep_mode:
@@ -370,7 +372,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights and memory
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         """Load ``model``'s current weights into vLLM in place (LoRA merged, vision tower
         included), then drop everything computed from the old weights: the prefix cache, the
         multimodal processor cache and the encoder (vision) cache. Call it after the optimizer
@@ -391,6 +393,7 @@ class VLLMEngine:
             kwargs={"weights_iterator": iter_sync_weights(model), "is_checkpoint_format": True},
         )
         self.reset_caches()
+        self.weight_version = self.weight_version + 1 if version is None else version
         self.last_sync_s = time.perf_counter() - start
 
     def load_weights_from(self, path: str) -> float:

@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_bind(args.host, token)
     model = args.model
     if model.startswith("tiny:"):
-        from opsd_mm.fixtures import resolve_tiny
+        from opsd_mm.testing import resolve_tiny
 
         model = str(resolve_tiny(model.split(":", 1)[1], args.tiny_cache_dir))
     start = time.perf_counter()

@@ -39,6 +39,7 @@ from opsd_mm.distributed import check_distributed_support, make_accelerator
 from opsd_mm.divergences import DivergenceOut, loss_mask
 from opsd_mm.errors import UserError
 from opsd_mm.forward import unwrap
+from opsd_mm.importance import importance_metrics
 from opsd_mm.loss import micro_batch_loss
 from opsd_mm.metrics import (
     MetricsWriter,
@@ -52,6 +53,13 @@ from opsd_mm.metrics import (
 from opsd_mm.packing import micro_batches, packable, pair_length
 from opsd_mm.prompt_cache import PromptCache
 from opsd_mm.rewards import Reward, group_advantages, reward_metrics
+from opsd_mm.rollout_async import (
+    RolloutBatch,
+    RolloutPrefetcher,
+    rollouts_from_state,
+    rollouts_to_state,
+    staleness_metrics,
+)
 from opsd_mm.teacher import Teacher
 from opsd_mm.types import (
     BadImageError,
@@ -179,6 +187,9 @@ class Trainer:
             world_size=acc.num_processes,
         )
         self.step = 0
+        self.engine_version = 0  # the trainer step whose weights the engine holds
+        # rollout.async: the next step's batch generates on a thread while this one trains.
+        self.prefetcher = RolloutPrefetcher(engine) if cfg.rollout.async_ else None
         self.counters: dict[str, int] = {
             "nonfinite_steps": 0,
             "empty_steps": 0,  # steps where every completion was rejected
@@ -264,6 +275,8 @@ class Trainer:
             for signum, previous in handlers.items():
                 signal.signal(signum, previous)
             bar.close()
+            if self.prefetcher is not None:
+                self.prefetcher.close()
             if writer:
                 writer.close()
             if cfg.logging.report_to:
@@ -275,10 +288,12 @@ class Trainer:
         timer = PhaseTimer(sync_cuda=self.timer_cuda)
         t_start = time.perf_counter()
 
-        # 1. sample: the student context only.
-        examples, prompts = self._student_prompts(self.stream.next_batch())
-        with timer.phase("rollout"):
-            rollouts_P_G = self.engine.generate(prompts, cfg.rollout.n, self._sampling())
+        # 1. sample: the student context only (rollout.async: generated while the previous
+        # step trained; the next step's batch starts generating here).
+        batch = self._rollouts(timer)
+        examples, prompts, rollouts_P_G = batch.examples, batch.prompts, batch.rollouts_P_G
+        for e, what in batch.skipped:
+            self._count_skip(e, what)
         # 1b. reward (loss.reward_weight > 0): one advantage per completion, GRPO's.
         with timer.phase("reward") if self.reward is not None else nullcontext():
             advantages_P_G, reward_stats = self._advantages(examples, rollouts_P_G)
@@ -402,12 +417,13 @@ class Trainer:
             )
         self.step += 1
 
-        # 7-8. teacher update and engine weight sync.
+        # 7-8. teacher update and engine weight sync (rollout.async: at the next step's start,
+        # once the generation in flight has finished).
         if good:
             self.teacher.update(unwrap(self.model), self.step)
-        if self.step % cfg.rollout.sync_every == 0:
+        if self.prefetcher is None and self.step % cfg.rollout.sync_every == 0:
             with timer.phase("sync"):
-                self.engine.sync_weights(unwrap(self.model))
+                self._sync_engine()
 
         # 9. metrics.
         wall = time.perf_counter() - t_start
@@ -430,6 +446,9 @@ class Trainer:
                 torch.cat([e for e, _ in logprobs]) if logprobs else torch.full((1,), math.nan),
                 torch.cat([t for _, t in logprobs]) if logprobs else torch.zeros(1),
             ),
+            # optimizer steps between the sampling weights and the trained ones (rollout.async: 1)
+            **staleness_metrics(rollouts_P_G, self.step - 1),
+            **self._importance_metrics(logprobs),
             "student_entropy": _mean_of(outs, "student_entropy_N"),
             "teacher_entropy": _mean_of(outs, "teacher_entropy_N"),
             "completion_len_mean": sum(lengths) / len(lengths),
@@ -487,6 +506,18 @@ class Trainer:
         mask_BC = loss_mask(batch.completion_mask_BC, self.cfg.loss.skip_first_tokens)
         width_C = batch.completion_ids_BC.shape[1]
         return pad_logprobs([p.logprobs for p in pairs], width_C)[mask_BC.cpu()]
+
+    def _importance_metrics(
+        self, logprobs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, float]:
+        """``loss.importance_clip``'s weights over the step's tokens (``importance/*``), from
+        the (engine, trainer) log-probs of each micro-batch; nothing when the clip is off."""
+        clip = self.cfg.loss.importance_clip
+        if clip is None:
+            return {}
+        engine_N = torch.cat([e for e, _ in logprobs]) if logprobs else torch.zeros(0)
+        trainer_N = torch.cat([t for _, t in logprobs]) if logprobs else torch.zeros(0)
+        return importance_metrics(trainer_N, engine_N, clip)
 
     def _micro_step(
         self,
@@ -550,21 +581,62 @@ class Trainer:
         t = acc.reduce(terms_total, "sum") / acc.num_processes
         return {"loss/distill": t[0].item(), "loss/reward_pg": t[1].item()}
 
-    def _student_prompts(self, batch: list[Example]) -> tuple[list[Example], list[Any]]:
+    def _rollouts(self, timer: PhaseTimer) -> RolloutBatch:
+        """This step's batch. Synchronous: drawn and sampled now, from the weights synced
+        last. ``rollout.async``: the batch generated while the previous step trained (the
+        first step samples now); then the engine gets the current weights and the next step's
+        batch is submitted, in that order (``opsd_mm.rollout_async``)."""
+        step, cfg = self.step + 1, self.cfg
+        if self.prefetcher is None:
+            with timer.phase("rollout"):
+                return self._generate(self._draw(step))
+        with timer.phase("rollout"):  # the wait for the generation that overlapped training
+            batch = self.prefetcher.take(step) or self._generate(self._draw(step))
+        if step < cfg.trainer.max_steps:
+            if self.step % cfg.rollout.sync_every == 0 and self.engine_version != self.step:
+                with timer.phase("sync"):
+                    self._sync_engine()
+            ahead = self._draw(step + 1)
+            self.prefetcher.submit(ahead, cfg.rollout.n, self._sampling(step + 1))
+        return batch
+
+    def _draw(self, step: int) -> RolloutBatch:
+        """The next examples of the stream and their student prompts, for trainer step
+        ``step``; no rollouts yet."""
+        data_before = self.stream.state()
+        examples, prompts, skipped = self._student_prompts(self.stream.next_batch())
+        return RolloutBatch(step, examples, prompts, skipped, data_before)
+
+    def _generate(self, batch: RolloutBatch) -> RolloutBatch:
+        n = self.cfg.rollout.n
+        batch.rollouts_P_G = self.engine.generate(batch.prompts, n, self._sampling(batch.step))
+        return batch
+
+    def _sync_engine(self) -> None:
+        """The engine samples from the current weights from now on (version: this step)."""
+        self.engine.sync_weights(unwrap(self.model), version=self.step)
+        self.engine_version = self.step
+
+    def _student_prompts(
+        self, batch: list[Example]
+    ) -> tuple[list[Example], list[Any], list[tuple[ValueError, str]]]:
         """Student prompts for a batch; an example whose prompt cannot be built (a bad image
         under policy ``skip`` that slipped past data loading, an over-long question) is
-        counted in ``bad_examples``, logged with its id, and left out."""
-        examples, prompts = [], []
+        logged with its id and left out, and returned as (error, what) for the step that
+        trains the batch to count in ``bad_examples``."""
+        examples, prompts, skipped = [], [], []
         for ex in batch:
             try:
                 prompt = self.student_prompt(ex)
             except ValueError as e:
-                self._skip_example(e, "student_prompt")
+                self._raise_if_policy(e)
+                log.warning("skipped example: %s", e)
+                skipped.append((e, "student_prompt"))
                 continue
             prompt.meta["key"] = ex.id
             examples.append(ex)
             prompts.append(prompt)
-        return examples, prompts
+        return examples, prompts, skipped
 
     def _raise_if_policy(self, e: ValueError) -> None:
         """``processor.bad_image_policy=raise`` holds at run time too (an image that went
@@ -573,14 +645,18 @@ class Trainer:
             raise e
 
     def _skip_example(self, e: ValueError, what: str) -> None:
-        """Count an example left out of this step, by reason (``skipped/run/bad_image``,
-        ``skipped/run/student_prompt``, ``skipped/run/teacher_prompt``), and log its error."""
+        """Count an example left out of this step and log its error."""
         self._raise_if_policy(e)
+        self._count_skip(e, what)
+        log.warning("skipped example: %s", e)
+
+    def _count_skip(self, e: ValueError, what: str) -> None:
+        """Count a left-out example by reason (``skipped/run/bad_image``,
+        ``skipped/run/student_prompt``, ``skipped/run/teacher_prompt``)."""
         reason = "bad_image" if isinstance(e, BadImageError) else what
         key = f"skipped/run/{reason}"
         self.counters["bad_examples"] += 1
         self.counters[key] = self.counters.get(key, 0) + 1
-        log.warning("skipped example: %s", e)
 
     # ------------------------------------------------------------------ stop signals
 
@@ -617,7 +693,9 @@ class Trainer:
             signum = int(self.accelerator.gather(flag).max().item())
         return signum
 
-    def _sampling(self) -> SamplingConfig:
+    def _sampling(self, step: int) -> SamplingConfig:
+        """Sampling for the batch trained at ``step`` (1-based): its seed depends on the step
+        alone, so the async and synchronous loops draw the same rows' seeds."""
         r = self.cfg.rollout
         return SamplingConfig(
             temperature=r.temperature,
@@ -625,7 +703,7 @@ class Trainer:
             top_k=r.top_k,
             min_p=r.min_p,
             max_new_tokens=r.max_new_tokens,
-            seed=self.cfg.seed * 1_000_003 + self.step,
+            seed=self.cfg.seed * 1_000_003 + step - 1,
         )
 
     def _clip_grad_norm(self) -> float:
@@ -644,14 +722,19 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         rng_states = gather_object([ckpt.rng_state()])
+        # rollout.async: the next step's batch, sampled from weights this checkpoint does not
+        # hold, is recorded with the data position before it (opsd_mm.rollout_async).
+        ahead = self.prefetcher.wait() if self.prefetcher is not None else None
         state = {
-            "data": self.stream.state(),
+            "data": ahead.data_before if ahead else self.stream.state(),
             "counters": self.counters,
             "bad_in_row": self._bad_in_row,
             "num_processes": acc.num_processes,
             "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
             "settings": self._settings(),
         }
+        if ahead:
+            state["ahead"] = {"step": ahead.step, "rollouts": rollouts_to_state(ahead.rollouts_P_G)}
         common = {
             "model": unwrap(self.model),
             "optimizer": self.optimizer,
@@ -833,7 +916,19 @@ class Trainer:
         self.counters.update(state.get("counters", {}))
         self.counters.update(self.load_counters)  # this load's skips, not the saved run's
         self._bad_in_row = int(state.get("bad_in_row", state.get("nonfinite_in_row", 0)))
-        self.engine.sync_weights(unwrap(self.model))
+        self._sync_engine()
+        ahead = state.get("ahead")
+        if ahead and self.prefetcher is not None:  # the batch the run generated ahead
+            batch = self._draw(int(ahead["step"]))
+            batch.rollouts_P_G = rollouts_from_state(ahead["rollouts"])
+            if len(batch.rollouts_P_G) != len(batch.prompts):
+                raise RuntimeError(
+                    f"{path}: the batch generated ahead has {len(batch.rollouts_P_G)} prompts' "
+                    f"rollouts, the data gives {len(batch.prompts)} prompts at this position"
+                )
+            self.prefetcher.put(batch)
+        elif ahead:
+            log.info("%s: rollout.async=false samples the batch generated ahead afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
 
 

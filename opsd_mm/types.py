@@ -106,11 +106,14 @@ class SamplingConfig:
 @dataclass
 class Rollout:
     """One sampled completion. ``completion_ids`` ends with the EOS token when
-    ``finish_reason == "eos"``; ``logprobs`` (engine-side, per sampled token) when available."""
+    ``finish_reason == "eos"``; ``logprobs`` (engine-side, per sampled token) when available.
+    ``weight_version``: the trainer step whose weights sampled it, from engines that sample
+    from a copy of the weights (vLLM, the server); None from one that samples the live model."""
 
     completion_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    weight_version: int | None = None
 
 
 @dataclass
@@ -221,10 +224,12 @@ class Processor(Protocol):
 
 class RolloutEngine(Protocol):
     """Samples completions. ``generate`` returns ``rollouts_P_G``: for each prompt, ``n``
-    rollouts. ``sync_weights`` makes the engine sample from the trainer's current weights."""
+    rollouts. ``sync_weights`` makes the engine sample from the trainer's current weights;
+    ``version`` (the trainer step they come from) is recorded on the rollouts sampled from them,
+    so the trainer can measure how stale its rollouts are."""
 
     def generate(
         self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig
     ) -> list[list[Rollout]]: ...
 
-    def sync_weights(self, model: torch.nn.Module) -> None: ...
+    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None: ...

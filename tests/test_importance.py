@@ -118,3 +118,17 @@ def test_fused_without_rollout_logprobs_is_unweighted():
     plain, _ = fused_divergence(d["s_h"], d["t_h"], d["w"], d["ids"], LossConfig(), chunk_size=4)
     off, _ = fused_divergence(d["s_h"], d["t_h"], d["w"], d["ids"], cfg, chunk_size=4)
     torch.testing.assert_close(plain, off)
+
+
+def test_importance_metrics_hand_values():
+    from opsd_mm.importance import importance_metrics
+
+    # ratios p_trainer / p_rollout: 0.5, 1, 4, and 1 for the token without a rollout log-prob
+    trainer_N = torch.log(torch.tensor([0.1, 0.3, 0.8, 0.2]))
+    rollout_N = torch.log(torch.tensor([0.2, 0.3, 0.2, float("nan")]))
+    m = importance_metrics(trainer_N, rollout_N, clip=2.0)
+    assert m["importance/weight_mean"] == pytest.approx((0.5 + 1 + 2 + 1) / 4)
+    assert m["importance/clip_fraction"] == 0.25  # only the ratio 4 exceeds the clip
+    assert m["importance/ratio_max"] == pytest.approx(4.0)
+    empty = importance_metrics(torch.zeros(0), torch.zeros(0), clip=2.0)
+    assert all(math.isnan(v) for v in empty.values())

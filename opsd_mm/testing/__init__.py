@@ -6,7 +6,9 @@ tests share at run time, and nothing else (test-only data lives under ``tests/fi
 - ``resolve_tiny("text")`` returns a local directory holding a tiny model and its tokenizer (and
   image processor for VL), building it on first use under a cache directory (:mod:`.text`,
   :mod:`.vl`);
-- :mod:`.vl_tasks` generates the synthetic vision-language counting task from a seed.
+- :mod:`.vl_tasks` generates the synthetic vision-language counting task from a seed;
+- :mod:`.server` starts an ``opsd-mm serve`` subprocess on loopback (the generation-server
+  tests and ``bench/async_rollout.py``).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class ScriptedEngine:
             out.append(row)
         return out
 
-    def sync_weights(self, model) -> None:  # pragma: no cover
+    def sync_weights(self, model, version=None) -> None:  # pragma: no cover
         pass
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -8,9 +8,13 @@ every test marked ``vllm`` is skipped here, at collection.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+
+from opsd_mm.testing.server import server_env
 
 # ``origin is None`` is a namespace package: this very directory, when tests/ is on sys.path.
 _SPEC = importlib.util.find_spec("vllm")
@@ -77,3 +81,48 @@ def trainer_logprobs():
     """log p of each completion token under a plain transformers forward (the trainer's view):
     ``trainer_logprobs(model, prompt_ids, completion_ids) -> [C]``."""
     return _trainer_logprobs
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def main_python() -> Path:
+    """The main environment's python (the trainer side, no vLLM); skips when it is missing."""
+    path = ROOT / ".venv" / "bin" / "python"
+    if not path.exists():
+        pytest.skip(f"the main environment {path} is missing (make venv)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_via_server(main_python):
+    """``train(run_dir, tiny_cache, url, *overrides)``: ``opsd-mm train configs/tiny_text.yaml``
+    for 3 steps (overrides come last) in the MAIN environment, generating through the server
+    at ``url``; returns the CompletedProcess, or with ``log=PATH`` the running Popen, its
+    output going to PATH."""
+
+    def train(run_dir, tiny_cache, url, *extra, timeout=300, log=None):
+        cmd = [
+            str(main_python),
+            "-m",
+            "opsd_mm.cli",
+            "train",
+            str(ROOT / "configs" / "tiny_text.yaml"),
+            "rollout.engine=vllm_server",
+            f"rollout.server_url={url}",
+            f"run_dir={run_dir}",
+            f"model.tiny_cache_dir={tiny_cache}",
+            "logging.progress=false",
+            "trainer.max_steps=3",
+            "trainer.save_every=0",
+            *extra,
+        ]
+        if log is not None:
+            with open(log, "w") as out:
+                return subprocess.Popen(cmd, env=server_env(), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=server_env(), timeout=timeout
+        )
+
+    return train

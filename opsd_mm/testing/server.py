@@ -1,0 +1,81 @@
+"""An ``opsd-mm serve`` subprocess on loopback, for the generation-server tests and benches.
+
+Why here: the tests (``tests/vllm``) and ``bench/async_rollout.py`` start the same server the
+same way; the bench also pins it to a CPU core (``prefix=["taskset", "-c", "1"]``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    """One thread per process (the CPU tests share a small machine), a 1 GiB KV cache."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class ServerProcess:
+    """``python -m opsd_mm.cli serve MODEL`` (``python``: one with vLLM, by default this one)
+    on 127.0.0.1:``port``, fp32; ``start`` returns once it prints its ``serving`` line."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        port: int | None = None,
+        *,
+        max_model_len: int = 512,
+        python: str = sys.executable,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        self.model, self.port = str(model), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [
+            *prefix,
+            python,
+            "-m",
+            "opsd_mm.cli",
+            "serve",
+            self.model,
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(max_model_len),
+        ]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240.0) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=server_env()
+        )
+        deadline = time.monotonic() + timeout
+        lines = []
+        for line in self.proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise RuntimeError("server exited:\n" + "".join(lines[-30:]))
+        # Keep draining its output so that it never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
