@@ -89,6 +89,9 @@ RECIPES: dict[str, Recipe] = {
         warm_steps=300,
         warm_lr=3e-3,
         steps=150,
+        # 24 sequences per warm-start step (was 32): a quarter cheaper, and counting is still
+        # learned (known phrasing 84.7%); with it OPSD gained +61 points instead of +33.
+        batch=24,
         # One rollout per prompt (the completion is fixed but for the colour and the count), so
         # each step sees 32 different images; mapping codes to colours needs many images.
         opsd=(
@@ -123,7 +126,7 @@ STEP_COST = {
     ("text", "warm"): 0.24,
     ("text", "opsd"): 0.58,
     ("text", "sft"): 0.14,
-    ("vision", "warm"): 0.39,
+    ("vision", "warm"): 0.30,
     ("vision", "opsd"): 0.79,
     ("vision", "sft"): 0.19,
 }
@@ -145,7 +148,10 @@ class Progress:
         )
 
     def add(self, amount: float) -> None:
-        self.bar.update(round(amount, 3))
+        # The total is an estimate: never step past it (tqdm warns, and the time left goes
+        # negative); a run costlier than planned stays at 100% until it ends.
+        left = max(0.0, self.bar.total - self.bar.n)
+        self.bar.update(round(min(amount, left), 3))
 
     def write(self, msg: str) -> None:
         from tqdm import tqdm
