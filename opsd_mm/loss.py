@@ -61,7 +61,9 @@ def micro_batch_loss(
     mask_BC = loss_mask(batch.completion_mask_BC, cfg.skip_first_tokens)
     ids_N = batch.completion_ids_BC[mask_BC]
     if w_d == 0:  # plain GRPO: the teacher's term weighs nothing, so it is never run
-        return _policy_gradient_only(batch, model, scale, cfg, timer, advantage_B, packed)
+        return _policy_gradient_only(
+            batch, model, scale, cfg, timer, advantage_B, packed, mask_BC, ids_N
+        )
     with _phase(timer, "teacher"), torch.no_grad():
         with teacher.as_teacher(unwrap(model)) as teacher_model:
             if cfg.fused:
@@ -94,14 +96,7 @@ def micro_batch_loss(
                 rollout_logprob_N=rollout_logprob_N,
             )
             if w_r > 0:
-                logp_N = sampled_logprob_fused(
-                    s_hidden_NH,
-                    s_head.weight,
-                    ids_N,
-                    bias_V=s_head.bias,
-                    temperature=loss_temperature(cfg),
-                    chunk_size=cfg.chunk_size or 256,
-                )
+                logp_N = _fused_logprob(s_hidden_NH, s_head, ids_N, cfg)
         else:
             s_logits_NV = completion_logits(model, batch.student, width_C, mask_BC, packed)
             out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg)
@@ -113,11 +108,8 @@ def micro_batch_loss(
         if w_r == 0:  # pure OPSD: the loss exactly as without a reward path
             loss = loss if w_d == 1 else w_d * loss
             return loss, out, torch.stack([loss.detach(), torch.zeros_like(loss.detach())])
-        if advantage_B is None:
-            raise ValueError("loss.reward_weight > 0 needs the rows' advantages (advantage_B)")
-        adv_N = advantage_B[:, None].expand(mask_BC.shape)[mask_BC]
         distill = w_d * loss
-        pg = w_r * (pg_loss_N(logp_N, adv_N).sum() * scale)
+        pg = _pg_term(logp_N, advantage_B, mask_BC, cfg, scale)
         return distill + pg, out, torch.stack([distill.detach(), pg.detach()]).float()
 
 
@@ -129,6 +121,8 @@ def _policy_gradient_only(
     timer: PhaseTimer | None,
     advantage_B: torch.Tensor | None,
     packed: bool,
+    mask_BC: torch.Tensor,
+    ids_N: torch.Tensor,
 ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
     """:func:`micro_batch_loss` with ``loss.distill_weight`` 0: ``reward_weight * (-A log
     p_s(y))`` from the student forward alone. Skipping the teacher forward saves a third of the
@@ -136,28 +130,16 @@ def _policy_gradient_only(
     term would be multiplied by 0). The divergence and teacher statistics are NaN (there is no
     teacher distribution); the student's sampled-token log-probability is kept at temperature 1
     for the rollout/trainer log-prob gap."""
-    if advantage_B is None:
-        raise ValueError("loss.reward_weight > 0 needs the rows' advantages (advantage_B)")
     width_C = batch.completion_ids_BC.shape[1]
-    mask_BC = loss_mask(batch.completion_mask_BC, cfg.skip_first_tokens)
-    ids_N = batch.completion_ids_BC[mask_BC]
     temperature = loss_temperature(cfg)
     with _phase(timer, "student"):
         if cfg.fused:
             s_hidden_NH, s_head = completion_hidden(model, batch.student, width_C, mask_BC, packed)
-            logp_N = sampled_logprob_fused(
-                s_hidden_NH,
-                s_head.weight,
-                ids_N,
-                bias_V=s_head.bias,
-                temperature=temperature,
-                chunk_size=cfg.chunk_size or 256,
-            )
+            logp_N = _fused_logprob(s_hidden_NH, s_head, ids_N, cfg)
         else:
             s_logits_NV = completion_logits(model, batch.student, width_C, mask_BC, packed)
             logp_N = sampled_logprob(s_logits_NV, ids_N, temperature)
-        adv_N = advantage_B[:, None].expand(mask_BC.shape)[mask_BC]
-        pg = cfg.reward_weight * (pg_loss_N(logp_N, adv_N).sum() * scale)
+        pg = _pg_term(logp_N, advantage_B, mask_BC, cfg, scale)
     nan_N = torch.full_like(logp_N, float("nan"), dtype=torch.float32).detach()
     out = DivergenceOut(
         loss_N=torch.zeros_like(nan_N),
@@ -168,3 +150,32 @@ def _policy_gradient_only(
         student_logprob_N=logp_N.detach().float() if temperature == 1.0 else nan_N,
     )
     return pg, out, torch.stack([torch.zeros_like(pg.detach()), pg.detach()]).float()
+
+
+def _fused_logprob(
+    hidden_NH: torch.Tensor, head: torch.nn.Module, ids_N: torch.Tensor, cfg: LossConfig
+) -> torch.Tensor:
+    """The student's sampled-token log-probabilities from its hidden states, chunk by chunk."""
+    return sampled_logprob_fused(
+        hidden_NH,
+        head.weight,
+        ids_N,
+        bias_V=head.bias,
+        temperature=loss_temperature(cfg),
+        chunk_size=cfg.chunk_size or 256,
+    )
+
+
+def _pg_term(
+    logp_N: torch.Tensor,
+    advantage_B: torch.Tensor | None,
+    mask_BC: torch.Tensor,
+    cfg: LossConfig,
+    scale: float,
+) -> torch.Tensor:
+    """``reward_weight * scale * sum_n -A_n log p_s(y_n)``, each row's advantage spread over
+    its loss tokens."""
+    if advantage_B is None:
+        raise ValueError("loss.reward_weight > 0 needs the rows' advantages (advantage_B)")
+    adv_N = advantage_B[:, None].expand(mask_BC.shape)[mask_BC]
+    return cfg.reward_weight * (pg_loss_N(logp_N, adv_N).sum() * scale)
