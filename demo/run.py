@@ -608,7 +608,22 @@ def prepare_task(setup: TaskSetup, args: argparse.Namespace, progress) -> dict:
         f"[{name}] warm start: {warm['steps']} steps in {warm['wall_s']:.0f}s; held-out student "
         f"{before:.1f}%, teacher context {teacher:.1f}% (known phrasing, student: {known:.1f}%)",
     )
-    return {"warm": warm, "before": before, "teacher": teacher, "val0": val0, "known": known}
+    data = {
+        "train": len(task.train),
+        "val": len(task.val),
+        "test": len(task.test),
+        "warm_student": len(task.warm_student),
+        "warm_teacher": len(task.warm_teacher),
+        **task.meta,
+    }
+    return {
+        "warm": warm,
+        "before": before,
+        "teacher": teacher,
+        "val0": val0,
+        "known": known,
+        "data": data,
+    }
 
 
 def methods(args: argparse.Namespace) -> list[str]:
@@ -649,23 +664,17 @@ def seed_line(name: str, prepared: dict, seed: int, runs: dict) -> str:
     )
 
 
-def task_result(setup: TaskSetup, prepared: dict, per_seed: dict, wall_s: float) -> dict:
-    """The task's entry of results.json."""
-    task, recipe = setup.task, setup.plan.recipe
+def task_result(name: str, plan: TaskPlan, prepared: dict, per_seed: dict, wall_s: float) -> dict:
+    """The task's entry of results.json (the split sizes come with ``prepared``, so the
+    parent of the worker processes need not build the task again)."""
+    recipe = plan.recipe
     return {
-        "task": setup.name,
+        "task": name,
         "model": f"tiny:{recipe.tiny}",
-        "steps": setup.plan.steps,
+        "steps": plan.steps,
         "threshold": recipe.threshold,
         "recipe": {k: v for k, v in recipe.__dict__.items()},
-        "data": {
-            "train": len(task.train),
-            "val": len(task.val),
-            "test": len(task.test),
-            "warm_student": len(task.warm_student),
-            "warm_teacher": len(task.warm_teacher),
-            **task.meta,
-        },
+        "data": prepared["data"],
         "warm_start": prepared["warm"],
         "before": prepared["before"],
         "teacher": prepared["teacher"],
@@ -692,7 +701,7 @@ def run_task(
     for seed in seeds:
         per_seed[seed] = {m: run_method(setup, prepared, seed, m, progress) for m in methods(args)}
         progress.write(seed_line(name, prepared, seed, per_seed[seed]))
-    return task_result(setup, prepared, per_seed, _since(t0))
+    return task_result(name, plan, prepared, per_seed, _since(t0))
 
 
 def quiet(threads: int) -> None:
@@ -741,12 +750,7 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     try:
         if jobs > 1:
             done = run_parallel(plans, args, seeds, run_dir, wiring, progress, jobs, runs, work)
-            results = {
-                name: task_result(
-                    setup_task(name, plan, args, run_dir, wiring, progress), *done[name]
-                )
-                for name, plan in plans.items()
-            }
+            results = {name: task_result(name, plan, *done[name]) for name, plan in plans.items()}
         else:
             results = {
                 name: run_task(name, plan, args, seeds, run_dir, wiring, progress)
