@@ -150,6 +150,18 @@ def _assert_matches(one: dict, two: list[dict]) -> None:
     assert moved == 0.0 or moved > 50 * WEIGHT_ATOL
 
 
+def _assert_resumed_step_2(one: dict, resumed: dict) -> None:
+    """A 1-process run resumed for step 2 equals step 2 of the uninterrupted run: completions,
+    loss, weights and EMA teacher."""
+    assert [m["step"] for m in resumed["metrics"]] == [2]
+    assert resumed["completions"][0] == one["completions"][1]
+    assert resumed["metrics"][0]["loss"] == pytest.approx(one["metrics"][1]["loss"], rel=LOSS_RTOL)
+    for n, p in one["params"].items():
+        torch.testing.assert_close(resumed["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
+    for n, v in one["ema"].items():
+        torch.testing.assert_close(resumed["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+
+
 @pytest.mark.slow
 def test_ddp_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_dir, tmp_path):
     """LoRA, EMA teacher, 2 micro-batches per process (no_sync accumulation). Step 1 runs on 2
@@ -207,13 +219,7 @@ def test_ddp_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_di
         "trainer.batch_size=4",
         "trainer.resume=true",
     )
-    assert [m["step"] for m in resumed["metrics"]] == [2]
-    assert resumed["completions"][0] == one["completions"][1]
-    assert resumed["metrics"][0]["loss"] == pytest.approx(one["metrics"][1]["loss"], rel=LOSS_RTOL)
-    for n, p in one["params"].items():
-        torch.testing.assert_close(resumed["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
-    for n, v in one["ema"].items():
-        torch.testing.assert_close(resumed["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+    _assert_resumed_step_2(one, resumed)
     assert [r["step"] for r in read_metrics(run2to1 / "metrics.jsonl")] == [1, 2]
 
 
@@ -398,13 +404,7 @@ def test_fsdp2_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_
         "trainer.batch_size=4",
         "trainer.resume=true",
     )
-    assert [m["step"] for m in resumed["metrics"]] == [2]
-    assert resumed["completions"][0] == one["completions"][1]
-    assert resumed["metrics"][0]["loss"] == pytest.approx(one["metrics"][1]["loss"], rel=LOSS_RTOL)
-    for n, p in one["params"].items():
-        torch.testing.assert_close(resumed["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
-    for n, v in one["ema"].items():
-        torch.testing.assert_close(resumed["ema"][n], v, atol=WEIGHT_ATOL, rtol=0, msg=n)
+    _assert_resumed_step_2(one, resumed)
 
 
 @pytest.mark.slow
