@@ -161,6 +161,13 @@ class RolloutConfig:
     # Where the trainer writes the safetensors the server reloads (a path both can read;
     # null: RUN_DIR/engine_weights).
     server_sync_dir: str | None = None
+    # How synced weights reach the server: file (safetensors in server_sync_dir, reloaded), or
+    # broadcast over a two-process group the trainer hosts: gloo (TCP, any device, any machine)
+    # or nccl (GPU to GPU). Group: the address the server reaches the trainer at, and its port
+    # (0: a free one). See opsd_mm.rollout_server.
+    server_transport: Literal["file", "gloo", "nccl"] = "file"
+    server_group_host: str = "127.0.0.1"
+    server_group_port: int = 0
     # Generate the next step's rollouts while this step trains (one step off-policy: a batch
     # comes from the weights one optimizer step behind the ones it trains; see
     # opsd_mm.rollout_async). vllm_server only, one trainer process. Spelled ``async`` in YAML
@@ -569,6 +576,19 @@ def validate_config(cfg: RunConfig) -> None:
         ),
         ("rollout.server_timeout_s", r.server_timeout_s, r.server_timeout_s > 0, "must be > 0"),
         ("rollout.server_retries", r.server_retries, r.server_retries >= 0, "must be >= 0"),
+        (
+            "rollout.server_transport",
+            r.server_transport,
+            r.server_transport == "file" or r.engine == "vllm_server",
+            "applies to rollout.engine=vllm_server only (the colocated vllm engine loads the "
+            "weights in its own process)",
+        ),
+        (
+            "rollout.server_group_port",
+            r.server_group_port,
+            0 <= r.server_group_port <= 65535,
+            "must lie in [0, 65535] (0: a free port)",
+        ),
         (
             "rollout.async",
             r.async_,

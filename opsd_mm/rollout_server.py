@@ -3,10 +3,19 @@
 Why: the trainer's environment then needs no vLLM (and none of its pins), and generation can
 live in another process, on another device or machine (see ``opsd_mm.serve`` for the protocol).
 
-Weight sync goes through files: the trainer writes its current weights (LoRA merged, with the
-colocated engine's ``iter_sync_weights``) as checkpoint-format safetensors into
-``rollout.server_sync_dir`` and asks the server to reload them. That works without a shared GPU
-fabric (CPU, or another machine on a shared filesystem); NCCL between GPUs is not built.
+Weight sync (``rollout.server_transport``) sends the trainer's current weights (LoRA merged,
+with the colocated engine's ``iter_sync_weights``) in one of two ways:
+
+- ``file``: as checkpoint-format safetensors written into ``rollout.server_sync_dir``, which the
+  server reloads. Needs only a path both can read (the same machine, or a shared filesystem).
+- ``gloo`` / ``nccl``: broadcast over a two-process group the trainer hosts and the server joins
+  (``opsd_mm.weight_transport``): tensor by tensor from the trainer's memory into vLLM's reload,
+  nothing on disk. ``nccl`` moves them GPU to GPU (trainer and server on different GPUs);
+  ``gloo`` over TCP works anywhere, the server reaching the trainer at
+  ``rollout.server_group_host``.
+
+Under several trainer processes only the main one talks to the server; a sharded (FSDP2)
+model's weights are gathered by all of them together, the others discarding theirs.
 
 Faults:
 
@@ -17,8 +26,12 @@ Faults:
   (step seed, prompt key, sample), so the retry returns the same completions, and the trainer's
   step advances once;
 - every reply carries the server's ``boot_id``; when it changes, the server restarted with the
-  checkpoint's initial weights, so the client asks it to reload the last synced files and
-  generates again. Retries exhausted: a ServerError saying what happened.
+  checkpoint's initial weights, so the client makes it hold the last synced weights again (the
+  files reloaded; over a group: the group re-opened and the model, unchanged since that sync,
+  sent again) and generates again. Retries exhausted: a ServerError saying what happened. With
+  a group transport and ``rollout.async`` the model is being trained while the next batch
+  generates, so the synced weights no longer exist to be sent: the run stops with a ServerError
+  (resume it with ``--resume``, which is exact).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -106,9 +120,18 @@ class ServerEngine:
         timeout_s: float = 600.0,
         retries: int = 3,
         backoff_s: float = 1.0,
+        transport: str = "file",
+        group_host: str = "127.0.0.1",
+        group_port: int = 0,
+        trains_while_generating: bool = False,
     ) -> None:
         self.url = url.rstrip("/")
         self.sync_dir = Path(sync_dir)
+        self.transport = transport
+        self.group_host, self.group_port = group_host, group_port
+        self.group: Any = None  # the weight group (gloo/nccl transports), opened at first sync
+        self._synced_model: torch.nn.Module | None = None  # what a restarted server needs again
+        self.trains_while_generating = trains_while_generating
         self.eos_token_ids = list(eos_token_ids)
         self.suppress_token_ids = sorted(set(suppress_token_ids))
         self.token = token or os.environ.get(TOKEN_ENV) or None
@@ -129,6 +152,10 @@ class ServerEngine:
             ) from None
         self.boot_id = health["boot_id"]
         log.info("generation server %s: %s", self.url, health)
+        if transport == "nccl" and not torch.cuda.is_available():
+            raise ServerError(
+                "rollout.server_transport=nccl needs a CUDA device in the trainer; use gloo or file"
+            )
 
     # ------------------------------------------------------------------ HTTP
 
@@ -172,6 +199,14 @@ class ServerEngine:
         log.warning("generation server restarted (boot %s -> %s)", self.boot_id, boot_id)
         self.boot_id = boot_id
         if self.synced:
+            if self.transport != "file" and self.trains_while_generating:
+                raise ServerError(
+                    f"generation server {self.url} restarted while generating ahead "
+                    f"(rollout.async) with rollout.server_transport={self.transport}: the weights "
+                    "it must reload are being trained and were not written anywhere. Resume the "
+                    "run with --resume (exact), or use rollout.server_transport=file"
+                )
+            self.group = None  # its server end went with the old process
             self._reload()
         return True
 
@@ -221,20 +256,127 @@ class ServerEngine:
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not dist or torch.distributed.get_rank() == 0:
             start = time.perf_counter()
-            self.last_sync_bytes = save_sync_weights(model, self.sync_dir)
             self.weight_version = self.weight_version + 1 if version is None else version
-            self.synced = True
-            self._reload()
+            self._synced_model = model
+            if self.transport == "file":
+                self.last_sync_bytes = save_sync_weights(model, self.sync_dir)
+                self.synced = True
+                self._reload()
+            else:
+                self.synced = True
+                self._send_over_group(model)
             self.last_sync_s = time.perf_counter() - start
+        elif any(hasattr(p, "full_tensor") for p in model.parameters()):
+            for _ in iter_sync_weights(model):  # the gathers need every process
+                pass
         if dist:
             torch.distributed.barrier()
 
     def _reload(self) -> None:
+        """Make the server hold the last synced weights again (after a restart)."""
+        if self.transport != "file":
+            self._send_over_group(self._synced_model)
+            return
         body = {"path": str(self.sync_dir.resolve()), "version": self.weight_version}
         reply = self._call("POST", "/update_weights", body)
-        if reply["boot_id"] != self.boot_id:  # restarted between two calls: it has them now
+        self._note_reply_boot(reply)
+
+    # ------------------------------------------------------------------ weight group
+
+    def _open_group(self) -> None:
+        """Host the group's store, ask the server to join, join it: the server connects to
+        ``group_host`` (the trainer's address as the server sees it)."""
+        from opsd_mm.weight_transport import host_store, open_group
+
+        store = host_store(self.group_host, self.group_port, self.timeout_s)
+        joined: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                joined["group"] = open_group(
+                    self.group_host, store.port, 0, self.transport, self.timeout_s, store=store
+                )
+            except BaseException as e:  # reported below
+                joined["error"] = e
+
+        # Joining blocks until both sides are in; the server's reply says whether it got in,
+        # so a refusal (no CUDA for nccl, an unreachable host) surfaces at once.
+        thread = threading.Thread(target=join, daemon=True, name="opsd-weight-group")
+        thread.start()
+        body = {
+            "host": self.group_host,
+            "port": store.port,
+            "backend": self.transport,
+            "timeout_s": self.timeout_s,
+        }
+        reply = self._call("POST", "/init_weight_group", body, retries=0)
+        thread.join(self.timeout_s)
+        if "group" not in joined:
+            raise ServerError(
+                f"weight group ({self.transport}) with {self.url} via "
+                f"{self.group_host}:{store.port} not formed: {joined.get('error', 'timed out')}"
+            )
+        self._note_reply_boot(reply)
+        self.group, self._store = joined["group"], store
+        log.info("weight group (%s) with %s open", self.transport, self.url)
+
+    def _send_over_group(self, model: torch.nn.Module | None) -> None:
+        """Broadcast ``model``'s merged weights to the server while it loads them; a failure
+        (the server restarted or died: its end of the group is gone) re-opens the group and
+        sends again, up to ``retries`` times."""
+        from opsd_mm.weight_transport import send_weights
+
+        if model is None:
+            return
+        for attempt in range(self.retries + 1):
+            try:
+                if self.group is None:
+                    self.health_wait()
+                    self._open_group()
+                sent: dict[str, Any] = {}
+                device = torch.device("cpu")
+                if self.transport == "nccl":
+                    device = torch.device("cuda", torch.cuda.current_device())
+
+                def send(group: Any = self.group, device: torch.device = device) -> None:
+                    try:
+                        sent["bytes"] = send_weights(group, iter_sync_weights(model), device)
+                    except BaseException as e:  # the reply below says what happened
+                        sent["error"] = e
+
+                thread = threading.Thread(target=send, daemon=True, name="opsd-weight-send")
+                thread.start()
+                body = {"transport": "group", "version": self.weight_version}
+                reply = self._call("POST", "/update_weights", body, retries=0)
+                thread.join(self.timeout_s)
+                if "bytes" not in sent:
+                    raise ServerError(f"weight send failed: {sent.get('error', 'timed out')}")
+                self.last_sync_bytes = sent["bytes"]
+                self._note_reply_boot(reply)
+                return
+            except ServerError as e:
+                self.group = None  # re-formed on the next attempt
+                if attempt == self.retries:
+                    raise ServerError(
+                        f"weight sync over {self.transport} to {self.url} failed "
+                        f"{attempt + 1} time(s), last: {e} "
+                        f"(rollout.server_retries={self.retries})"
+                    ) from None
+                log.warning("weight sync over %s: %s; retry %d", self.transport, e, attempt + 1)
+
+    def health_wait(self) -> dict[str, Any]:
+        """``/health`` with the retries and backoff of every call: waits for a restarting
+        server; notes a new boot id without re-syncing (the caller is about to)."""
+        reply = self.health()
+        self._note_reply_boot(reply)
+        return reply
+
+    def _note_reply_boot(self, reply: dict[str, Any]) -> None:
+        """A reply to a sync call from a server restarted since the last one: it holds the
+        weights it was just sent, so only the new boot id is recorded."""
+        if reply["boot_id"] != self.boot_id:
             log.warning(
-                "generation server restarted (boot %s -> %s); weights reloaded",
+                "generation server restarted (boot %s -> %s); weights sent again",
                 self.boot_id,
                 reply["boot_id"],
             )
@@ -263,6 +405,10 @@ def build_server_engine(cfg: Any, model: torch.nn.Module, processor: Any) -> Ser
         token=r.server_token,
         timeout_s=r.server_timeout_s,
         retries=r.server_retries,
+        transport=r.server_transport,
+        group_host=r.server_group_host,
+        group_port=r.server_group_port,
+        trains_while_generating=r.async_,
     )
     engine.sync_weights(model, version=0)
     return engine

@@ -384,17 +384,24 @@ class VLLMEngine:
         warning, so a trained-only reload would be fragile for a small saving. Asleep, only
         the weights wake up here; the KV cache follows on the next ``generate``.
         """
+        self.load_weights(iter_sync_weights(model))
+        self.weight_version = self.weight_version + 1 if version is None else version
+
+    def load_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]]) -> float:
+        """Reload in place from checkpoint-named tensors, consumed one at a time (the trainer's
+        merged weights, or those arriving over ``opsd_mm.weight_transport``), then reset the
+        caches. Returns seconds."""
         start = time.perf_counter()
         if "weights" in self._sleeping:
             self.llm.wake_up(tags=["weights"])
             self._sleeping.discard("weights")
         self.llm.collective_rpc(
             "reload_weights",
-            kwargs={"weights_iterator": iter_sync_weights(model), "is_checkpoint_format": True},
+            kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True},
         )
         self.reset_caches()
-        self.weight_version = self.weight_version + 1 if version is None else version
         self.last_sync_s = time.perf_counter() - start
+        return self.last_sync_s
 
     def load_weights_from(self, path: str) -> float:
         """Reload every weight from the checkpoint-format safetensors in directory ``path``

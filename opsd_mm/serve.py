@@ -20,6 +20,9 @@ set):
   "weight_version"}``;
 - ``POST /update_weights`` ``{"path": DIR, "version": int}``: reload every weight from the
   safetensors in DIR (written by the trainer), then reset the caches -> ``{"seconds", ...}``;
+  with ``{"transport": "group", "version": int}`` instead, receive them over the weight group;
+- ``POST /init_weight_group`` ``{"host", "port", "backend": "gloo" | "nccl", "timeout_s"}``:
+  join the trainer's two-process group for weight syncs (``opsd_mm.weight_transport``);
 - ``POST /reset_cache``.
 
 Requests run one at a time (a lock around the engine); ``/health`` answers while a batch is
@@ -73,6 +76,8 @@ class GenerationService:
         self.boot_id = uuid.uuid4().hex
         self.weight_version = 0
         self.lock = threading.Lock()
+        self.group: Any = None  # the trainer's weight group, once it asks (init_weight_group)
+        self.group_device: Any = None
 
     def health(self) -> dict[str, Any]:
         return {
@@ -117,9 +122,45 @@ class GenerationService:
 
     def update_weights(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
-            seconds = self.engine.load_weights_from(str(body["path"]))
+            if body.get("transport") == "group":
+                seconds = self._receive_weights()
+            else:
+                seconds = self.engine.load_weights_from(str(body["path"]))
             self.weight_version = int(body.get("version", self.weight_version + 1))
         return {"seconds": seconds, "boot_id": self.boot_id, "weight_version": self.weight_version}
+
+    def init_weight_group(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Join the trainer's two-process weight group (``opsd_mm.weight_transport``) as rank
+        1, replacing any earlier one. Returns once both sides are connected."""
+        import torch
+
+        from opsd_mm.weight_transport import open_group
+
+        backend = str(body["backend"])
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("backend nccl: this server has no CUDA device")
+        with self.lock:
+            self.group = None  # an earlier group's sockets close with it
+            self.group = open_group(
+                str(body["host"]), int(body["port"]), 1, backend, float(body["timeout_s"])
+            )
+            self.group_device = torch.device("cuda" if backend == "nccl" else "cpu")
+        return {"ok": True, "boot_id": self.boot_id}
+
+    def _receive_weights(self) -> float:
+        """Load what the trainer broadcasts over the weight group. The stream is drained to its
+        end marker even when the load fails, so the group stays aligned with the trainer's
+        sends, and the failure is then reported."""
+        from opsd_mm.weight_transport import receive_weights
+
+        if self.group is None:
+            raise ValueError("no weight group: POST /init_weight_group first")
+        stream = receive_weights(self.group, self.group_device)
+        try:
+            return self.engine.load_weights(stream)
+        finally:
+            for _ in stream:
+                pass
 
     def reset_cache(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -132,6 +173,7 @@ def make_handler(service: GenerationService, token: str | None) -> type[BaseHTTP
         ("GET", "/health"): lambda body: service.health(),
         ("POST", "/generate"): service.generate,
         ("POST", "/update_weights"): service.update_weights,
+        ("POST", "/init_weight_group"): service.init_weight_group,
         ("POST", "/reset_cache"): service.reset_cache,
     }
 

@@ -1,6 +1,7 @@
 """Client side of test_vllm_server's parity test, run by the MAIN environment's python (no vLLM):
 greedy parity with HFEngine, seeded sampling repeatable, and after LoRA optimizer steps + sync,
-the server's greedy completions equal HFEngine's on the updated model. Prints one JSON line."""
+the server's greedy completions equal HFEngine's on the updated model. The weights travel by
+the transport named by the 4th argument (file, gloo). Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def ids(rollouts_P_G):
     return [[r.completion_ids for r in rs] for rs in rollouts_P_G]
 
 
-def main(url: str, path: str, sync_dir: str) -> None:
+def main(url: str, path: str, sync_dir: str, transport: str = "file") -> None:
     torch.manual_seed(0)
     proc = build_processor(ProcessorConfig(), path, "qwen3")
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -37,8 +38,13 @@ def main(url: str, path: str, sync_dir: str) -> None:
         p.meta["key"] = f"q{i}"
         prompts.append(p)
     engine = ServerEngine(
-        url, sync_dir, eos_token_ids=proc.eos_token_ids, suppress_token_ids=proc.suppress_token_ids
+        url,
+        sync_dir,
+        eos_token_ids=proc.eos_token_ids,
+        suppress_token_ids=proc.suppress_token_ids,
+        transport=transport,
     )
+    engine.sync_weights(base)  # the server may hold another test's weights
     out: dict = {}
     t = time.perf_counter()
     before = engine.generate(prompts, 1, GREEDY)
@@ -78,4 +84,4 @@ def main(url: str, path: str, sync_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -29,10 +29,12 @@ def server(tiny_text_dir, main_python):
     srv.stop()
 
 
-def test_server_greedy_parity_and_sync(server, tiny_text_dir, tmp_path, main_python):
+@pytest.mark.parametrize("transport", ["file", "gloo"])
+def test_server_greedy_parity_and_sync(server, tiny_text_dir, tmp_path, main_python, transport):
     script = Path(__file__).with_name("server_parity_client.py")
+    sync_dir = tmp_path / "sync"
     run = subprocess.run(
-        [str(main_python), str(script), server.url, str(tiny_text_dir), str(tmp_path / "sync")],
+        [str(main_python), str(script), server.url, str(tiny_text_dir), str(sync_dir), transport],
         capture_output=True,
         text=True,
         env=server_env(),
@@ -49,6 +51,9 @@ def test_server_greedy_parity_and_sync(server, tiny_text_dir, tmp_path, main_pyt
         "after_sync_moved",
     ):
         assert out[key], (key, out)
+    # Over a group nothing is written; the bytes sent are the model's either way.
+    assert sync_dir.exists() == (transport == "file")
+    assert out["sync_bytes"] > 0
 
 
 def test_train_through_server(server, tiny_cache, tmp_path, train_via_server):
@@ -69,6 +74,18 @@ def test_train_through_server(server, tiny_cache, tmp_path, train_via_server):
     assert (tmp_path / "config.yaml").read_text().count("async: false") == 1
 
 
+def test_train_through_server_over_gloo(server, tiny_cache, tmp_path, train_via_server):
+    """The same 3 steps with the weights broadcast over a gloo group instead of files: still
+    on-policy after every sync (log-prob gap ~0), and no weight files in the run directory."""
+    run = train_via_server(tmp_path, tiny_cache, server.url, "rollout.server_transport=gloo")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    gaps = [r["rollout/logprob_gap"] for r in rows]
+    assert all(g is not None and g < 1e-4 for g in gaps), gaps
+    assert not (tmp_path / "engine_weights").exists()
+
+
 def test_unreachable_server_fails_before_step_1(tiny_cache, tmp_path, train_via_server):
     url = f"http://127.0.0.1:{free_port()}"
     run = train_via_server(tmp_path, tiny_cache, url, "rollout.server_retries=0")
@@ -77,9 +94,11 @@ def test_unreachable_server_fails_before_step_1(tiny_cache, tmp_path, train_via_
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_server_restart_mid_run(tiny_text_dir, tiny_cache, tmp_path, train_via_server):
+@pytest.mark.parametrize("transport", ["file", "gloo"])
+def test_server_restart_mid_run(tiny_text_dir, tiny_cache, tmp_path, train_via_server, transport):
     """Killed after step 1 and restarted on the same port: the client retries until it answers,
-    sees the new boot id, reloads the last synced weights and the run finishes, still on-policy
+    sees the new boot id, makes it hold the last synced weights again (files: reloaded; gloo:
+    the group re-formed and the weights sent again) and the run finishes, still on-policy
     (log-prob gap ~0: the restarted server would otherwise sample from the initial weights)."""
     srv = ServerProcess(tiny_text_dir)
     srv.start()
@@ -100,6 +119,7 @@ def test_server_restart_mid_run(tiny_text_dir, tiny_cache, tmp_path, train_via_s
             srv.url,
             "trainer.max_steps=4",
             "rollout.server_retries=30",
+            f"rollout.server_transport={transport}",
             timeout=600,
         )
         restarter.join(timeout=300)
