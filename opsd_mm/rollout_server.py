@@ -324,8 +324,6 @@ class ServerEngine:
         """Broadcast ``model``'s merged weights to the server while it loads them; a failure
         (the server restarted or died: its end of the group is gone) re-opens the group and
         sends again, up to ``retries`` times."""
-        from opsd_mm.weight_transport import send_weights
-
         if model is None:
             return
         for attempt in range(self.retries + 1):
@@ -333,26 +331,7 @@ class ServerEngine:
                 if self.group is None:
                     self.health_wait()
                     self._open_group()
-                sent: dict[str, Any] = {}
-                device = torch.device("cpu")
-                if self.transport == "nccl":
-                    device = torch.device("cuda", torch.cuda.current_device())
-
-                def send(group: Any = self.group, device: torch.device = device) -> None:
-                    try:
-                        sent["bytes"] = send_weights(group, iter_sync_weights(model), device)
-                    except BaseException as e:  # the reply below says what happened
-                        sent["error"] = e
-
-                thread = threading.Thread(target=send, daemon=True, name="opsd-weight-send")
-                thread.start()
-                body = {"transport": "group", "version": self.weight_version}
-                reply = self._call("POST", "/update_weights", body, retries=0)
-                thread.join(self.timeout_s)
-                if "bytes" not in sent:
-                    raise ServerError(f"weight send failed: {sent.get('error', 'timed out')}")
-                self.last_sync_bytes = sent["bytes"]
-                self._note_reply_boot(reply)
+                self._send_once(model)
                 return
             except ServerError as e:
                 self.group = None  # re-formed on the next attempt
@@ -363,6 +342,33 @@ class ServerEngine:
                         f"(rollout.server_retries={self.retries})"
                     ) from None
                 log.warning("weight sync over %s: %s; retry %d", self.transport, e, attempt + 1)
+
+    def _send_once(self, model: torch.nn.Module) -> None:
+        """One sync over the open group: the sends run on a thread while this one waits for
+        the server's reply, which comes once it has loaded the last tensor (or failed)."""
+        from opsd_mm.weight_transport import send_weights
+
+        device = torch.device("cpu")
+        if self.transport == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        sent: dict[str, Any] = {}
+        group = self.group  # the thread keeps this one, whatever a failure does to self.group
+
+        def send() -> None:
+            try:
+                sent["bytes"] = send_weights(group, iter_sync_weights(model), device)
+            except BaseException as e:  # the reply below says what happened
+                sent["error"] = e
+
+        thread = threading.Thread(target=send, daemon=True, name="opsd-weight-send")
+        thread.start()
+        body = {"transport": "group", "version": self.weight_version}
+        reply = self._call("POST", "/update_weights", body, retries=0)
+        thread.join(self.timeout_s)
+        if "bytes" not in sent:
+            raise ServerError(f"weight send failed: {sent.get('error', 'timed out')}")
+        self.last_sync_bytes = sent["bytes"]
+        self._note_reply_boot(reply)
 
     def health_wait(self) -> dict[str, Any]:
         """``/health`` with the retries and backoff of every call: waits for a restarting
