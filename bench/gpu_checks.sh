@@ -78,6 +78,20 @@ else
   echo "=== fsdp2_ema_2gpu: skipped, $GPUS GPU(s) visible" | tee -a "$OUT/fsdp2.txt"
 fi
 
+# Issue 18: the nccl weight transport (rollout.server_transport=nccl) GPU 0 -> GPU 1, every
+# dtype bit for bit; NCCL cannot put both ends on one GPU. With vLLM on the machine as well:
+# bench/weight_sync.py --transports file nccl --server-gpu 1 (sync s/GB against files).
+if ((GPUS >= 2)); then
+  step fsdp2 nccl_transport 90 $PY -m pytest -q -p no:cacheprovider -m gpu \
+    tests/test_weight_transport.py
+  if $PY -c 'import vllm' 2>/dev/null; then
+    step fsdp2 weight_sync_nccl 240 $PY bench/weight_sync.py \
+      --transports file nccl --server-gpu 1 --server-python "$PY" --hidden 4096 --layers 8
+  fi
+else
+  echo "=== nccl_transport: skipped, $GPUS GPU(s) visible" | tee -a "$OUT/fsdp2.txt"
+fi
+
 # The issue's shapes, JSD, against Liger; --compile adds torch.compile'd chunks.
 for n in 8192 16384; do
   for h in 2048 4096; do

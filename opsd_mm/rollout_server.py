@@ -142,6 +142,7 @@ class ServerEngine:
         self.synced = False  # whether sync_dir holds weights the server should have
         self.last_sync_s = 0.0
         self.last_sync_bytes = 0
+        self.last_server_load_s = 0.0  # of that, the server's own reload (vLLM's in-place load)
         self.restarts = 0
         try:
             health = self._call("GET", "/health", None, retries=0)
@@ -279,6 +280,7 @@ class ServerEngine:
             return
         body = {"path": str(self.sync_dir.resolve()), "version": self.weight_version}
         reply = self._call("POST", "/update_weights", body)
+        self.last_server_load_s = float(reply.get("seconds", 0.0))
         self._note_reply_boot(reply)
 
     # ------------------------------------------------------------------ weight group
@@ -368,6 +370,7 @@ class ServerEngine:
         if "bytes" not in sent:
             raise ServerError(f"weight send failed: {sent.get('error', 'timed out')}")
         self.last_sync_bytes = sent["bytes"]
+        self.last_server_load_s = float(reply.get("seconds", 0.0))
         self._note_reply_boot(reply)
 
     def health_wait(self) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -111,9 +113,8 @@ def send_weights(
     return total
 
 
-def receive_weights(group: object, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rank 1's side of :func:`send_weights`: yields each (name, tensor) on ``device`` as it
-    arrives, so a consumer (vLLM's reload) can load it and let it go before the next."""
+def _receive(group: object, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rank 1's side of :func:`send_weights`, tensor after tensor."""
     count = 0
     while True:
         header_U = torch.empty(HEADER_BYTES, dtype=torch.uint8, device=device)
@@ -130,3 +131,34 @@ def receive_weights(group: object, device: torch.device) -> Iterator[tuple[str, 
         group.broadcast(t, 0).wait()
         count += 1
         yield meta["name"], t
+
+
+def receive_weights(
+    group: object, device: torch.device, ahead: int = 2
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rank 1's side of :func:`send_weights`: yields each (name, tensor) on ``device``.
+
+    Why a thread: a consumer that loads each tensor (vLLM's reload) and a receive that waits
+    on the wire take turns otherwise; a receiving thread keeps up to ``ahead`` tensors
+    arrived beyond the one being loaded, so the two overlap at the cost of that many tensors'
+    memory. Iterate to the end (the caller drains it on failure too): the thread stops at the
+    end marker, an abort, or an error, which is raised here in order."""
+    arrived: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in _receive(group, device):
+                arrived.put(item)
+            arrived.put(done)
+        except BaseException as e:  # raised in the consumer's thread, in order
+            arrived.put(e)
+
+    threading.Thread(target=run, daemon=True, name="opsd-weight-receive").start()
+    while True:
+        item = arrived.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -16,20 +16,20 @@ from opsd_mm.weight_transport import host_store, open_group, send_weights
 RECEIVER = """
 import sys, torch
 from opsd_mm.weight_transport import open_group, receive_weights
-port, out = int(sys.argv[1]), sys.argv[2]
-group = open_group("127.0.0.1", port, 1, "gloo", 60)
+port, out, backend, device = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+group = open_group("127.0.0.1", port, 1, backend, 60)
 got = []
 try:
-    for name, t in receive_weights(group, torch.device("cpu")):
-        got.append((name, t.clone()))
+    for name, t in receive_weights(group, torch.device(device)):
+        got.append((name, t.cpu().clone()))
     torch.save({"tensors": got}, out)
 except RuntimeError as e:
     torch.save({"tensors": got, "error": str(e)}, out)
 """
 
 
-def _receiver(port: int, out) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), str(out)])
+def _receiver(port: int, out, backend: str = "gloo", device: str = "cpu") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), str(out), backend, device])
 
 
 def _weights() -> list[tuple[str, torch.Tensor]]:
@@ -44,11 +44,29 @@ def _weights() -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def test_round_trip_bit_exact(tmp_path):
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param(
+            "nccl",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(
+                    torch.cuda.device_count() < 2, reason="nccl: two GPUs, one per process"
+                ),
+            ],
+        ),
+    ],
+)
+def test_round_trip_bit_exact(tmp_path, backend):
+    """gloo: CPU to CPU; nccl: the trainer's GPU 0 to the receiver's GPU 1 (one GPU cannot
+    hold both ends of an NCCL group)."""
+    send_device, receive_device = ("cpu", "cpu") if backend == "gloo" else ("cuda:0", "cuda:1")
     store = host_store("127.0.0.1", free_port(), 60)
-    proc = _receiver(store.port, tmp_path / "got.pt")
-    group = open_group("127.0.0.1", store.port, 0, "gloo", 60, store=store)
-    sent = send_weights(group, _weights(), torch.device("cpu"))
+    proc = _receiver(store.port, tmp_path / "got.pt", backend, receive_device)
+    group = open_group("127.0.0.1", store.port, 0, backend, 60, store=store)
+    sent = send_weights(group, _weights(), torch.device(send_device))
     assert proc.wait(timeout=120) == 0
     got = torch.load(tmp_path / "got.pt")
     assert "error" not in got
