@@ -131,3 +131,36 @@ def test_server_restart_mid_run(tiny_text_dir, tiny_cache, tmp_path, train_via_s
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     gaps = [r["rollout/logprob_gap"] for r in rows]
     assert all(g is not None and g < 1e-4 for g in gaps), gaps
+
+
+@pytest.mark.parametrize("transport", ["file", "gloo"])
+def test_fsdp2_trainer_syncs_through_server(server, tiny_cache, tmp_path, main_python, transport):
+    """Two FSDP2 trainer processes (CPU, gloo; tests/dist/run_tiny.py) generating through one
+    server. A sync gathers the sharded weights, which is collective: every process gathers,
+    the main one alone sends. Both processes stay on-policy (log-prob gap ~0) for 2 steps."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [
+        *(str(main_python), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        str(root / "tests" / "dist" / "run_tiny.py"),
+        str(tmp_path / "out"),
+        "--fsdp2",
+        f"model.tiny_cache_dir={tiny_cache}",
+        "model.lora.enabled=false",
+        "rollout.engine=vllm_server",
+        f"rollout.server_url={server.url}",
+        f"rollout.server_transport={transport}",
+        "trainer.max_steps=2",
+        "trainer.batch_size=2",
+        "trainer.save_every=0",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    env = {**server_env(), "ACCELERATE_USE_CPU": "true"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    import torch
+
+    for rank in (0, 1):
+        out = torch.load(tmp_path / "out" / f"rank{rank}.pt", weights_only=False)
+        assert out["model_class"].startswith("FSDP")
+        gaps = [m["rollout/logprob_gap"] for m in out["metrics"]]
+        assert len(gaps) == 2 and all(g is not None and g < 1e-4 for g in gaps), (rank, gaps)
