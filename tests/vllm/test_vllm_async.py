@@ -64,7 +64,11 @@ def test_async_is_one_step_stale_with_server_importance_weights(reference):
 
 
 def test_async_same_seed_same_losses(server, tiny_cache, tmp_path, reference, train_via_server):
-    run = train_via_server(tmp_path, tiny_cache, server.url, *ASYNC)
+    """Run again with the weights sent over a gloo group instead of files (the reference's):
+    the same losses and gaps, bit for bit - the transport changes nothing the server holds."""
+    run = train_via_server(
+        tmp_path, tiny_cache, server.url, *ASYNC, "rollout.server_transport=gloo"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     again = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["loss"] for r in again] == [r["loss"] for r in reference]
