@@ -14,7 +14,7 @@ VLLM_OUR_DEPS = $(VLLM_PY) -c 'import re, tomllib; \
 	skip = {"torch", "torchvision", "transformers"}; \
 	print(" ".join(d for d in deps if re.split(r"[ <>=!~;\[]", d)[0].lower() not in skip))'
 
-.PHONY: venv-vllm test-vllm bench-rollout bench-async
+.PHONY: venv-vllm test-vllm bench-rollout bench-async bench-weight-sync
 
 venv-vllm: $(VLLM_STAMP)
 
@@ -47,3 +47,7 @@ bench-rollout: $(VLLM_STAMP)
 # the server from .venv-vllm on core 1 (bench/async_rollout.py).
 bench-async: $(VLLM_STAMP) $(STAMP)
 	$(PY) bench/async_rollout.py --plot runs/bench_async.png
+
+# Weight sync to the generation server: files against a gloo group, s/GB (bench/weight_sync.py).
+bench-weight-sync: $(VLLM_STAMP) $(STAMP)
+	$(PY) bench/weight_sync.py

@@ -100,3 +100,52 @@ def test_async_sigterm_then_resume_is_exact(
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
     assert [r["rollout/staleness_max"] for r in rows] == [0.0] + [1.0] * (STEPS - 1)
+
+
+def test_async_over_gloo_stops_clearly_when_the_server_restarts(
+    tiny_text_dir, tiny_cache, tmp_path, train_via_server
+):
+    """Async with the weights sent over a group. A restart noticed by a generation ahead: the
+    weights the new server needs are being trained by then and exist nowhere else, so the run
+    stops with a message naming the way out (--resume, or the file transport) instead of
+    training on completions from the initial weights. A restart noticed by a sync instead (the
+    server was killed while idle, between a generation and the next step's sync) is repaired
+    by that sync, which sends the current weights, and the run finishes one step stale
+    throughout. Which of the two happens depends on when the kill lands; both are checked."""
+    srv = ServerProcess(tiny_text_dir)
+    srv.start()
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        proc = train_via_server(
+            run_dir,
+            tiny_cache,
+            srv.url,
+            *ASYNC,
+            "trainer.max_steps=30",
+            "rollout.server_retries=30",
+            "rollout.server_transport=gloo",
+            log=tmp_path / "log.txt",
+        )
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for step 1"
+            time.sleep(0.05)
+        srv.stop()
+        srv.start()
+        code = proc.wait(timeout=300)
+    finally:
+        srv.stop()
+    log = (tmp_path / "log.txt").read_text()
+    assert "generation server restarted" in log, log[-3000:]
+    rows = read_metrics(metrics)
+    if code == 0:
+        assert [r["step"] for r in rows] == list(range(1, 31))
+        assert [r["rollout/staleness_max"] for r in rows] == [0.0] + [1.0] * 29
+        assert "restarted while generating ahead" not in log
+    else:
+        assert code == 2, log[-3000:]
+        assert "restarted while generating ahead (rollout.async)" in log, log[-3000:]
+        assert "--resume" in log
+        assert len(rows) < 30
