@@ -130,6 +130,7 @@ class ServerEngine:
         self.transport = transport
         self.group_host, self.group_port = group_host, group_port
         self.group: Any = None  # the weight group (gloo/nccl transports), opened at first sync
+        self._store: Any = None  # the group's TCPStore, hosted here for as long as the group
         self._synced_model: torch.nn.Module | None = None  # what a restarted server needs again
         self.trains_while_generating = trains_while_generating
         self.eos_token_ids = list(eos_token_ids)
@@ -385,7 +386,7 @@ class ServerEngine:
         weights it was just sent, so only the new boot id is recorded."""
         if reply["boot_id"] != self.boot_id:
             log.warning(
-                "generation server restarted (boot %s -> %s); weights sent again",
+                "generation server restarted (boot %s -> %s); it has the weights again",
                 self.boot_id,
                 reply["boot_id"],
             )
