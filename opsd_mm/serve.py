@@ -20,7 +20,12 @@ set):
   "weight_version"}``;
 - ``POST /update_weights`` ``{"path": DIR, "version": int}``: reload every weight from the
   safetensors in DIR (written by the trainer), then reset the caches -> ``{"seconds", ...}``;
-- ``POST /reset_cache``.
+- ``POST /reset_cache``;
+- ``POST /score`` ``{"rows": [{"input_ids": teacher prompt + completion ids, "start": where the
+  completion starts, "images": [base64 PNG]}], "top_k": k}`` -> ``{"scores": [{"logprobs",
+  "topk_ids", "topk_logprobs"}], "boot_id", "weight_version"}``: the teacher's log-probs of each
+  completion token, and (k > 0) its top-k, under the weights held (``teacher.scoring=server``,
+  ``VLLMEngine.score``; k at most ``--max-logprobs``).
 
 Requests run one at a time (a lock around the engine); ``/health`` answers while a batch is
 generating.
@@ -115,6 +120,23 @@ class GenerationService:
             "weight_version": version,
         }
 
+    def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        from opsd_mm.types import Prompt
+
+        prompts, starts = [], []
+        for i, row in enumerate(body["rows"]):
+            images = [decode_image(x) for x in row.get("images", ())]
+            prompts.append(Prompt(input_ids=list(row["input_ids"]), images=images, meta={"key": i}))
+            starts.append(int(row["start"]))
+        with self.lock:
+            scores = self.engine.score(prompts, starts, int(body.get("top_k", 0)))
+            version = self.weight_version
+        return {
+            "scores": [vars(s) for s in scores],
+            "boot_id": self.boot_id,
+            "weight_version": version,
+        }
+
     def update_weights(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             seconds = self.engine.load_weights_from(str(body["path"]))
@@ -133,6 +155,7 @@ def make_handler(service: GenerationService, token: str | None) -> type[BaseHTTP
         ("POST", "/generate"): service.generate,
         ("POST", "/update_weights"): service.update_weights,
         ("POST", "/reset_cache"): service.reset_cache,
+        ("POST", "/score"): service.score,
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -209,6 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         eos_token_ids=[-1],  # replaced by each request's
         llm_kwargs=json.loads(args.llm_kwargs) if args.llm_kwargs else None,
+        max_logprobs=args.max_logprobs,
     )
     service = GenerationService(engine, model)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(service, token))
@@ -247,6 +271,12 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=64,
+        help="largest teacher top-k /score returns (loss.top_k with teacher.scoring=server)",
+    )
     serve.add_argument("--llm-kwargs", help="JSON object passed to vllm.LLM last")
     serve.add_argument("--tiny-cache-dir", help="where tiny:* models are built (default cache)")
     serve.set_defaults(func=cmd_serve)
