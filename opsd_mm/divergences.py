@@ -332,7 +332,7 @@ def token_divergence(
     tau = loss_temperature(cfg)
     scored = isinstance(teacher_logits_NV, TeacherLogprobs)
     if scored:
-        _check_scored(teacher_logits_NV, cfg, s_NV.shape[0])
+        check_scored_teacher(teacher_logits_NV, cfg, s_NV.shape[0])
     else:
         t_NV = teacher_logits_NV.detach().to(dtype)
     if tau != 1.0:
@@ -381,9 +381,9 @@ def token_divergence(
     )
 
 
-def _check_scored(teacher: TeacherLogprobs, cfg: LossConfig, n_tokens: int) -> None:
-    """A scored teacher can stand in for the logits only where it carries what the loss reads
-    (see :func:`token_divergence`); a ValueError says what is missing."""
+def check_scored_teacher(teacher: TeacherLogprobs, cfg: LossConfig, n_tokens: int) -> None:
+    """A scored teacher (N tokens) can stand in for the logits only where it carries what the
+    loss reads (see :func:`token_divergence`); a ValueError says what is missing."""
     if loss_temperature(cfg) != 1.0:
         raise ValueError(
             f"a scored teacher holds temperature-1 log-probabilities; loss.temperature="

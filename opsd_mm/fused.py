@@ -34,7 +34,12 @@ from opsd_mm.divergence_grad import (
     divergence_and_grad,
     has_closed_form,
 )
-from opsd_mm.divergences import DivergenceOut, token_divergence, validate_loss_config
+from opsd_mm.divergences import (
+    DivergenceOut,
+    check_scored_teacher,
+    token_divergence,
+    validate_loss_config,
+)
 from opsd_mm.types import TeacherLogprobs
 
 # Default chunk: ~256 MiB of fp32 logits per chunk, student and teacher together. The whole
@@ -297,8 +302,8 @@ def fused_divergence(
         teacher_logprobs: the teacher scored elsewhere (``teacher.scoring=server``), in place of
             ``teacher_hidden_NH`` (then None) and the teacher head: its sampled-token or top-k
             log-probabilities, as :func:`~opsd_mm.divergences.token_divergence` takes them.
-            Each chunk's gradient is then taken by autograd (the closed forms need the teacher's
-            full distribution).
+            ``sampled_pg`` keeps its closed-form chunk gradient (it reads log p_t(y) alone); a
+            top-k support takes each chunk's gradient by autograd, as it does locally.
 
     Returns:
         (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
@@ -314,9 +319,12 @@ def fused_divergence(
         # An empty [N, 0] stand-in, so the shape checks below cover the scored tokens too.
         teacher_hidden_NH = student_hidden_NH.new_empty(teacher_logprobs.token_N.shape[0], 0)
         teacher_weight_VH, teacher_bias_V = None, None
-        if closed_form:
-            raise ValueError("closed_form=True: no closed-form gradient for a scored teacher")
-        closed_form = False
+        check_scored_teacher(teacher_logprobs, cfg, student_hidden_NH.shape[0])
+        # sampled_pg's closed form reads log p_t(y) only; a top-k support goes through autograd.
+        if closed_form and cfg.divergence != "sampled_pg":
+            raise ValueError("closed_form=True: no closed-form top-k gradient (scored teacher)")
+        if closed_form is None:
+            closed_form = cfg.divergence == "sampled_pg"
     if student_hidden_NH.dim() != 2 or teacher_hidden_NH.dim() != 2:
         raise ValueError(
             "fused_divergence expects hidden states of shape [N, H] (select the loss positions "

@@ -58,10 +58,12 @@ def test_naive_scored_teacher_equals_full_logits(loss):
     assert torch.isnan(out.teacher_entropy_N).all()  # unknown without the full distribution
 
 
+@pytest.mark.parametrize("closed_form", [None, False], ids=["default", "autograd"])
 @pytest.mark.parametrize("loss", LOSSES, ids=IDS)
-def test_fused_scored_teacher_equals_local_teacher(loss):
+def test_fused_scored_teacher_equals_local_teacher(loss, closed_form):
     """The fused path from a scored teacher: loss and gradients (hidden states and a trained
-    lm_head) as the fused path with the teacher's hidden states, in odd chunks."""
+    lm_head) as the fused path with the teacher's hidden states, in odd chunks; sampled_pg by
+    its closed form (default) and by autograd."""
     g = torch.Generator().manual_seed(1)
     N, H, V = 13, 8, 41
     h_NH = torch.randn(N, H, generator=g, requires_grad=True)
@@ -74,7 +76,15 @@ def test_fused_scored_teacher_equals_local_teacher(loss):
     with torch.no_grad():
         scored = _scored(F.linear(ht_NH, w_VH), ids_N, cfg.top_k)
     loss_, out = fused_divergence(
-        h_NH, None, w_VH, ids_N, cfg, scale=0.3, chunk_size=4, teacher_logprobs=scored
+        h_NH,
+        None,
+        w_VH,
+        ids_N,
+        cfg,
+        scale=0.3,
+        chunk_size=4,
+        teacher_logprobs=scored,
+        closed_form=closed_form,
     )
     g_out = torch.autograd.grad(loss_, (h_NH, w_VH))
     assert ref_loss.abs() > 0
