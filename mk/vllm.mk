@@ -14,7 +14,7 @@ VLLM_OUR_DEPS = $(VLLM_PY) -c 'import re, tomllib; \
 	skip = {"torch", "torchvision", "transformers"}; \
 	print(" ".join(d for d in deps if re.split(r"[ <>=!~;\[]", d)[0].lower() not in skip))'
 
-.PHONY: venv-vllm test-vllm bench-rollout bench-async
+.PHONY: venv-vllm test-vllm bench-rollout bench-async bench-teacher-scoring
 
 venv-vllm: $(VLLM_STAMP)
 
@@ -47,3 +47,9 @@ bench-rollout: $(VLLM_STAMP)
 # the server from .venv-vllm on core 1 (bench/async_rollout.py).
 bench-async: $(VLLM_STAMP) $(STAMP)
 	$(PY) bench/async_rollout.py --plot runs/bench_async.png
+
+# The live teacher in the trainer vs scored by the generation server (teacher.scoring=server),
+# trainer on core 0, server on core 1 (bench/teacher_scoring.py).
+bench-teacher-scoring: $(VLLM_STAMP) $(STAMP)
+	$(PY) bench/teacher_scoring.py
+	$(PY) bench/teacher_scoring.py --loss jsd_top8
