@@ -33,6 +33,7 @@ from opsd_mm.testing import resolve_tiny
 from opsd_mm.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PHASES = ("teacher", "teacher_score", "student", "optimizer")
 LOSSES = {
     "sampled_pg": ["loss.divergence=sampled_pg"],
     "jsd_top8": ["loss.divergence=jsd", "loss.top_k=8"],
@@ -132,6 +133,12 @@ def main() -> None:
         print(f"{k:<50} {med['local'].get(k, 0.0):>9.4f} {med['server'].get(k, 0.0):>9.4f}")
     ratio = med["local"]["step_time"] / med["server"]["step_time"]
     print(f"step time local / server: {ratio:.2f}")
+    # The part the teacher's placement changes; rollouts (the same in both) only add noise.
+    train = {s: sum(m.get(f"time/{k}", 0.0) for k in TRAIN_PHASES) for s, m in med.items()}
+    print(
+        f"teacher + teacher_score + student + optimizer: local {train['local']:.4f} s, server "
+        f"{train['server']:.4f} s, local / server {train['local'] / train['server']:.2f}"
+    )
     losses = {s: [r["loss"] for r in rs[0]] for s, rs in runs.items()}
     print("losses, first repeat (local):  " + " ".join(f"{x:.6g}" for x in losses["local"]))
     print("losses, first repeat (server): " + " ".join(f"{x:.6g}" for x in losses["server"]))
