@@ -677,8 +677,9 @@ def validate_config(cfg: RunConfig) -> None:
 def _check_server_scoring(cfg: RunConfig) -> None:
     """``teacher.scoring=server`` is exact only when the server's forward is the teacher's: a
     ConfigError naming the first key that breaks it, and why."""
-    r, lo = cfg.rollout, cfg.loss
+    r, lo, m = cfg.rollout, cfg.loss, cfg.model
     why = "teacher.scoring=server"
+    kind = cfg.teacher.kind
     rules = [
         (
             "rollout.engine",
@@ -689,25 +690,55 @@ def _check_server_scoring(cfg: RunConfig) -> None:
         ),
         (
             "teacher.kind",
-            cfg.teacher.kind,
-            cfg.teacher.kind == "live",
-            f"{why} needs teacher.kind=live: the server holds the current weights only (a fixed "
-            "or EMA teacher would need a second copy of the model there)",
+            kind,
+            kind in ("live", "fixed"),
+            f"{why} needs teacher.kind=live (the server holds the current weights) or fixed "
+            "under LoRA (the server's base weights); an EMA teacher would need a second copy "
+            "of the model there",
         ),
-        (
-            "rollout.sync_every",
-            r.sync_every,
-            r.sync_every == 1,
-            f"{why} needs rollout.sync_every=1: the server must hold exactly the weights being "
-            "trained, or the live teacher would be a stale one",
-        ),
-        (
-            "rollout.async",
-            r.async_,
-            not r.async_,
-            f"{why} needs rollout.async=false: asynchronous rollouts leave the server one "
-            "optimizer step behind the weights being trained",
-        ),
+    ]
+    if kind == "fixed":
+        rules += [
+            (
+                "model.lora.enabled",
+                m.lora.enabled,
+                m.lora.enabled,
+                f"{why} with teacher.kind=fixed needs model.lora.enabled=true: the server "
+                "serves the base as the teacher and the adapter as the student",
+            ),
+            (
+                "model.train_projector",
+                m.train_projector,
+                not m.train_projector,
+                f"{why} with teacher.kind=fixed needs model.train_projector=false: only the "
+                "LoRA adapter may train, so that the server's base stays the initial model",
+            ),
+            (
+                "model.train_vision_tower",
+                m.train_vision_tower,
+                not m.train_vision_tower,
+                f"{why} with teacher.kind=fixed needs model.train_vision_tower=false: only the "
+                "LoRA adapter may train, so that the server's base stays the initial model",
+            ),
+        ]
+    else:
+        rules += [
+            (
+                "rollout.sync_every",
+                r.sync_every,
+                r.sync_every == 1,
+                f"{why} with teacher.kind=live needs rollout.sync_every=1: the server must hold "
+                "exactly the weights being trained, or the live teacher would be a stale one",
+            ),
+            (
+                "rollout.async",
+                r.async_,
+                not r.async_,
+                f"{why} with teacher.kind=live needs rollout.async=false: asynchronous rollouts "
+                "leave the server one optimizer step behind the weights being trained",
+            ),
+        ]
+    rules += [
         (
             "loss.temperature",
             lo.temperature,

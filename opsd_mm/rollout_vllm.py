@@ -208,6 +208,9 @@ class VLLMEngine:
         self._sleeping: set[str] = set()
         self.last_sync_s = 0.0
         self.weight_version = 0  # the trainer step of the weights held (recorded on rollouts)
+        # A LoRA adapter applied to generation only (``load_adapter``); ``score`` uses the base.
+        self.adapter: Any = None
+        self._adapter_id = 0
 
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
@@ -357,7 +360,7 @@ class VLLMEngine:
                 requests.append(request)
                 params.append(self._sampling_params(sampling, seed))
         with self._threads():
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
         rollouts_P_G: list[list[Rollout]] = [[] for _ in prompts]
         for row, out in enumerate(outputs):
             if row % n == 0 and prompts[row // n].images:
@@ -383,8 +386,10 @@ class VLLMEngine:
         self, prompts: Sequence[Prompt], starts: Sequence[int], top_k: int
     ) -> list[TeacherScores]:
         """Score each prompt's tokens from ``starts[i]`` on (a completion after its teacher
-        prompt) under the current weights: per token, its own log-probability and (``top_k``
-        > 0) the top-k ids and log-probabilities of the distribution that predicts it.
+        prompt) under the engine's weights, without the adapter of :meth:`load_adapter` (the
+        base is a fixed LoRA teacher; without an adapter the weights are the synced, live
+        ones): per token, its own log-probability and (``top_k`` > 0) the top-k ids and
+        log-probabilities of the distribution that predicts it.
 
         vLLM's prompt log-probs (``SamplingParams(prompt_logprobs=k, max_tokens=1)``) are what
         the teacher forward computes: in vLLM 0.32 the model runner takes them as
@@ -475,12 +480,43 @@ class VLLMEngine:
         self.weight_version = self.weight_version + 1 if version is None else version
         self.last_sync_s = time.perf_counter() - start
 
+    def load_adapter(self, path: str) -> float:
+        """Generate with the peft LoRA adapter saved in directory ``path`` from now on, on top
+        of the weights held (which stay the base: :meth:`score` keeps using them). Loaded now,
+        under a new adapter id (vLLM caches adapters by id), so the files may be replaced
+        afterwards; the previous adapter is dropped. Needs an engine built with LoRA enabled
+        (``opsd-mm serve --max-lora-rank R``). Returns seconds."""
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        if self.llm.llm_engine.vllm_config.lora_config is None:
+            raise ValueError(
+                "this vLLM engine was built without LoRA; start the server with --max-lora-rank "
+                "R (R >= model.lora.r) to serve a LoRA student over a fixed base teacher"
+            )
+        self.wake()
+        self._adapter_id += 1
+        request = LoRARequest(f"student-{self._adapter_id}", self._adapter_id, str(path))
+        self.llm.llm_engine.add_lora(request)
+        self.drop_adapter()
+        self.adapter = request
+        self.reset_caches()
+        self.last_sync_s = time.perf_counter() - start
+        return self.last_sync_s
+
+    def drop_adapter(self) -> None:
+        """Generate without the adapter of :meth:`load_adapter` again (no-op without one)."""
+        if self.adapter is not None:
+            self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            self.adapter = None
+
     def load_weights_from(self, path: str) -> float:
         """Reload every weight from the checkpoint-format safetensors in directory ``path``
         (what the generation server does when the trainer has written them; see
         ``opsd_mm.serve``), then reset the caches as ``sync_weights`` does. Returns seconds."""
         start = time.perf_counter()
         self.wake()
+        self.drop_adapter()  # new weights: an adapter trained over the old ones is stale
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
         )

@@ -25,7 +25,10 @@ set):
   completion starts, "images": [base64 PNG]}], "top_k": k}`` -> ``{"scores": [{"logprobs",
   "topk_ids", "topk_logprobs"}], "boot_id", "weight_version"}``: the teacher's log-probs of each
   completion token, and (k > 0) its top-k, under the weights held (``teacher.scoring=server``,
-  ``VLLMEngine.score``; k at most ``--max-logprobs``).
+  ``VLLMEngine.score``; k at most ``--max-logprobs``; a loaded adapter is not applied);
+- ``POST /update_adapter`` ``{"path": DIR, "version": int}``: generate with the peft LoRA adapter
+  in DIR from now on, the weights held staying the base that ``/score`` uses (a fixed LoRA
+  teacher served as the base, ``VLLMEngine.load_adapter``; needs ``--max-lora-rank``).
 
 Requests run one at a time (a lock around the engine); ``/health`` answers while a batch is
 generating.
@@ -143,6 +146,12 @@ class GenerationService:
             self.weight_version = int(body.get("version", self.weight_version + 1))
         return {"seconds": seconds, "boot_id": self.boot_id, "weight_version": self.weight_version}
 
+    def update_adapter(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            seconds = self.engine.load_adapter(str(body["path"]))
+            self.weight_version = int(body.get("version", self.weight_version + 1))
+        return {"seconds": seconds, "boot_id": self.boot_id, "weight_version": self.weight_version}
+
     def reset_cache(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.engine.reset_caches()
@@ -156,6 +165,7 @@ def make_handler(service: GenerationService, token: str | None) -> type[BaseHTTP
         ("POST", "/update_weights"): service.update_weights,
         ("POST", "/reset_cache"): service.reset_cache,
         ("POST", "/score"): service.score,
+        ("POST", "/update_adapter"): service.update_adapter,
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -231,7 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_model_len=args.max_model_len,
         eos_token_ids=[-1],  # replaced by each request's
-        llm_kwargs=json.loads(args.llm_kwargs) if args.llm_kwargs else None,
+        llm_kwargs=_llm_kwargs(args),
         max_logprobs=args.max_logprobs,
     )
     service = GenerationService(engine, model)
@@ -251,6 +261,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.server_close()
         engine.close()
     return 0
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--llm-kwargs``, with LoRA switched on by ``--max-lora-rank`` (one adapter at a time).
+
+    LoRA goes on the decoder's (vLLM-packed) projections only, what ``model.lora`` targets: a
+    LoRA-wrapped lm_head in vLLM 0.32 applies its delta per *sampled* token, so ``/score``'s
+    prompt log-probs of a batch fail ("einsum(): subscript b has size 4 ... 181")."""
+    kwargs = json.loads(args.llm_kwargs) if args.llm_kwargs else {}
+    if args.max_lora_rank:
+        kwargs = {
+            "enable_lora": True,
+            "max_lora_rank": args.max_lora_rank,
+            "max_loras": 1,
+            "lora_target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            **kwargs,
+        }
+    return kwargs or None
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -276,6 +304,13 @@ def add_serve_parser(sub: Any) -> None:
         type=int,
         default=64,
         help="largest teacher top-k /score returns (loss.top_k with teacher.scoring=server)",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=0,
+        help="serve a LoRA student adapter over the base weights (/update_adapter) up to this "
+        "rank; the base then scores a fixed teacher (0: off)",
     )
     serve.add_argument("--llm-kwargs", help="JSON object passed to vllm.LLM last")
     serve.add_argument("--tiny-cache-dir", help="where tiny:* models are built (default cache)")

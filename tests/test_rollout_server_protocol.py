@@ -192,3 +192,42 @@ def test_fake_score_under_other_weights_is_refused(fake, tmp_path):
     fake.version = 7
     with pytest.raises(ServerError, match="weight version 7.*last synced version 2"):
         engine.score(SCORE_ROWS, [2, 1], 0)
+
+
+def test_fake_adapter_engine_sends_base_once_and_adapter_each_sync(fake, tmp_path):
+    """teacher.kind=fixed on the server: the base goes once (and again to a restarted server,
+    before its adapter), the peft adapter at every sync."""
+    from peft import LoraConfig, get_peft_model
+
+    from opsd_mm.rollout_server_adapter import AdapterServerEngine
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["proj"]))
+    engine = AdapterServerEngine(
+        fake.url, tmp_path / "sync", eos_token_ids=[1], timeout_s=0.3, retries=2, backoff_s=0.0
+    )
+    engine.sync_weights(model, version=0)
+    engine.sync_weights(model, version=1)
+    paths = [p for p, _ in fake.calls]
+    assert paths == ["/health", "/update_weights", "/update_adapter", "/update_adapter"]
+    base = fake.calls[1][1]["path"]
+    assert base.endswith("base") and list((tmp_path / "sync" / "base").glob("*.safetensors"))
+    assert fake.calls[3][1] == {
+        "path": str((tmp_path / "sync" / "adapter").resolve()),
+        "version": 1,
+    }
+    assert (tmp_path / "sync" / "adapter" / "adapter_config.json").exists()
+    fake.boot_after_score = ["boot-2"]
+    engine.score(SCORE_ROWS, [2, 1], 0)
+    assert [p for p, _ in fake.calls[4:]] == [
+        "/score",
+        "/update_weights",
+        "/update_adapter",
+        "/score",
+    ]
+    with pytest.raises(ServerError, match="model.lora.enabled"):
+        engine.sync_weights(torch.nn.Linear(3, 2), version=2)

@@ -235,13 +235,16 @@ def test_server_scoring_config_accepted():
     assert cfg.teacher.scoring == "server"
     assert load_config(TINY).teacher.scoring == "local"
     load_config(TINY, [*SERVER, "loss.divergence=jsd", "loss.top_k=8"])
+    # A fixed LoRA teacher is the server's base: its weights never change, so any sync schedule.
+    fixed = load_config(TINY, [*SERVER, "teacher.kind=fixed", "rollout.sync_every=3"])
+    assert fixed.teacher.kind == "fixed"
+    load_config(TINY, [*SERVER, "teacher.kind=fixed", "rollout.async=true"])
 
 
 @pytest.mark.parametrize(
     "override, key",
     [
         ("rollout.engine=hf", "rollout.engine"),
-        ("teacher.kind=fixed", "teacher.kind"),
         ("teacher.kind=ema", "teacher.kind"),
         ("rollout.sync_every=2", "rollout.sync_every"),
         ("rollout.async=true", "rollout.async"),
@@ -250,7 +253,7 @@ def test_server_scoring_config_accepted():
     ],
 )
 def test_server_scoring_config_refusals(override, key):
-    with pytest.raises(ConfigError, match=rf"^{key}=.*teacher.scoring=server needs"):
+    with pytest.raises(ConfigError, match=rf"^{key}=.*teacher.scoring=server.* needs"):
         load_config(TINY, [*SERVER, override])
 
 
@@ -259,3 +262,17 @@ def test_server_scoring_temperature_follows_rollout():
     over = [x for x in SERVER if not x.startswith("loss.temperature")]
     with pytest.raises(ConfigError, match="loss.temperature=0.7"):
         load_config(TINY, [*over, "rollout.temperature=0.7"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.lora.enabled=false", "model.lora.enabled"),
+        ("model.train_projector=true", "model.train_projector"),
+        ("model.train_vision_tower=true", "model.train_vision_tower"),
+    ],
+)
+def test_server_scoring_fixed_teacher_refusals(override, key):
+    """A fixed teacher on the server is the base under the adapter: only LoRA may train."""
+    with pytest.raises(ConfigError, match=rf"^{key}=.*teacher.kind=fixed needs"):
+        load_config(TINY, [*SERVER, "teacher.kind=fixed", override])

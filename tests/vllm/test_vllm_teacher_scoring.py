@@ -1,7 +1,8 @@
 """teacher.scoring=server against a real ``opsd-mm serve`` on loopback: the server's teacher
 log-probs (sampled token and top-k) equal a transformers forward of the same weights, before and
-after a weight sync, text and VL; and 3-step training runs whose losses match the local
-teacher's on the same rollouts (same server, same seeds)."""
+after a weight sync, text and VL; 3-step training runs whose losses match the local live
+teacher's on the same rollouts (same server, same seeds); and a fixed LoRA teacher served as the
+base under the student's adapter, against the local fixed teacher."""
 
 from __future__ import annotations
 
@@ -207,4 +208,51 @@ def test_train_server_teacher_matches_local(server, tiny_cache, tmp_path, train_
         [round(r["time/teacher"], 3) for r in local],
         "time/teacher_score (server):",
         [round(r["time/teacher_score"], 3) for r in served],
+    )
+
+
+def test_train_fixed_lora_teacher_on_server_matches_local(
+    tiny_text_dir, tiny_cache, tmp_path, train_via_server
+):
+    """teacher.kind=fixed under LoRA: the server generates with the synced adapter and scores
+    the teacher with its base weights. 3 steps match the local fixed teacher (adapter disabled
+    in the trainer) on the same rollouts, and the server's sampling log-probs are the trainer's
+    student's (log-prob gap ~0: the adapter is applied in generation)."""
+    srv = ServerProcess(tiny_text_dir, extra_args=["--max-lora-rank", "8"])
+    srv.start()
+    try:
+        rows = {}
+        for kind, scoring in (("fixed", "local"), ("fixed", "server"), ("live", "server")):
+            run = train_via_server(
+                tmp_path / f"{kind}-{scoring}",
+                tiny_cache,
+                srv.url,
+                f"teacher.kind={kind}",
+                "loss.temperature=1.0",
+                "loss.divergence=sampled_pg",
+                f"teacher.scoring={scoring}",
+            )
+            assert run.returncode == 0, run.stderr[-3000:]
+            rows[kind, scoring] = read_metrics(tmp_path / f"{kind}-{scoring}" / "metrics.jsonl")
+    finally:
+        srv.stop()
+    local, served, live = rows["fixed", "local"], rows["fixed", "server"], rows["live", "server"]
+    assert [r["step"] for r in served] == [1, 2, 3]
+    adapter = tmp_path / "fixed-server" / "engine_weights" / "adapter" / "adapter_config.json"
+    assert adapter.exists()
+    for a, b in zip(local, served):
+        assert a["completion_len_mean"] == b["completion_len_mean"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-7), (a["loss"], b["loss"])
+        assert b["rollout/logprob_gap"] < 1e-4, b
+        assert b["divergence_mean"] == pytest.approx(a["divergence_mean"], rel=1e-3, abs=1e-8)
+        assert "time/teacher_score" in b and "time/teacher" not in b
+    # The live teacher, next on the same server (which must drop the fixed run's adapter: its
+    # sampling log-probs are the trainer's): step 1 is the same model, then the teachers part.
+    assert all(r["rollout/logprob_gap"] < 1e-4 for r in live), live
+    fixed_div = [r["divergence_mean"] for r in served]
+    live_div = [r["divergence_mean"] for r in live]
+    print("divergence_mean, fixed teacher on the server:", fixed_div, "live:", live_div)
+    assert live_div[0] == pytest.approx(fixed_div[0], rel=1e-3)
+    assert abs(live_div[-1] - fixed_div[-1]) > 100 * abs(
+        fixed_div[-1] - local[-1]["divergence_mean"]
     )
