@@ -290,17 +290,13 @@ def _encode_image(image: Any) -> str:
     return encode_image(image)
 
 
-def build_server_engine(cfg: Any, model: torch.nn.Module, processor: Any) -> ServerEngine:
+def build_server_engine(
+    cfg: Any, model: torch.nn.Module, processor: Any, cls: type[ServerEngine] = ServerEngine
+) -> ServerEngine:
     """The ``vllm_server`` engine for a run config: checks the server is up and loads the
     trainer's weights into it, before step 1 (a long-lived server may hold another run's).
-    A fixed teacher scored on the server gets the adapter-syncing engine
-    (``opsd_mm.rollout_server_adapter``)."""
+    ``cls``: ``ServerEngine`` or a subclass (``opsd_mm.rollout_server_adapter``)."""
     r = cfg.rollout
-    cls = ServerEngine
-    if cfg.teacher.scoring == "server" and cfg.teacher.kind == "fixed":
-        from opsd_mm.rollout_server_adapter import AdapterServerEngine
-
-        cls = AdapterServerEngine
     engine = cls(
         r.server_url,
         r.server_sync_dir or Path(cfg.run_dir) / "engine_weights",

@@ -75,7 +75,9 @@ def teacher_logprobs(pairs: Sequence[Pair], mask_BC: torch.Tensor, top_k: int) -
     return TeacherLogprobs(token_BC[mask_BC], ids_BCK[mask_BC], topk_BCK[mask_BC])
 
 
-def scores_from_full_logprobs(logp_CV: torch.Tensor, ids_C: torch.Tensor, top_k: int):
+def scores_from_full_logprobs(
+    logp_CV: torch.Tensor, ids_C: torch.Tensor, top_k: int
+) -> TeacherScores:
     """:class:`TeacherScores` of one completion from the teacher's full log-distributions
     ([C, V], the positions that predict ``ids_C``): what the server computes, in torch, for
     tests and for checking a server against a local forward."""
