@@ -14,7 +14,7 @@ VLLM_OUR_DEPS = $(VLLM_PY) -c 'import re, tomllib; \
 	skip = {"torch", "torchvision", "transformers"}; \
 	print(" ".join(d for d in deps if re.split(r"[ <>=!~;\[]", d)[0].lower() not in skip))'
 
-.PHONY: venv-vllm test-vllm bench-rollout bench-async bench-weight-sync
+.PHONY: venv-vllm test-vllm bench-rollout bench-async bench-weight-sync bench-teacher-scoring
 
 venv-vllm: $(VLLM_STAMP)
 
@@ -51,3 +51,9 @@ bench-async: $(VLLM_STAMP) $(STAMP)
 # Weight sync to the generation server: files against a gloo group, s/GB (bench/weight_sync.py).
 bench-weight-sync: $(VLLM_STAMP) $(STAMP)
 	$(PY) bench/weight_sync.py
+
+# The live teacher in the trainer vs scored by the generation server (teacher.scoring=server),
+# trainer on core 0, server on core 1 (bench/teacher_scoring.py).
+bench-teacher-scoring: $(VLLM_STAMP) $(STAMP)
+	$(PY) bench/teacher_scoring.py
+	$(PY) bench/teacher_scoring.py --loss jsd_top8

@@ -229,6 +229,10 @@ class TeacherConfig:
     kind: Literal["fixed", "live", "ema"] = "fixed"
     ema_decay: float = 0.99
     ema_update_every: int = 1
+    # Where the teacher's log-probabilities come from. local: a teacher forward in the trainer.
+    # server: the generation server scores the completions in the teacher context (a live
+    # teacher only; sampled-token or top-k losses; see opsd_mm.teacher_scoring).
+    scoring: Literal["local", "server"] = "local"
 
 
 @dataclass(frozen=True)
@@ -679,6 +683,8 @@ def validate_config(cfg: RunConfig) -> None:
     ]
     for key, value, ok, allowed in checks:
         _require(key, value, ok, allowed)
+    if te.scoring == "server":
+        _check_server_scoring(cfg)
     if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
         raise ConfigError(
             f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
@@ -686,6 +692,102 @@ def validate_config(cfg: RunConfig) -> None:
             "and image pad tokens the images are placed by); use chat_template"
         )
     validate_loss_config(cfg.loss)
+
+
+def _check_server_scoring(cfg: RunConfig) -> None:
+    """``teacher.scoring=server`` is exact only when the server's forward is the teacher's: a
+    ConfigError naming the first key that breaks it, and why."""
+    r, lo, m = cfg.rollout, cfg.loss, cfg.model
+    why = "teacher.scoring=server"
+    kind = cfg.teacher.kind
+    rules = [
+        (
+            "rollout.engine",
+            r.engine,
+            r.engine == "vllm_server",
+            f"{why} needs rollout.engine=vllm_server (the teacher is scored by the generation "
+            "server)",
+        ),
+        (
+            "teacher.kind",
+            kind,
+            kind in ("live", "fixed"),
+            f"{why} needs teacher.kind=live (the server holds the current weights) or fixed "
+            "under LoRA (the server's base weights); an EMA teacher would need a second copy "
+            "of the model there",
+        ),
+    ]
+    if kind == "fixed":
+        rules += [
+            (
+                "model.lora.enabled",
+                m.lora.enabled,
+                m.lora.enabled,
+                f"{why} with teacher.kind=fixed needs model.lora.enabled=true: the server "
+                "serves the base as the teacher and the adapter as the student",
+            ),
+            (
+                "model.train_projector",
+                m.train_projector,
+                not m.train_projector,
+                f"{why} with teacher.kind=fixed needs model.train_projector=false: only the "
+                "LoRA adapter may train, so that the server's base stays the initial model",
+            ),
+            (
+                "model.train_vision_tower",
+                m.train_vision_tower,
+                not m.train_vision_tower,
+                f"{why} with teacher.kind=fixed needs model.train_vision_tower=false: only the "
+                "LoRA adapter may train, so that the server's base stays the initial model",
+            ),
+            (
+                "rollout.server_transport",
+                r.server_transport,
+                r.server_transport == "file",
+                f"{why} with teacher.kind=fixed needs rollout.server_transport=file: the server "
+                "loads the adapter as a peft directory (megabytes; the base goes once)",
+            ),
+        ]
+    else:
+        rules += [
+            (
+                "rollout.sync_every",
+                r.sync_every,
+                r.sync_every == 1,
+                f"{why} with teacher.kind=live needs rollout.sync_every=1: the server must hold "
+                "exactly the weights being trained, or the live teacher would be a stale one",
+            ),
+            (
+                "rollout.async",
+                r.async_,
+                not r.async_,
+                f"{why} with teacher.kind=live needs rollout.async=false: asynchronous rollouts "
+                "leave the server one optimizer step behind the weights being trained",
+            ),
+        ]
+    rules += [
+        (
+            "loss.temperature",
+            lo.temperature,
+            lo.temperature == 1.0,
+            f"{why} needs loss.temperature=1.0: the server returns temperature-1 log-probabilities "
+            "(set loss.temperature=1.0 explicitly to score a tempered rollout)",
+        ),
+        (
+            "loss.divergence",
+            lo.divergence,
+            lo.divergence == "sampled_pg" or lo.top_k > 0,
+            f"{why} needs loss.divergence=sampled_pg or loss.top_k > 0: a full-vocabulary "
+            "divergence needs the teacher's whole distribution, which the server does not send",
+        ),
+    ]
+    for key, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def validate_loss_config(cfg: LossConfig) -> None:

@@ -50,6 +50,7 @@ from opsd_mm.divergences import (
     sampled_token_logprobs,
     validate_loss_config,
 )
+from opsd_mm.types import TeacherLogprobs
 
 
 def has_closed_form(cfg: LossConfig, vocab_size: int) -> bool:
@@ -108,21 +109,33 @@ def consume_divergence_and_grad(
             f"no closed-form gradient for loss.top_k={cfg.top_k} (< V={n_vocab}); use autograd "
             "through token_divergence"
         )
+    # A teacher scored elsewhere (TeacherLogprobs: teacher.scoring=server) carries log p_t(y)
+    # only, which is all sampled_pg's gradient reads; its entropy is unknown (NaN).
+    scored = logits[1] if isinstance(logits[1], TeacherLogprobs) else None
+    if scored is not None and cfg.divergence != "sampled_pg":
+        raise ValueError("a scored teacher has a closed-form gradient for sampled_pg only")
     dtype = torch.promote_types(logits[0].dtype, torch.float32)
     tau = loss_temperature(cfg)
     s_NV = _log_probs(logits[0], dtype, tau)
     student_logprob_N = sampled_logprob_N(logits[0].detach(), s_NV, sampled_ids_N, cfg)
     logits[0] = None
-    t_NV = _log_probs(logits[1], dtype, tau)
-    logits[1] = None
     S_NV = s_NV.exp()
     student_entropy_N = _entropy_N(S_NV, s_NV)
-    T_NV = t_NV.exp()
-    teacher_entropy_N = _entropy_N(T_NV, t_NV)
+    if scored is None:
+        t_NV = _log_probs(logits[1], dtype, tau)
+        T_NV = t_NV.exp()
+        teacher_entropy_N = _entropy_N(T_NV, t_NV)
+    else:
+        t_NV = T_NV = None
+        teacher_entropy_N = torch.full_like(student_entropy_N, float("nan"))
+    logits[1] = None
 
     if cfg.divergence == "sampled_pg":
         ids_N1, s_y_N = sampled_token_logprobs(s_NV, sampled_ids_N)
-        t_y_N = t_NV.gather(-1, ids_N1).squeeze(-1)
+        if scored is None:
+            t_y_N = t_NV.gather(-1, ids_N1).squeeze(-1)
+        else:
+            t_y_N = scored.token_N.to(dtype)
         del s_NV, t_NV, T_NV
         loss_N, div_N, clipped_N, advantage_N = sampled_pg_loss(s_y_N, t_y_N, cfg)
         grad_NV = S_NV.mul_(advantage_N[:, None])  # S is not needed any more: reuse its memory

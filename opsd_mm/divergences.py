@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from opsd_mm.config import LossConfig, validate_loss_config
+from opsd_mm.types import TeacherLogprobs
 
 DIVERGENCES = ("jsd", "forward_kl", "reverse_kl", "sampled_pg")  # = LossConfig.divergence
 
@@ -133,11 +134,30 @@ def _support_log_probs(
     if k <= 0 or k >= student_logp_NV.shape[-1]:
         return student_logp_NV, teacher_logp_NV
     idx_NK = teacher_logp_NV.topk(k, dim=-1).indices
-    s_NK = student_logp_NV.gather(-1, idx_NK)
-    t_NK = teacher_logp_NV.gather(-1, idx_NK)
+    return topk_support(
+        student_logp_NV, idx_NK, teacher_logp_NV.gather(-1, idx_NK), cfg.top_k_tail_bucket
+    )
+
+
+def topk_support(
+    student_logp_NV: torch.Tensor,
+    topk_ids_NK: torch.Tensor,
+    teacher_topk_NK: torch.Tensor,
+    tail_bucket: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both distributions on the teacher's top-k support, from the teacher's top-k alone.
+
+    ``teacher_topk_NK`` are the teacher's full-vocabulary log-probabilities of ``topk_ids_NK``;
+    nothing else of the teacher is needed: renormalising over the k ids divides by their mass,
+    and the tail bucket is 1 minus it. So a teacher scored elsewhere (the generation server's
+    top-k, ``teacher.scoring=server``) gives exactly what the full logits give, for the same ids
+    and log-probabilities. The order of the ids does not matter (the divergence sums over them).
+    """
+    s_NK = student_logp_NV.gather(-1, topk_ids_NK.long())
+    t_NK = teacher_topk_NK.to(s_NK.dtype)
     s_mass_N = torch.logsumexp(s_NK, dim=-1)
     t_mass_N = torch.logsumexp(t_NK, dim=-1)
-    if not cfg.top_k_tail_bucket:
+    if not tail_bucket:
         return s_NK - s_mass_N[:, None], t_NK - t_mass_N[:, None]
     s_tail_N = _log1mexp(s_mass_N)
     t_tail_N = _log1mexp(t_mass_N)
@@ -273,7 +293,7 @@ def sampled_logprob_N(
 
 def token_divergence(
     student_logits_NV: torch.Tensor,
-    teacher_logits_NV: torch.Tensor,
+    teacher_logits_NV: torch.Tensor | TeacherLogprobs,
     sampled_ids_N: torch.Tensor | None,
     cfg: LossConfig,
 ) -> DivergenceOut:
@@ -299,28 +319,55 @@ def token_divergence(
     surrogate, not a divergence; ``div_N`` holds the estimate log p_s(y) - log p_t(y)). Under a
     token clip c the per-token estimate is capped before it becomes the advantage:
     A = -min(log p_s(y) - log p_t(y), c), so over-confident tokens push down no harder than c.
+
+    The teacher may also come as :class:`~opsd_mm.types.TeacherLogprobs` (scored on the
+    generation server, ``teacher.scoring=server``): its sampled-token log-probabilities for
+    ``sampled_pg``, its top-k ids and log-probabilities for a top-k support (:func:`topk_support`);
+    both are full-vocabulary log-softmaxes at temperature 1, so the loss temperature must be 1.
+    The teacher entropy is then unknown (NaN): the full distribution never reached the trainer.
     """
     validate_loss_config(cfg)
     dtype = torch.promote_types(student_logits_NV.dtype, torch.float32)
     s_NV = student_logits_NV.to(dtype)
-    t_NV = teacher_logits_NV.detach().to(dtype)
     tau = loss_temperature(cfg)
+    scored = isinstance(teacher_logits_NV, TeacherLogprobs)
+    if scored:
+        check_scored_teacher(teacher_logits_NV, cfg, s_NV.shape[0])
+    else:
+        t_NV = teacher_logits_NV.detach().to(dtype)
     if tau != 1.0:
         s_NV = s_NV / tau
-        t_NV = t_NV / tau
+        if not scored:
+            t_NV = t_NV / tau
     s_logp_NV = F.log_softmax(s_NV, dim=-1)
-    with torch.no_grad():
-        t_logp_NV = F.log_softmax(t_NV, dim=-1)
+    t_logp_NV = None
+    if not scored:
+        with torch.no_grad():
+            t_logp_NV = F.log_softmax(t_NV, dim=-1)
     student_entropy_N = _entropy_N(s_logp_NV.detach())
-    teacher_entropy_N = _entropy_N(t_logp_NV)
+    if t_logp_NV is not None:
+        teacher_entropy_N = _entropy_N(t_logp_NV)
+    else:
+        teacher_entropy_N = torch.full_like(student_entropy_N, math.nan)
     student_logprob_N = sampled_logprob_N(student_logits_NV, s_logp_NV, sampled_ids_N, cfg)
 
     if cfg.divergence == "sampled_pg":
         ids_N1, s_y_N = sampled_token_logprobs(s_logp_NV, sampled_ids_N)
-        t_y_N = t_logp_NV.gather(-1, ids_N1).squeeze(-1)
+        if scored:
+            t_y_N = teacher_logits_NV.token_N.detach().to(dtype)
+        else:
+            t_y_N = t_logp_NV.gather(-1, ids_N1).squeeze(-1)
         loss_N, div_N, clipped_N, _ = sampled_pg_loss(s_y_N, t_y_N, cfg)
     else:
-        s_NK, t_NK = _support_log_probs(s_logp_NV, t_logp_NV, cfg)
+        if scored:
+            s_NK, t_NK = topk_support(
+                s_logp_NV,
+                teacher_logits_NV.topk_ids_NK,
+                teacher_logits_NV.topk_NK.detach(),
+                cfg.top_k_tail_bucket,
+            )
+        else:
+            s_NK, t_NK = _support_log_probs(s_logp_NV, t_logp_NV, cfg)
         terms_NK = divergence_terms(s_NK, t_NK, cfg.divergence, cfg.beta)
         loss_N, div_N, clipped_N, _, _ = apply_clips(terms_NK, cfg)
 
@@ -332,3 +379,25 @@ def token_divergence(
         teacher_entropy_N=teacher_entropy_N,
         student_logprob_N=student_logprob_N,
     )
+
+
+def check_scored_teacher(teacher: TeacherLogprobs, cfg: LossConfig, n_tokens: int) -> None:
+    """A scored teacher (N tokens) can stand in for the logits only where it carries what the
+    loss reads (see :func:`token_divergence`); a ValueError says what is missing."""
+    if loss_temperature(cfg) != 1.0:
+        raise ValueError(
+            f"a scored teacher holds temperature-1 log-probabilities; loss.temperature="
+            f"{cfg.temperature} needs the teacher's logits"
+        )
+    if teacher.token_N.shape[0] != n_tokens:
+        raise ValueError(
+            f"scored teacher covers {teacher.token_N.shape[0]} tokens, the student {n_tokens}"
+        )
+    if cfg.divergence != "sampled_pg":
+        k = 0 if teacher.topk_ids_NK is None else teacher.topk_ids_NK.shape[-1]
+        if cfg.top_k <= 0 or k != cfg.top_k or teacher.topk_NK is None:
+            raise ValueError(
+                f"loss.divergence={cfg.divergence} with loss.top_k={cfg.top_k} needs the "
+                f"teacher's top-{cfg.top_k}; the scored teacher has top-{k} (a full-vocabulary "
+                "divergence needs the teacher's logits)"
+            )

@@ -34,7 +34,13 @@ from opsd_mm.divergence_grad import (
     divergence_and_grad,
     has_closed_form,
 )
-from opsd_mm.divergences import DivergenceOut, token_divergence, validate_loss_config
+from opsd_mm.divergences import (
+    DivergenceOut,
+    check_scored_teacher,
+    token_divergence,
+    validate_loss_config,
+)
+from opsd_mm.types import TeacherLogprobs
 
 # Default chunk: ~256 MiB of fp32 logits per chunk, student and teacher together. The whole
 # working set of one chunk is larger, counted in fp32 [chunk, V] tensors by bench/live_bytes.py
@@ -160,6 +166,7 @@ class _FusedDivergence(torch.autograd.Function):
         chunk_fn: ChunkFn,
         chunk_grad_fn: ChunkFn,
         rollout_logprob_N: torch.Tensor | None,
+        teacher_logprobs: TeacherLogprobs | None,
     ):
         n_tokens = student_hidden_NH.shape[0]
         device = student_hidden_NH.device
@@ -182,13 +189,16 @@ class _FusedDivergence(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h_cH = student_hidden_NH[start:end].to(weight_VH.dtype)
-            ht_cH = teacher_hidden_NH[start:end].to(teacher_weight_VH.dtype)
-            if shared_head:
+            if teacher_logprobs is not None:  # scored elsewhere: no teacher logits to compute
+                logits = [F.linear(h_cH, weight_VH, bias_V), teacher_logprobs[start:end]]
+            elif shared_head:
+                ht_cH = teacher_hidden_NH[start:end].to(teacher_weight_VH.dtype)
                 # One matmul for both sides streams the [V, H] weight from memory once, not twice.
                 both_2cV = F.linear(torch.cat([h_cH, ht_cH]), weight_VH, bias_V)
                 logits = [both_2cV[: end - start], both_2cV[end - start :]]
                 del both_2cV
             else:
+                ht_cH = teacher_hidden_NH[start:end].to(teacher_weight_VH.dtype)
                 logits = [
                     F.linear(h_cH, weight_VH, bias_V),
                     F.linear(ht_cH, teacher_weight_VH, teacher_bias_V),
@@ -245,12 +255,12 @@ class _FusedDivergence(torch.autograd.Function):
             gw = (grad_w_VH * mult).to(w_dtype)
         if grad_b_V is not None:
             gb = (grad_b_V * mult).to(b_dtype)
-        return gh, gw, gb, *([None] * 12)
+        return gh, gw, gb, *([None] * 13)
 
 
 def fused_divergence(
     student_hidden_NH: torch.Tensor,
-    teacher_hidden_NH: torch.Tensor,
+    teacher_hidden_NH: torch.Tensor | None,
     weight_VH: torch.Tensor,
     sampled_ids_N: torch.Tensor | None,
     cfg: LossConfig,
@@ -263,6 +273,7 @@ def fused_divergence(
     compile: bool = False,
     closed_form: bool | None = None,
     rollout_logprob_N: torch.Tensor | None = None,
+    teacher_logprobs: TeacherLogprobs | None = None,
 ) -> tuple[torch.Tensor, DivergenceOut]:
     """``scale * sum_n loss_n`` over N loss tokens, without materialising [N, V] logits.
 
@@ -288,6 +299,11 @@ def fused_divergence(
             With ``cfg.importance_clip`` set, token n's loss (and gradient) is multiplied by
             ``opsd_mm.importance.importance_weights`` of the chunk's own student log-prob, so
             the returned loss is ``scale * sum_n w_n loss_n``; ``stats.loss_N`` stays unweighted.
+        teacher_logprobs: the teacher scored elsewhere (``teacher.scoring=server``), in place of
+            ``teacher_hidden_NH`` (then None) and the teacher head: its sampled-token or top-k
+            log-probabilities, as :func:`~opsd_mm.divergences.token_divergence` takes them.
+            ``sampled_pg`` keeps its closed-form chunk gradient (it reads log p_t(y) alone); a
+            top-k support takes each chunk's gradient by autograd, as it does locally.
 
     Returns:
         (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
@@ -297,6 +313,18 @@ def fused_divergence(
     ``nn.Linear`` lm_head would, then upcast.
     """
     validate_loss_config(cfg)
+    if (teacher_hidden_NH is None) == (teacher_logprobs is None):
+        raise ValueError("fused_divergence needs teacher_hidden_NH or teacher_logprobs, not both")
+    if teacher_logprobs is not None:
+        # An empty [N, 0] stand-in, so the shape checks below cover the scored tokens too.
+        teacher_hidden_NH = student_hidden_NH.new_empty(teacher_logprobs.token_N.shape[0], 0)
+        teacher_weight_VH, teacher_bias_V = None, None
+        check_scored_teacher(teacher_logprobs, cfg, student_hidden_NH.shape[0])
+        # sampled_pg's closed form reads log p_t(y) only; a top-k support goes through autograd.
+        if closed_form and cfg.divergence != "sampled_pg":
+            raise ValueError("closed_form=True: no closed-form top-k gradient (scored teacher)")
+        if closed_form is None:
+            closed_form = cfg.divergence == "sampled_pg"
     if student_hidden_NH.dim() != 2 or teacher_hidden_NH.dim() != 2:
         raise ValueError(
             "fused_divergence expects hidden states of shape [N, H] (select the loss positions "
@@ -363,5 +391,6 @@ def fused_divergence(
         chunk_fn,
         chunk_grad_fn,
         rollout_logprob_N,
+        teacher_logprobs,
     )
     return loss, DivergenceOut(**dict(zip(_STATS, stats_SN.unbind(0))))

@@ -21,7 +21,7 @@ from opsd_mm.importance import weighted_loss_sum
 from opsd_mm.metrics import PhaseTimer
 from opsd_mm.policy_gradient import pg_loss_N, sampled_logprob, sampled_logprob_fused
 from opsd_mm.teacher import Teacher
-from opsd_mm.types import PairBatch
+from opsd_mm.types import PairBatch, TeacherLogprobs
 
 
 def _phase(timer: PhaseTimer | None, name: str) -> AbstractContextManager:
@@ -38,6 +38,7 @@ def micro_batch_loss(
     rollout_logprob_N: torch.Tensor | None = None,
     advantage_B: torch.Tensor | None = None,
     packed: bool = False,
+    teacher_logprobs: TeacherLogprobs | None = None,
 ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
     """``scale * sum_n loss_n`` over the micro-batch's loss tokens, and the per-token stats.
 
@@ -55,6 +56,9 @@ def micro_batch_loss(
     ``advantage_B`` holds each row's group-normalised advantage A. The third value is the two
     weighted terms, detached, [2] (distillation, policy gradient). ``packed``: both forwards
     run padding-free, the micro-batch's rows packed into one sequence (``opsd_mm.packing``).
+    ``teacher_logprobs``: the teacher already scored on the generation server
+    (``teacher.scoring=server``), for the N loss tokens in ``completion_ids_BC[mask_BC]`` order;
+    the teacher forward is then skipped and the loss reads these instead.
     """
     w_d, w_r = cfg.distill_weight, cfg.reward_weight
     width_C = batch.completion_ids_BC.shape[1]
@@ -64,18 +68,15 @@ def micro_batch_loss(
         return _policy_gradient_only(
             batch, model, scale, cfg, timer, advantage_B, packed, mask_BC, ids_N
         )
-    with _phase(timer, "teacher"), torch.no_grad():
-        with teacher.as_teacher(unwrap(model)) as teacher_model:
-            if cfg.fused:
-                t_hidden_NH, t_head = completion_hidden(
-                    teacher_model, batch.teacher, width_C, mask_BC, packed
-                )
-                t_weight_VH = teacher.head_weight(t_head.weight)
-                t_bias_V = teacher.head_weight(t_head.bias)
-            else:
-                t_logits_NV = completion_logits(
-                    teacher_model, batch.teacher, width_C, mask_BC, packed
-                )
+    # The teacher: scored on the server already (no forward here), or a forward now.
+    t_hidden_NH = t_weight_VH = t_bias_V = t_logits_NV = None
+    if teacher_logprobs is not None:
+        teacher_logprobs = teacher_logprobs.to(ids_N.device)
+        t_logits_NV = teacher_logprobs  # token_divergence takes either
+    else:
+        t_hidden_NH, t_weight_VH, t_bias_V, t_logits_NV = _teacher_forward(
+            batch, model, teacher, cfg, timer, packed, mask_BC
+        )
     with _phase(timer, "student"):
         if cfg.fused:
             from opsd_mm.fused import fused_divergence
@@ -94,6 +95,7 @@ def micro_batch_loss(
                 chunk_size=cfg.chunk_size or None,
                 compile=cfg.compile,
                 rollout_logprob_N=rollout_logprob_N,
+                teacher_logprobs=teacher_logprobs,
             )
             if w_r > 0:
                 logp_N = _fused_logprob(s_hidden_NH, s_head, ids_N, cfg)
@@ -111,6 +113,31 @@ def micro_batch_loss(
         distill = w_d * loss
         pg = _pg_term(logp_N, advantage_B, mask_BC, cfg, scale)
         return distill + pg, out, torch.stack([distill.detach(), pg.detach()]).float()
+
+
+def _teacher_forward(
+    batch: PairBatch,
+    model: torch.nn.Module,
+    teacher: Teacher,
+    cfg: LossConfig,
+    timer: PhaseTimer | None,
+    packed: bool,
+    mask_BC: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """The teacher's side of :func:`micro_batch_loss`, under no_grad (phase ``teacher``):
+    (hidden states [N, H], head weight, head bias, None) on the fused path, (None, None, None,
+    logits [N, V]) on the naive one."""
+    width_C = batch.completion_ids_BC.shape[1]
+    with _phase(timer, "teacher"), torch.no_grad():
+        with teacher.as_teacher(unwrap(model)) as teacher_model:
+            if cfg.fused:
+                t_hidden_NH, t_head = completion_hidden(
+                    teacher_model, batch.teacher, width_C, mask_BC, packed
+                )
+                t_weight_VH = teacher.head_weight(t_head.weight)
+                return t_hidden_NH, t_weight_VH, teacher.head_weight(t_head.bias), None
+            t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C, mask_BC, packed)
+            return None, None, None, t_logits_NV
 
 
 def _policy_gradient_only(

@@ -51,7 +51,7 @@ import torch
 
 from opsd_mm.errors import UserError
 from opsd_mm.rollout_vllm import iter_sync_weights
-from opsd_mm.types import Prompt, Rollout, SamplingConfig
+from opsd_mm.types import Prompt, Rollout, SamplingConfig, TeacherScores
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,45 @@ class ServerEngine:
             for rollouts in reply["rollouts"]
         ]
 
+    def score(
+        self, prompts: Sequence[Prompt], starts: Sequence[int], top_k: int
+    ) -> list[TeacherScores]:
+        """The teacher's log-probs of each prompt's tokens from ``starts[i]`` on, scored by the
+        server under the weights it holds (``teacher.scoring=server``; ``VLLMEngine.score``).
+        Retried like :meth:`generate` (scoring is deterministic, so a retry is safe); a server
+        that restarted meanwhile scored with its initial weights, so it is given the last
+        synced ones again and the rows are scored again."""
+        if not prompts:
+            return []
+        body = {
+            "rows": [
+                {
+                    "input_ids": list(p.input_ids),
+                    "start": int(start),
+                    "images": [_encode_image(im) for im in p.images],
+                }
+                for p, start in zip(prompts, starts, strict=True)
+            ],
+            "top_k": int(top_k),
+        }
+        for _ in range(self.retries + 1):
+            reply = self._call("POST", "/score", body)
+            if not self._check_boot(reply["boot_id"]) or not self.synced:
+                break
+        else:
+            raise ServerError(f"generation server {self.url} kept restarting; giving up")
+        held = reply.get("weight_version")
+        if self.synced and held != self.weight_version:
+            raise ServerError(
+                f"generation server {self.url} scored with weight version {held}, but this "
+                f"trainer last synced version {self.weight_version}: is another client "
+                "updating its weights? A live teacher must be the weights being trained"
+            )
+        return [
+            TeacherScores(s["logprobs"], s.get("topk_ids"), s.get("topk_logprobs"))
+            for s in reply["scores"]
+        ]
+
     def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         """Write the merged weights into ``sync_dir`` and have the server reload them, as
         ``version`` (the trainer step; None: one more than the last). Under several processes
@@ -403,11 +442,14 @@ def _encode_image(image: Any) -> str:
     return encode_image(image)
 
 
-def build_server_engine(cfg: Any, model: torch.nn.Module, processor: Any) -> ServerEngine:
+def build_server_engine(
+    cfg: Any, model: torch.nn.Module, processor: Any, cls: type[ServerEngine] = ServerEngine
+) -> ServerEngine:
     """The ``vllm_server`` engine for a run config: checks the server is up and loads the
-    trainer's weights into it, before step 1 (a long-lived server may hold another run's)."""
+    trainer's weights into it, before step 1 (a long-lived server may hold another run's).
+    ``cls``: ``ServerEngine`` or a subclass (``opsd_mm.rollout_server_adapter``)."""
     r = cfg.rollout
-    engine = ServerEngine(
+    engine = cls(
         r.server_url,
         r.server_sync_dir or Path(cfg.run_dir) / "engine_weights",
         eos_token_ids=processor.eos_token_ids,

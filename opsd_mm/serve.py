@@ -23,7 +23,15 @@ set):
   with ``{"transport": "group", "version": int}`` instead, receive them over the weight group;
 - ``POST /init_weight_group`` ``{"host", "port", "backend": "gloo" | "nccl", "timeout_s"}``:
   join the trainer's two-process group for weight syncs (``opsd_mm.weight_transport``);
-- ``POST /reset_cache``.
+- ``POST /reset_cache``;
+- ``POST /score`` ``{"rows": [{"input_ids": teacher prompt + completion ids, "start": where the
+  completion starts, "images": [base64 PNG]}], "top_k": k}`` -> ``{"scores": [{"logprobs",
+  "topk_ids", "topk_logprobs"}], "boot_id", "weight_version"}``: the teacher's log-probs of each
+  completion token, and (k > 0) its top-k, under the weights held (``teacher.scoring=server``,
+  ``VLLMEngine.score``; k at most ``--max-logprobs``; a loaded adapter is not applied);
+- ``POST /update_adapter`` ``{"path": DIR, "version": int}``: generate with the peft LoRA adapter
+  in DIR from now on, the weights held staying the base that ``/score`` uses (a fixed LoRA
+  teacher served as the base, ``VLLMEngine.load_adapter``; needs ``--max-lora-rank``).
 
 Requests run one at a time (a lock around the engine); ``/health`` answers while a batch is
 generating.
@@ -120,6 +128,23 @@ class GenerationService:
             "weight_version": version,
         }
 
+    def score(self, body: dict[str, Any]) -> dict[str, Any]:
+        from opsd_mm.types import Prompt
+
+        prompts, starts = [], []
+        for i, row in enumerate(body["rows"]):
+            images = [decode_image(x) for x in row.get("images", ())]
+            prompts.append(Prompt(input_ids=list(row["input_ids"]), images=images, meta={"key": i}))
+            starts.append(int(row["start"]))
+        with self.lock:
+            scores = self.engine.score(prompts, starts, int(body.get("top_k", 0)))
+            version = self.weight_version
+        return {
+            "scores": [vars(s) for s in scores],
+            "boot_id": self.boot_id,
+            "weight_version": version,
+        }
+
     def update_weights(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             if body.get("transport") == "group":
@@ -162,6 +187,12 @@ class GenerationService:
             for _ in stream:
                 pass
 
+    def update_adapter(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            seconds = self.engine.load_adapter(str(body["path"]))
+            self.weight_version = int(body.get("version", self.weight_version + 1))
+        return {"seconds": seconds, "boot_id": self.boot_id, "weight_version": self.weight_version}
+
     def reset_cache(self, body: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
             self.engine.reset_caches()
@@ -175,6 +206,8 @@ def make_handler(service: GenerationService, token: str | None) -> type[BaseHTTP
         ("POST", "/update_weights"): service.update_weights,
         ("POST", "/init_weight_group"): service.init_weight_group,
         ("POST", "/reset_cache"): service.reset_cache,
+        ("POST", "/score"): service.score,
+        ("POST", "/update_adapter"): service.update_adapter,
     }
 
     class Handler(BaseHTTPRequestHandler):
@@ -250,7 +283,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_model_len=args.max_model_len,
         eos_token_ids=[-1],  # replaced by each request's
-        llm_kwargs=json.loads(args.llm_kwargs) if args.llm_kwargs else None,
+        llm_kwargs=_llm_kwargs(args),
+        max_logprobs=args.max_logprobs,
     )
     service = GenerationService(engine, model)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(service, token))
@@ -271,6 +305,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _llm_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--llm-kwargs``, with LoRA switched on by ``--max-lora-rank`` (one adapter at a time).
+
+    LoRA goes on the decoder's (vLLM-packed) projections only, what ``model.lora`` targets: a
+    LoRA-wrapped lm_head in vLLM 0.32 applies its delta per *sampled* token, so ``/score``'s
+    prompt log-probs of a batch fail ("einsum(): subscript b has size 4 ... 181")."""
+    kwargs = json.loads(args.llm_kwargs) if args.llm_kwargs else {}
+    if args.max_lora_rank:
+        kwargs = {
+            "enable_lora": True,
+            "max_lora_rank": args.max_lora_rank,
+            "max_loras": 1,
+            "lora_target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+            **kwargs,
+        }
+    return kwargs or None
+
+
 def add_serve_parser(sub: Any) -> None:
     serve = sub.add_parser(
         "serve",
@@ -289,6 +341,19 @@ def add_serve_parser(sub: Any) -> None:
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--max-model-len", type=int, default=4096)
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    serve.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=64,
+        help="largest teacher top-k /score returns (loss.top_k with teacher.scoring=server)",
+    )
+    serve.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=0,
+        help="serve a LoRA student adapter over the base weights (/update_adapter) up to this "
+        "rank; the base then scores a fixed teacher (0: off)",
+    )
     serve.add_argument("--llm-kwargs", help="JSON object passed to vllm.LLM last")
     serve.add_argument("--tiny-cache-dir", help="where tiny:* models are built (default cache)")
     serve.set_defaults(func=cmd_serve)

@@ -53,9 +53,15 @@ def build_engine(
             eos_token_ids=processor.eos_token_ids,
         )
     if cfg.rollout.engine == "vllm_server":
-        from opsd_mm.rollout_server import build_server_engine
+        from opsd_mm.rollout_server import ServerEngine, build_server_engine
 
-        return build_server_engine(cfg, model, processor)
+        cls = ServerEngine
+        if cfg.teacher.scoring == "server" and cfg.teacher.kind == "fixed":
+            # The base weights are the fixed teacher; syncs send the student's adapter alone.
+            from opsd_mm.rollout_server_adapter import AdapterServerEngine
+
+            cls = AdapterServerEngine
+        return build_server_engine(cfg, model, processor, cls)
     from opsd_mm.rollout import HFEngine
 
     return HFEngine.for_processor(model, processor)

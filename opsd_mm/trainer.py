@@ -1,7 +1,8 @@
 """The OPSD training loop: a plain class on accelerate, read top to bottom in ``train_step``.
 
 sample -> pair -> teacher forward -> student forward -> loss -> backward/step -> teacher update
--> engine sync -> log -> checkpoint.
+-> engine sync -> log -> checkpoint. With ``teacher.scoring=server`` the teacher forward is one
+request to the generation server per step, right after pairing (``opsd_mm.teacher_scoring``).
 
 Failure behaviour (README "Failure behaviour"): a fresh run refuses a used run_dir
 (``opsd_mm/run_dir.py``); resume falls back past an unloadable newest checkpoint and applies
@@ -61,6 +62,7 @@ from opsd_mm.rollout_async import (
     staleness_metrics,
 )
 from opsd_mm.teacher import Teacher
+from opsd_mm.teacher_scoring import score_pairs, teacher_logprobs
 from opsd_mm.types import (
     BadImageError,
     Example,
@@ -69,6 +71,7 @@ from opsd_mm.types import (
     Processor,
     RolloutEngine,
     SamplingConfig,
+    TeacherLogprobs,
 )
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,13 @@ class Trainer:
         self.student_prompt = PromptCache(lambda ex: self.processor.student_prompt(ex), size)
         self.teacher_prompt = PromptCache(lambda ex: self.processor.teacher_prompt(ex), size)
         self.engine = engine
+        # teacher.scoring=server: the live teacher's log-probs come from the engine's server.
+        self.score_on_server = cfg.teacher.scoring == "server" and cfg.loss.distill_weight > 0
+        if self.score_on_server and not hasattr(engine, "score"):
+            raise UserError(
+                f"teacher.scoring=server: the {type(engine).__name__} rollout engine cannot "
+                "score a teacher; use rollout.engine=vllm_server"
+            )
         if cfg.loss.reward_weight > 0 and reward is None:
             raise UserError(
                 f"loss.reward_weight={cfg.loss.reward_weight} needs a reward: pass reward= to "
@@ -325,6 +335,11 @@ class Trainer:
                 pair.logprobs = r.logprobs
                 pairs.append(pair)
                 advantages.append(adv)
+        # 2b. teacher.scoring=server: every row's teacher log-probs in one request, from the
+        # weights the server holds (this step's: it is synced after every optimizer step).
+        if self.score_on_server:
+            with timer.phase("teacher_score"):
+                score_pairs(self.engine, pairs, cfg.loss.top_k)
 
         # The step's shape over all processes, in one collective. The summed loss-token count
         # normalises every micro-batch's loss. Every process runs as many micro-batches as the
@@ -367,7 +382,10 @@ class Trainer:
                     engine_N = self._engine_logprobs(micro[min(i, len(micro) - 1)], batch)
                     rollout_N = engine_N if cfg.loss.importance_clip is not None else None
                     adv_B = torch.tensor(micro_adv[min(i, len(micro) - 1)], device=acc.device)
-                    loss, out, terms = self._micro_step(batch, scale, timer, rollout_N, adv_B)
+                    teacher_N = self._scored_teacher(micro[min(i, len(micro) - 1)], batch)
+                    loss, out, terms = self._micro_step(
+                        batch, scale, timer, rollout_N, adv_B, teacher_N
+                    )
                     if padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -526,9 +544,11 @@ class Trainer:
         timer: PhaseTimer,
         rollout_logprob_N: torch.Tensor | None = None,
         advantage_B: torch.Tensor | None = None,
+        teacher_logprobs: TeacherLogprobs | None = None,
     ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
-        """Teacher forward, student forward, loss * scale (``opsd_mm/loss.py``), in autocast;
-        also the two weighted loss terms (distillation, reward policy gradient), detached."""
+        """Teacher forward (none when ``teacher_logprobs`` came from the server), student
+        forward, loss * scale (``opsd_mm/loss.py``), in autocast; also the two weighted loss
+        terms (distillation, reward policy gradient), detached."""
         with self.accelerator.autocast():
             return micro_batch_loss(
                 batch,
@@ -540,7 +560,16 @@ class Trainer:
                 rollout_logprob_N,
                 advantage_B,
                 packed=self.packing,
+                teacher_logprobs=teacher_logprobs,
             )
+
+    def _scored_teacher(self, pairs: Sequence[Pair], batch: PairBatch) -> TeacherLogprobs | None:
+        """The micro-batch's server-scored teacher log-probs in loss-token order (None when the
+        teacher runs locally)."""
+        if not self.score_on_server:
+            return None
+        mask_BC = loss_mask(batch.completion_mask_BC, self.cfg.loss.skip_first_tokens)
+        return teacher_logprobs(pairs, mask_BC, self.cfg.loss.top_k)
 
     # ------------------------------------------------------------------ helpers
 

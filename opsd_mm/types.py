@@ -126,6 +126,51 @@ class Pair:
     completion_ids: list[int]
     # The rollout engine's log-probabilities of the completion tokens, when it reports them.
     logprobs: list[float] | None = None
+    # The teacher's log-probabilities of the completion, scored on the generation server
+    # (``teacher.scoring=server``); None when the teacher runs in the trainer.
+    teacher_scores: TeacherScores | None = None
+
+
+@dataclass
+class TeacherScores:
+    """One completion scored by the teacher outside the trainer (``teacher.scoring=server``).
+
+    Per completion token j (the teacher's next-token distribution at the position that
+    predicts it, full-vocabulary normalised, temperature 1): ``logprobs[j]`` = log p_t(y_j) of
+    the token itself; with a top-k request, ``topk_ids[j]`` / ``topk_logprobs[j]`` the k most
+    likely ids and their log-probabilities, most likely first (ties in the engine's order).
+    """
+
+    logprobs: list[float]
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class TeacherLogprobs:
+    """:class:`TeacherScores` of a micro-batch's N loss tokens, as tensors the loss reads in
+    place of a teacher forward: ``token_N`` = log p_t(y_n) (fp32); ``topk_ids_NK`` (long) and
+    ``topk_NK`` (fp32) the teacher's top-k support, or None (sampled token only). Rows are
+    taken in the order ``completion_ids_BC[mask_BC]`` takes them."""
+
+    token_N: torch.Tensor
+    topk_ids_NK: torch.Tensor | None = None
+    topk_NK: torch.Tensor | None = None
+
+    def __getitem__(self, index: slice) -> TeacherLogprobs:
+        """Tokens ``index`` (a slice) of every field: one chunk of the fused loss."""
+        return TeacherLogprobs(
+            self.token_N[index],
+            None if self.topk_ids_NK is None else self.topk_ids_NK[index],
+            None if self.topk_NK is None else self.topk_NK[index],
+        )
+
+    def to(self, device: torch.device | str) -> TeacherLogprobs:
+        return TeacherLogprobs(
+            self.token_N.to(device),
+            None if self.topk_ids_NK is None else self.topk_ids_NK.to(device),
+            None if self.topk_NK is None else self.topk_NK.to(device),
+        )
 
 
 @dataclass

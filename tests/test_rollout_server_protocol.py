@@ -28,6 +28,8 @@ class Fake:
         self.boot_after_generate: list[str] = []
         self.slow = 0
         self.calls: list[tuple[str, dict]] = []
+        self.version = 0  # the weight version it holds
+        self.boot_after_score: list[str] = []
 
     def reply(self, path: str, body: dict) -> dict:
         self.calls.append((path, body))
@@ -45,7 +47,16 @@ class Fake:
                 for p in body["prompts"]
             ]
             return {"rollouts": rollouts, "boot_id": self.boot}
-        return {"boot_id": self.boot, "seconds": 0.0, "weight_version": body.get("version")}
+        if path == "/score":
+            if self.boot_after_score:
+                self.boot = self.boot_after_score.pop(0)
+            scores = [  # a function of the request and the weights held
+                {"logprobs": [-float(self.version)] * (len(r["input_ids"]) - r["start"])}
+                for r in body["rows"]
+            ]
+            return {"scores": scores, "boot_id": self.boot, "weight_version": self.version}
+        self.version = body.get("version")
+        return {"boot_id": self.boot, "seconds": 0.0, "weight_version": self.version}
 
 
 @pytest.fixture
@@ -154,3 +165,69 @@ def test_save_sync_weights_tied_and_sharded(tmp_path, monkeypatch):
     loaded = {k: v for f in files for k, v in load_file(f).items()}
     assert set(loaded) == {"0.weight", "1.weight"}
     torch.testing.assert_close(loaded["1.weight"], model[0].weight.detach())
+
+
+SCORE_ROWS = [Prompt(input_ids=[5, 6, 7, 8, 9]), Prompt(input_ids=[5, 6, 7])]
+
+
+def test_fake_score_restart_resyncs_and_rescores(fake, tmp_path):
+    """teacher.scoring=server: a server that restarted (initial weights) before scoring gets
+    the last synced weights again, and the rows are scored again under them."""
+    engine = _engine(fake, tmp_path)
+    engine.sync_weights(torch.nn.Linear(3, 2), version=4)
+    fake.boot_after_score = ["boot-2"]
+    fake.version = 0  # what a restarted server holds
+    scores = engine.score(SCORE_ROWS, [2, 1], 0)
+    paths = [p for p, _ in fake.calls]
+    assert paths == ["/health", "/update_weights", "/score", "/update_weights", "/score"]
+    assert [s.logprobs for s in scores] == [[-4.0] * 3, [-4.0] * 2]
+    assert scores[0].topk_ids is None and engine.restarts == 1
+
+
+def test_fake_score_under_other_weights_is_refused(fake, tmp_path):
+    """Another client reloaded the server's weights: a live teacher scored under them would
+    not be the trained model, so the client stops."""
+    engine = _engine(fake, tmp_path)
+    engine.sync_weights(torch.nn.Linear(3, 2), version=2)
+    fake.version = 7
+    with pytest.raises(ServerError, match="weight version 7.*last synced version 2"):
+        engine.score(SCORE_ROWS, [2, 1], 0)
+
+
+def test_fake_adapter_engine_sends_base_once_and_adapter_each_sync(fake, tmp_path):
+    """teacher.kind=fixed on the server: the base goes once (and again to a restarted server,
+    before its adapter), the peft adapter at every sync."""
+    from peft import LoraConfig, get_peft_model
+
+    from opsd_mm.rollout_server_adapter import AdapterServerEngine
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3)
+
+    model = get_peft_model(Tiny(), LoraConfig(r=2, target_modules=["proj"]))
+    engine = AdapterServerEngine(
+        fake.url, tmp_path / "sync", eos_token_ids=[1], timeout_s=0.3, retries=2, backoff_s=0.0
+    )
+    engine.sync_weights(model, version=0)
+    engine.sync_weights(model, version=1)
+    paths = [p for p, _ in fake.calls]
+    assert paths == ["/health", "/update_weights", "/update_adapter", "/update_adapter"]
+    base = fake.calls[1][1]["path"]
+    assert base.endswith("base") and list((tmp_path / "sync" / "base").glob("*.safetensors"))
+    assert fake.calls[3][1] == {
+        "path": str((tmp_path / "sync" / "adapter").resolve()),
+        "version": 1,
+    }
+    assert (tmp_path / "sync" / "adapter" / "adapter_config.json").exists()
+    fake.boot_after_score = ["boot-2"]
+    engine.score(SCORE_ROWS, [2, 1], 0)
+    assert [p for p, _ in fake.calls[4:]] == [
+        "/score",
+        "/update_weights",
+        "/update_adapter",
+        "/score",
+    ]
+    with pytest.raises(ServerError, match="model.lora.enabled"):
+        engine.sync_weights(torch.nn.Linear(3, 2), version=2)

@@ -29,7 +29,8 @@ def server_env() -> dict[str, str]:
 
 class ServerProcess:
     """``python -m opsd_mm.cli serve MODEL`` (``python``: one with vLLM, by default this one)
-    on 127.0.0.1:``port``, fp32; ``start`` returns once it prints its ``serving`` line."""
+    on 127.0.0.1:``port``, fp32, then ``extra_args``; ``start`` returns once it prints its
+    ``serving`` line."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class ServerProcess:
         max_model_len: int = 512,
         python: str = sys.executable,
         prefix: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.model, self.port = str(model), port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,6 +57,7 @@ class ServerProcess:
             "float32",
             "--max-model-len",
             str(max_model_len),
+            *extra_args,
         ]
         self.proc: subprocess.Popen | None = None
 
