@@ -100,9 +100,9 @@ def main() -> None:
     gb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
     eos = [int(model.config.eos_token_id)]
 
-    server = ServerProcess(path, python=args.server_python, max_model_len=256)
-    if args.server_gpu is not None:  # the server's process sees only its GPU
-        server.cmd = ["env", f"CUDA_VISIBLE_DEVICES={args.server_gpu}", *server.cmd]
+    # With --server-gpu the server's process sees only its GPU.
+    prefix = [] if args.server_gpu is None else ["env", f"CUDA_VISIBLE_DEVICES={args.server_gpu}"]
+    server = ServerProcess(path, python=args.server_python, max_model_len=256, prefix=prefix)
     server.start()
     results: dict[str, dict] = {}
     try:

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from opsd_mm.testing.server import free_port
 from opsd_mm.weight_transport import host_store, open_group, send_weights
 
 RECEIVER = """
@@ -63,7 +62,7 @@ def test_round_trip_bit_exact(tmp_path, backend):
     """gloo: CPU to CPU; nccl: the trainer's GPU 0 to the receiver's GPU 1 (one GPU cannot
     hold both ends of an NCCL group)."""
     send_device, receive_device = ("cpu", "cpu") if backend == "gloo" else ("cuda:0", "cuda:1")
-    store = host_store("127.0.0.1", free_port(), 60)
+    store = host_store("127.0.0.1", 0, 60)
     proc = _receiver(store.port, tmp_path / "got.pt", backend, receive_device)
     group = open_group("127.0.0.1", store.port, 0, backend, 60, store=store)
     sent = send_weights(group, _weights(), torch.device(send_device))
@@ -82,7 +81,7 @@ def test_sender_failure_stops_the_receiver(tmp_path):
         yield from _weights()[:2]
         raise OSError("disk on fire")
 
-    store = host_store("127.0.0.1", free_port(), 60)
+    store = host_store("127.0.0.1", 0, 60)
     proc = _receiver(store.port, tmp_path / "got.pt")
     group = open_group("127.0.0.1", store.port, 0, "gloo", 60, store=store)
     with pytest.raises(OSError, match="disk on fire"):

@@ -7,6 +7,7 @@ same way; the bench also pins it to a CPU core (``prefix=["taskset", "-c", "1"]`
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,7 +31,11 @@ def server_env() -> dict[str, str]:
 class ServerProcess:
     """``python -m opsd_mm.cli serve MODEL`` (``python``: one with vLLM, by default this one)
     on 127.0.0.1:``port``, fp32, then ``extra_args``; ``start`` returns once it prints its
-    ``serving`` line."""
+    ``serving`` line.
+
+    Without a ``port`` the first start binds port 0 and reads the one the OS gave from that
+    line (``url`` is set then), so no other process can take it between choosing and binding;
+    a restart (``stop``, ``start``) binds the same port again."""
 
     def __init__(
         self,
@@ -42,17 +47,15 @@ class ServerProcess:
         prefix: Sequence[str] = (),
         extra_args: Sequence[str] = (),
     ) -> None:
-        self.model, self.port = str(model), port or free_port()
+        self.model, self.port = str(model), port or 0
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [
+        self.args = [
             *prefix,
             python,
             "-m",
             "opsd_mm.cli",
             "serve",
             self.model,
-            "--port",
-            str(self.port),
             "--dtype",
             "float32",
             "--max-model-len",
@@ -60,6 +63,10 @@ class ServerProcess:
             *extra_args,
         ]
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def cmd(self) -> list[str]:
+        return [*self.args, "--port", str(self.port)]
 
     def start(self, timeout: float = 240.0) -> None:
         self.proc = subprocess.Popen(
@@ -75,6 +82,11 @@ class ServerProcess:
                 break
         else:
             raise RuntimeError("server exited:\n" + "".join(lines[-30:]))
+        found = re.search(r" on http://[^ ]+:(\d+) ", lines[-1])
+        if not found:
+            raise RuntimeError(f"no port in the server's line: {lines[-1]!r}")
+        self.port = int(found.group(1))
+        self.url = f"http://127.0.0.1:{self.port}"
         # Keep draining its output so that it never blocks on a full pipe.
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
