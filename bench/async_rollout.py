@@ -29,16 +29,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from opsd_mm.metrics import read_metrics
 from opsd_mm.testing import resolve_tiny
-from opsd_mm.testing.server import ServerProcess
+from opsd_mm.testing.server import ServerProcess, train_through_server
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST = 5  # steps averaged for the final loss
@@ -46,17 +42,7 @@ TRAIN_PHASES = ("teacher", "student", "optimizer")
 
 
 def _run(args: argparse.Namespace, url: str, run_dir: Path, mode: str, seed: int) -> list[dict]:
-    cmd = [
-        "taskset",
-        "-c",
-        args.trainer_core,
-        sys.executable,
-        "-m",
-        "opsd_mm.cli",
-        "train",
-        str(ROOT / "configs" / "tiny_text.yaml"),
-        "rollout.engine=vllm_server",
-        f"rollout.server_url={url}",
+    overrides = [
         f"rollout.async={str(mode == 'async').lower()}",
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"rollout.n={args.n}",
@@ -66,15 +52,15 @@ def _run(args: argparse.Namespace, url: str, run_dir: Path, mode: str, seed: int
         "trainer.save_every=0",
         "data.synthetic_size=256",
         f"seed={seed}",
-        f"run_dir={run_dir}",
-        "logging.progress=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own directory, from a previous run
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"{mode} seed {seed} failed:\n{done.stderr[-3000:]}")
-    return read_metrics(run_dir / "metrics.jsonl")
+    return train_through_server(
+        ROOT / "configs" / "tiny_text.yaml",
+        url,
+        run_dir,
+        overrides,
+        core=args.trainer_core,
+        label=f"{mode} seed {seed}",
+    )
 
 
 def _summary(rows: list[dict]) -> dict[str, float]:

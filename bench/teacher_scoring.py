@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from opsd_mm.metrics import read_metrics
 from opsd_mm.testing import resolve_tiny
-from opsd_mm.testing.server import ServerProcess
+from opsd_mm.testing.server import ServerProcess, train_through_server
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PHASES = ("teacher", "teacher_score", "student", "optimizer")
@@ -41,17 +37,7 @@ LOSSES = {
 
 
 def _run(args: argparse.Namespace, url: str, run_dir: Path, scoring: str) -> list[dict]:
-    cmd = [
-        "taskset",
-        "-c",
-        args.trainer_core,
-        sys.executable,
-        "-m",
-        "opsd_mm.cli",
-        "train",
-        str(ROOT / "configs" / "tiny_text.yaml"),
-        "rollout.engine=vllm_server",
-        f"rollout.server_url={url}",
+    overrides = [
         "teacher.kind=live",
         f"teacher.scoring={scoring}",
         "loss.temperature=1.0",
@@ -62,15 +48,15 @@ def _run(args: argparse.Namespace, url: str, run_dir: Path, scoring: str) -> lis
         f"trainer.micro_batch_size={args.batch_size * args.n}",
         f"trainer.max_steps={args.steps}",
         "trainer.save_every=0",
-        f"run_dir={run_dir}",
-        "logging.progress=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own directory, from a previous run
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"teacher.scoring={scoring} failed:\n{done.stderr[-3000:]}")
-    return read_metrics(run_dir / "metrics.jsonl")
+    return train_through_server(
+        ROOT / "configs" / "tiny_text.yaml",
+        url,
+        run_dir,
+        overrides,
+        core=args.trainer_core,
+        label=f"teacher.scoring={scoring}",
+    )
 
 
 def _means(rows: list[dict]) -> dict[str, float]:

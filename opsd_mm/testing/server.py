@@ -94,3 +94,37 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def train_through_server(
+    config: str | Path,
+    url: str,
+    run_dir: Path,
+    overrides: Sequence[str],
+    *,
+    core: str | None = None,
+    label: str = "run",
+) -> list[dict]:
+    """``opsd-mm train CONFIG rollout.engine=vllm_server`` against ``url`` in a fresh
+    ``run_dir`` (removed first: the caller's own scratch directory), one thread, pinned to CPU
+    ``core`` with ``taskset`` when given; returns its metrics rows. A failed run stops the
+    caller (a bench) with ``label`` and the end of its stderr."""
+    import shutil
+
+    from opsd_mm.metrics import read_metrics
+
+    cmd = [
+        *(["taskset", "-c", core] if core is not None else []),
+        *(sys.executable, "-m", "opsd_mm.cli", "train", str(config)),
+        "rollout.engine=vllm_server",
+        f"rollout.server_url={url}",
+        *overrides,
+        f"run_dir={run_dir}",
+        "logging.progress=false",
+    ]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
+    return read_metrics(Path(run_dir) / "metrics.jsonl")
