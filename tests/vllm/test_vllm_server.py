@@ -164,3 +164,22 @@ def test_fsdp2_trainer_syncs_through_server(server, tiny_cache, tmp_path, main_p
         assert out["model_class"].startswith("FSDP")
         gaps = [m["rollout/logprob_gap"] for m in out["metrics"]]
         assert len(gaps) == 2 and all(g is not None and g < 1e-4 for g in gaps), (rank, gaps)
+
+
+def test_weight_sync_bench_runs(main_python, tmp_path):
+    """bench/weight_sync.py end to end at a tiny size: both transports sync, and the server's
+    greedy completion equals the trainer's after them (the bench's own parity column)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [
+        *(str(main_python), str(root / "bench" / "weight_sync.py")),
+        *("--hidden", "128", "--layers", "2", "--repeats", "1"),
+        *("--server-python", sys.executable, "--sync-dir", str(tmp_path / "sync")),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=server_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line}
+    for transport in ("file", "gloo"):
+        assert rows[transport][5] == "True", run.stdout  # greedy==HF
+        assert float(rows[transport][2]) > 0  # s/GB
