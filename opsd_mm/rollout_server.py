@@ -212,6 +212,16 @@ class ServerEngine:
             self._reload()
         return True
 
+    def _weights_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a request whose answer depends on the weights the server holds (generation,
+        teacher scores). A reply from a restarted server came from its initial weights: it is
+        given the last synced ones again (``_check_boot``) and the request is redone."""
+        for _ in range(self.retries + 1):
+            reply = self._call("POST", path, body)
+            if not self._check_boot(reply["boot_id"]) or not self.synced:
+                return reply
+        raise ServerError(f"generation server {self.url} kept restarting; giving up")
+
     # ------------------------------------------------------------------ engine interface
 
     def generate(
@@ -233,13 +243,7 @@ class ServerEngine:
             "eos_token_ids": self.eos_token_ids,
             "suppress_token_ids": self.suppress_token_ids,
         }
-        for _ in range(self.retries + 1):
-            reply = self._call("POST", "/generate", body)
-            # Completions from a restarted server came from the initial weights: redo them.
-            if not self._check_boot(reply["boot_id"]) or not self.synced:
-                break
-        else:
-            raise ServerError(f"generation server {self.url} kept restarting; giving up")
+        reply = self._weights_call("/generate", body)
         # The version the server held while it generated (it echoes the last reload's).
         version = reply.get("weight_version")
         return [
@@ -271,12 +275,7 @@ class ServerEngine:
             ],
             "top_k": int(top_k),
         }
-        for _ in range(self.retries + 1):
-            reply = self._call("POST", "/score", body)
-            if not self._check_boot(reply["boot_id"]) or not self.synced:
-                break
-        else:
-            raise ServerError(f"generation server {self.url} kept restarting; giving up")
+        reply = self._weights_call("/score", body)
         held = reply.get("weight_version")
         if self.synced and held != self.weight_version:
             raise ServerError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd_mm.testing.server import server_env
+from opsd_mm.testing.server import ServerProcess, server_env
 
 # ``origin is None`` is a namespace package: this very directory, when tests/ is on sys.path.
 _SPEC = importlib.util.find_spec("vllm")
@@ -126,3 +126,39 @@ def train_via_server(main_python):
         )
 
     return train
+
+
+@pytest.fixture(scope="module")
+def server(tiny_text_dir):
+    """An ``opsd-mm serve`` of the tiny text model on loopback, one per test module (a module's
+    tests share its weights and state, as a long-lived server's clients would)."""
+    srv = ServerProcess(tiny_text_dir)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_gap():
+    """``gap(proc, model, examples, prompts, rollouts_P_G)``: the mean |log p_engine - log
+    p_model| over the rollouts' tokens, the model scoring each completion after its student
+    prompt (images included) in one batch."""
+    from opsd_mm.metrics import logprob_gap, pad_logprobs
+
+    def gap(proc, model, examples, prompts, rollouts_P_G) -> float:
+        pairs = [
+            proc.pair(ex, r.completion_ids, student=p)
+            for ex, p, rs in zip(examples, prompts, rollouts_P_G)
+            for r in rs
+        ]
+        batch = proc.collate(pairs)
+        P, C = batch.student.prompt_width, batch.completion_ids_BC.shape[1]
+        with torch.no_grad():
+            logits_BCV = model(**batch.student.model_inputs).logits[:, P - 1 : P - 1 + C]
+        ids_BC1 = batch.completion_ids_BC[..., None]
+        model_BC = logits_BCV.float().log_softmax(-1).gather(-1, ids_BC1)[..., 0]
+        engine_BC = pad_logprobs([r.logprobs for rs in rollouts_P_G for r in rs], C)
+        mask_BC = batch.completion_mask_BC.bool()
+        return logprob_gap(engine_BC[mask_BC], model_BC[mask_BC])
+
+    return gap

@@ -29,14 +29,6 @@ ASYNC = (
 
 
 @pytest.fixture(scope="module")
-def server(tiny_text_dir, main_python):
-    srv = ServerProcess(tiny_text_dir)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
 def reference(server, tiny_cache, tmp_path_factory, train_via_server):
     """The metrics of an uninterrupted async run."""
     run_dir = tmp_path_factory.mktemp("async-reference")

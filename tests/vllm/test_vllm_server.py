@@ -21,14 +21,6 @@ from opsd_mm.testing.server import ServerProcess, free_port, server_env
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_text_dir, main_python):
-    srv = ServerProcess(tiny_text_dir)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 @pytest.mark.parametrize("transport", ["file", "gloo"])
 def test_server_greedy_parity_and_sync(server, tiny_text_dir, tmp_path, main_python, transport):
     script = Path(__file__).with_name("server_parity_client.py")

@@ -24,14 +24,6 @@ TOP_K = 8
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def server(tiny_text_dir):
-    srv = ServerProcess(tiny_text_dir)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 def _check_scores(scores, logp_CV, ids_C, top_k):
     """One row's server scores against the reference log-distributions [C, V]: the token's
     log-prob, and a top-k whose ids carry the reference's log-probs and are a top-k of it
