@@ -16,7 +16,7 @@ a checked-in checkpoint would be), so the seeds measure the spread of OPSD itsel
 rollout sampling and data order. ``--task-seed`` changes the data and warm start.
 
 Processors and evaluation reach it through ``Wiring``, handed in by ``cli.py`` (the one module
-that wires the packages together); the trainer comes from ``opsd_mm.setup``, the path
+that wires the packages together); the trainer comes from ``opsd_mm.train.build``, the path
 ``opsd-mm train`` uses.
 """
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class Recipe:
     """Per-task settings, chosen by measurement (see the README's demo section)."""
 
-    tiny: str  # fixture name for opsd_mm.testing.resolve_tiny
+    tiny: str  # fixture name for opsd_mm.model.tiny.resolve_tiny
     threshold: float  # required OPSD gain over the warm start, accuracy points
     warm_pre_steps: int  # student-only SFT steps before the mixture (learn the skill first)
     warm_steps: int  # mixture SFT steps (student + teacher format)
@@ -239,7 +239,7 @@ class Wiring:
 
 
 def _processor(path: str, recipe: Recipe, wiring: Wiring) -> Any:
-    from opsd_mm.models import model_type_of
+    from opsd_mm.model.load import model_type_of
 
     cfg = ProcessorConfig(
         student_template="plain",
@@ -264,7 +264,7 @@ def warm_start(
     context), then the mixture with the target phrasing in the teacher context. Saved as a
     self-contained model directory (weights + the base's tokenizer/processor files)."""
     from opsd_mm.demo.sft import make_items, train_sft
-    from opsd_mm.models import load_model
+    from opsd_mm.model.load import load_model
 
     t0 = time.perf_counter()
     model = load_model(base, ModelConfig(dtype="float32"))
@@ -321,9 +321,9 @@ def run_opsd(
     """OPSD with the project's Trainer on in-memory examples (as ``build_trainer`` wires it),
     stepping ``train_step`` so that validation accuracy can be measured along the way.
     ``extra``: overrides after the recipe's (GRPO and the hybrid: ``loss.reward_weight``...)."""
-    from opsd_mm.forward import unwrap
-    from opsd_mm.metrics import MetricsWriter
-    from opsd_mm.setup import set_seed, trainer_from_examples
+    from opsd_mm.model.forward import unwrap
+    from opsd_mm.train.metrics import MetricsWriter
+    from opsd_mm.train.build import set_seed, trainer_from_examples
 
     cfg = load_config(
         None,
@@ -412,8 +412,8 @@ def run_sft_baseline(
     schedule and steps as OPSD, as many sequences per step as OPSD has rollouts."""
     from opsd_mm.config import LoraConfig
     from opsd_mm.demo.sft import make_items, train_sft
-    from opsd_mm.models import load_model, setup_trainable
-    from opsd_mm.setup import set_seed
+    from opsd_mm.model.load import load_model, setup_trainable
+    from opsd_mm.train.build import set_seed
 
     opsd_cfg = load_config(None, list(recipe.opsd))
     mcfg = ModelConfig(dtype="float32", lora=LoraConfig(r=16, alpha=32))
@@ -558,7 +558,7 @@ class TaskSetup:
 def setup_task(
     name: str, plan: TaskPlan, args: argparse.Namespace, run_dir: Path, wiring: Wiring, progress
 ) -> TaskSetup:
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     if name not in RECIPES:
         raise ValueError(f"unknown demo task {name!r}; choose from {sorted(RECIPES)}")
@@ -574,8 +574,8 @@ def setup_task(
 def prepare_task(setup: TaskSetup, args: argparse.Namespace, progress) -> dict:
     """The warm start (into a fresh task directory) and its four evaluations; what the
     training runs of every seed start from."""
-    from opsd_mm.models import load_model
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.load import load_model
+    from opsd_mm.model.tiny import resolve_tiny
 
     name, task, processor, evaluate = setup.name, setup.task, setup.processor, setup.wiring.evaluate
     recipe = setup.plan.recipe
@@ -713,7 +713,7 @@ def quiet(threads: int) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    for noisy in ("opsd_mm.models", "opsd_mm.processors.vision_cache"):
+    for noisy in ("opsd_mm.model.load", "opsd_mm.processors.vision_cache"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads:
         torch.set_num_threads(threads)
@@ -736,7 +736,7 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
         raise SystemExit("--compare-rewards needs a reward (cli.py wires build_reward)")
     reward_runs = 2 if compare else 0
     from opsd_mm.demo.workers import default_jobs, run_parallel
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     runs = methods(args)
     jobs = args.jobs or default_jobs(len(plans) * len(seeds) * len(runs))

@@ -230,7 +230,7 @@ class Processor(Protocol):
     pad_token_id: int
     eos_token_ids: list[int]
     suppress_token_ids: list[int]
-    # Decodes completions for rendered samples (``opsd_mm.samples``): ``decode(ids, ...)``.
+    # Decodes completions for rendered samples (``opsd_mm.train.samples``): ``decode(ids, ...)``.
     tokenizer: Any
     # The errors of the examples the last ``prepare_examples`` dropped (policy ``skip``).
     bad_images: list[BadImageError]

@@ -1,0 +1,57 @@
+"""The run configuration: YAML -> frozen dataclasses, with dotted ``key=value`` overrides.
+
+``sections`` holds the dataclasses (one per YAML section, each field documented by the comment
+above it), ``load`` reads and writes them, ``checks`` resolves and validates a whole config, and
+``reference`` renders the documentation (``opsd-mm config reference``) and a config with each
+value's origin (``opsd-mm config show``). Every public name is importable from here.
+"""
+
+from opsd_mm.config.checks import resolve_config, validate_config, validate_loss_config
+from opsd_mm.config.load import (
+    SECRET_KEYS,
+    SECRET_MASK,
+    config_to_dict,
+    flatten_config,
+    load_config,
+    parse_override,
+    save_config,
+)
+from opsd_mm.config.sections import (
+    ColumnsConfig,
+    DataConfig,
+    LoggingConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    ProcessorConfig,
+    RolloutConfig,
+    RunConfig,
+    TeacherConfig,
+    TrainerConfig,
+)
+from opsd_mm.errors import ConfigError
+
+__all__ = [
+    "ColumnsConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "LoraConfig",
+    "LossConfig",
+    "ModelConfig",
+    "ProcessorConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SECRET_KEYS",
+    "SECRET_MASK",
+    "TeacherConfig",
+    "TrainerConfig",
+    "config_to_dict",
+    "flatten_config",
+    "load_config",
+    "parse_override",
+    "resolve_config",
+    "save_config",
+    "validate_config",
+    "validate_loss_config",
+]
