@@ -322,8 +322,8 @@ def run_opsd(
     stepping ``train_step`` so that validation accuracy can be measured along the way.
     ``extra``: overrides after the recipe's (GRPO and the hybrid: ``loss.reward_weight``...)."""
     from opsd_mm.model.forward import unwrap
-    from opsd_mm.train.metrics import MetricsWriter
     from opsd_mm.train.build import set_seed, trainer_from_examples
+    from opsd_mm.train.metrics import MetricsWriter
 
     cfg = load_config(
         None,

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from opsd_mm.data.tasks import make_arithmetic_examples
 from opsd_mm.rollout.hf import RowSeededSampler, filter_logits, left_pad, row_seed, split_completion
 from opsd_mm.types import SamplingConfig
 
@@ -92,7 +93,7 @@ def test_hf_engine_batch_invariant_seeded_sampling(tiny):
 def test_hf_engine_greedy_matches_manual_argmax(tiny):
     model, proc = tiny
     engine = _engine(model, proc)
-    p = proc.student_prompt(__import__("opsd_mm.data.tasks").tasks.make_arithmetic_examples(1)[0])
+    p = proc.student_prompt(make_arithmetic_examples(1)[0])
     ((r,),) = engine.generate([p], 1, SamplingConfig(temperature=0.0, max_new_tokens=5))
     ids = torch.tensor([p.input_ids])
     with torch.no_grad():
