@@ -6,7 +6,7 @@ above it), ``load`` reads and writes them, ``checks`` resolves and validates a w
 value's origin (``opsd-mm config show``). Every public name is importable from here.
 """
 
-from opsd_mm.config.checks import resolve_config, validate_config, validate_loss_config
+from opsd_mm.config.checks import resolve_config, validate_config
 from opsd_mm.config.load import (
     SECRET_KEYS,
     SECRET_MASK,
@@ -28,6 +28,7 @@ from opsd_mm.config.sections import (
     RunConfig,
     TeacherConfig,
     TrainerConfig,
+    validate_loss_config,
 )
 from opsd_mm.errors import ConfigError
 

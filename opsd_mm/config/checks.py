@@ -5,13 +5,10 @@ cross-key rule, before anything loads. A :class:`~opsd_mm.errors.ConfigError` na
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Any
 
-from opsd_mm.config.sections import LossConfig, RunConfig
+from opsd_mm.config.sections import RunConfig, _require
 from opsd_mm.errors import ConfigError
-
-_DIVERGENCES = typing.get_args(typing.get_type_hints(LossConfig)["divergence"])
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
@@ -39,11 +36,6 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
         cfg = dataclasses.replace(cfg, loss=loss)
     validate_config(cfg)
     return cfg
-
-
-def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -223,7 +215,6 @@ def validate_config(cfg: RunConfig) -> None:
             f"processor.kind={p.kind} (stripping special tokens would remove the vision start/end "
             "and image pad tokens the images are placed by); use chat_template"
         )
-    validate_loss_config(cfg.loss)
 
 
 def _check_server_scoring(cfg: RunConfig) -> None:
@@ -320,37 +311,3 @@ def _check_server_scoring(cfg: RunConfig) -> None:
 
 def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def validate_loss_config(cfg: LossConfig) -> None:
-    """Raise a ConfigError naming the ``loss.*`` key when the settings cannot be computed.
-
-    Called at load (:func:`validate_config`) and again by the loss functions, which tests and
-    library users call with a LossConfig of their own (temperature null there means 1).
-    """
-    _require(
-        "loss.divergence",
-        cfg.divergence,
-        cfg.divergence in _DIVERGENCES,
-        f"must be one of {list(_DIVERGENCES)}",
-    )
-    _require("loss.beta", cfg.beta, 0.0 <= cfg.beta <= 1.0, "must lie in [0, 1]")
-    tau = 1.0 if cfg.temperature is None else cfg.temperature
-    _require("loss.temperature", cfg.temperature, tau > 0.0, "must be > 0")
-    _require("loss.top_k", cfg.top_k, cfg.top_k >= 0, "must be >= 0 (0: full vocabulary)")
-    _require(
-        "loss.skip_first_tokens", cfg.skip_first_tokens, cfg.skip_first_tokens >= 0, "must be >= 0"
-    )
-    _require("loss.chunk_size", cfg.chunk_size, cfg.chunk_size >= 0, "must be >= 0 (0: automatic)")
-    if cfg.divergence == "sampled_pg":
-        if cfg.pointwise_clip is not None:
-            raise ConfigError(
-                "loss.pointwise_clip does not apply to loss.divergence=sampled_pg (it uses the "
-                "sampled token only, there are no vocabulary terms to clip); set "
-                "loss.pointwise_clip=null, or use loss.token_clip"
-            )
-        if cfg.top_k > 0:
-            raise ConfigError(
-                "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
-                "token only); set loss.top_k=0"
-            )

@@ -7,8 +7,11 @@ saving) is in ``opsd_mm.config.load``; checks (resolve, validate) in ``opsd_mm.c
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from opsd_mm.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,9 @@ class LossConfig:
     reward: Literal["math", "choice"] = "math"
     reward_timeout: float = 10.0
 
+    def __post_init__(self) -> None:
+        validate_loss_config(self)
+
 
 @dataclass(frozen=True)
 class TeacherConfig:
@@ -280,3 +286,50 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/default"
     seed: int = 0
+
+
+# ----------------------------------------------------------------------------- loss rules
+
+
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+_DIVERGENCES = typing.get_args(typing.get_type_hints(LossConfig)["divergence"])
+
+
+def validate_loss_config(cfg: LossConfig) -> None:
+    """Raise a ConfigError naming the ``loss.*`` key when the settings cannot be computed.
+
+    Run by ``LossConfig`` itself when it is made (from YAML, an override, or by a library user
+    or test), so no LossConfig exists that the loss cannot compute and the loss functions, called
+    per micro-batch and per chunk, never check again. Temperature null means 1 here (it is
+    resolved to ``rollout.temperature`` later, by ``resolve_config``).
+    """
+    _require(
+        "loss.divergence",
+        cfg.divergence,
+        cfg.divergence in _DIVERGENCES,
+        f"must be one of {list(_DIVERGENCES)}",
+    )
+    _require("loss.beta", cfg.beta, 0.0 <= cfg.beta <= 1.0, "must lie in [0, 1]")
+    tau = 1.0 if cfg.temperature is None else cfg.temperature
+    _require("loss.temperature", cfg.temperature, tau > 0.0, "must be > 0")
+    _require("loss.top_k", cfg.top_k, cfg.top_k >= 0, "must be >= 0 (0: full vocabulary)")
+    _require(
+        "loss.skip_first_tokens", cfg.skip_first_tokens, cfg.skip_first_tokens >= 0, "must be >= 0"
+    )
+    _require("loss.chunk_size", cfg.chunk_size, cfg.chunk_size >= 0, "must be >= 0 (0: automatic)")
+    if cfg.divergence == "sampled_pg":
+        if cfg.pointwise_clip is not None:
+            raise ConfigError(
+                "loss.pointwise_clip does not apply to loss.divergence=sampled_pg (it uses the "
+                "sampled token only, there are no vocabulary terms to clip); set "
+                "loss.pointwise_clip=null, or use loss.token_clip"
+            )
+        if cfg.top_k > 0:
+            raise ConfigError(
+                "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
+                "token only); set loss.top_k=0"
+            )

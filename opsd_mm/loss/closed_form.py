@@ -48,7 +48,6 @@ from opsd_mm.loss.divergences import (
     sampled_logprob_N,
     sampled_pg_loss,
     sampled_token_logprobs,
-    validate_loss_config,
 )
 from opsd_mm.types import TeacherLogprobs
 
@@ -83,7 +82,6 @@ def divergence_and_grad(
     returned in that dtype. The inputs are left untouched. Raises ValueError for settings
     without a closed form (top-k).
     """
-    validate_loss_config(cfg)
     return consume_divergence_and_grad([student_logits_NV, teacher_logits_NV], sampled_ids_N, cfg)
 
 

@@ -38,7 +38,6 @@ from opsd_mm.loss.divergences import (
     DivergenceOut,
     check_scored_teacher,
     token_divergence,
-    validate_loss_config,
 )
 from opsd_mm.types import TeacherLogprobs
 
@@ -312,7 +311,6 @@ def fused_divergence(
     Math is fp32 whatever the input dtype; logits are computed in the weight's dtype, as an
     ``nn.Linear`` lm_head would, then upcast.
     """
-    validate_loss_config(cfg)
     if (teacher_hidden_NH is None) == (teacher_logprobs is None):
         raise ValueError("fused_divergence needs teacher_hidden_NH or teacher_logprobs, not both")
     if teacher_logprobs is not None:
