@@ -17,7 +17,8 @@ from typing import Any
 
 from opsd_mm.eval.benchmarks._common import EvalError
 from opsd_mm.eval.registry import DEFAULT_SUITE, TEXT_MATH, get_benchmark, list_benchmarks
-from opsd_mm.types import Processor, RolloutEngine
+from opsd_mm.rollout.base import RolloutEngine
+from opsd_mm.types import Processor
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")
 

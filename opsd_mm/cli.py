@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_fresh(cfg.run_dir)  # before any data or model loads (the trainer checks again)
     trainer = build_trainer(cfg)
-    from opsd_mm.train.trainer import TrainingInterrupted
+    from opsd_mm.train.signals import TrainingInterrupted
 
     try:
         history = trainer.train()

@@ -265,16 +265,3 @@ class Processor(Protocol):
         ...
 
     def collate(self, pairs: Sequence[Pair]) -> PairBatch: ...
-
-
-class RolloutEngine(Protocol):
-    """Samples completions. ``generate`` returns ``rollouts_P_G``: for each prompt, ``n``
-    rollouts. ``sync_weights`` makes the engine sample from the trainer's current weights;
-    ``version`` (the trainer step they come from) is recorded on the rollouts sampled from them,
-    so the trainer can measure how stale its rollouts are."""
-
-    def generate(
-        self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig
-    ) -> list[list[Rollout]]: ...
-
-    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None: ...

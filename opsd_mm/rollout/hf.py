@@ -120,6 +120,13 @@ class HFEngine:
             batch_size=batch_size,
         )
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, model: torch.nn.Module, model_path: str, processor: Any
+    ) -> HFEngine:
+        """``rollout.engine=hf``: generates with the model being trained."""
+        return cls.for_processor(model, processor)
+
     def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         """The HF engine samples from the training model itself: nothing to copy, and its
         rollouts carry no weight version (they are never stale)."""

@@ -30,7 +30,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsd_mm.types import Example, Prompt, Rollout, RolloutEngine, SamplingConfig
+from opsd_mm.rollout.base import RolloutEngine
+from opsd_mm.types import Example, Prompt, Rollout, SamplingConfig
 
 
 @dataclass

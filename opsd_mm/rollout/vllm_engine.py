@@ -169,6 +169,22 @@ class VLLMEngine:
         # Qwen-VL's image placeholder id (None for text models); see ``collapse_placeholders``.
         self.image_token_id: int | None = getattr(hf_config, "image_token_id", None)
 
+    @classmethod
+    def from_config(
+        cls, cfg: Any, model: torch.nn.Module, model_path: str, processor: Any
+    ) -> VLLMEngine:
+        """``rollout.engine=vllm``: a colocated engine on the model's checkpoint, in the
+        model's dtype, with a context for the longest prompt plus completion."""
+        return cls(
+            model_path,
+            cfg.rollout,
+            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+            seed=cfg.seed,
+            max_model_len=cfg.processor.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            suppress_token_ids=processor.suppress_token_ids,
+            eos_token_ids=processor.eos_token_ids,
+        )
+
     @staticmethod
     def _make_llm(kwargs: dict[str, Any]) -> Any:
         """Build the LLM in-process: sync passes tensors by reference only within one process."""

@@ -17,16 +17,16 @@ each micro-batch then takes its rows' scores as tensors in loss-token order
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
+from opsd_mm.rollout.base import ScoringEngine
 from opsd_mm.types import Pair, Prompt, TeacherLogprobs, TeacherScores
 
 
-def score_pairs(engine: Any, pairs: Sequence[Pair], top_k: int) -> None:
-    """Score every pair's completion after its teacher prompt on ``engine`` (``score(prompts,
-    starts, top_k)``: the server's client or a colocated ``VLLMEngine``) and attach the result
+def score_pairs(engine: ScoringEngine, pairs: Sequence[Pair], top_k: int) -> None:
+    """Score every pair's completion after its teacher prompt on ``engine`` (the server's
+    client or a colocated ``VLLMEngine``) and attach the result
     as ``pair.teacher_scores``. The teacher-only images go with the teacher prompt."""
     if not pairs:
         return

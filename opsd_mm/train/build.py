@@ -9,7 +9,10 @@ Accelerator. Two entry points share the steps:
 - :func:`trainer_from_examples`: a processor and in-memory examples the caller already has
   (the demo's synthetic tasks, tests), then the same model, engine and trainer.
 
-Like the rest of the core this module imports no processor: the processor (or, for
+The config is resolved and the Accelerator made here, once (:func:`trainer_from_examples`,
+which :func:`trainer_from_config` calls with the Accelerator it made first); the
+:class:`~opsd_mm.train.trainer.Trainer` is handed both. The engine comes from the table of
+engines (``opsd_mm.rollout.base``). Like the rest of the core this module imports no processor: the processor (or, for
 :func:`trainer_from_config`, a :class:`~opsd_mm.data.cli.DataWiring` that builds it) is handed
 in by ``cli.py``.
 """
@@ -25,46 +28,22 @@ import torch
 from opsd_mm.config import RunConfig, resolve_config
 from opsd_mm.data.cli import DataWiring, load_training_data
 from opsd_mm.data.presets import resolve_data
-from opsd_mm.model.load import check_model_family, load_model, model_type_of, setup_trainable
-from opsd_mm.train.distributed import make_accelerator
+from opsd_mm.model.load import (
+    check_model_family,
+    load_model,
+    model_type_of,
+    resolve_model_path,
+    setup_trainable,
+)
+from opsd_mm.rollout.base import build_engine
+from opsd_mm.train.distributed import check_distributed_support, make_accelerator
 from opsd_mm.train.trainer import Trainer
-from opsd_mm.types import Example, Processor, RolloutEngine
+from opsd_mm.types import Example, Processor
 
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_engine(
-    cfg: RunConfig, model: torch.nn.Module, model_path: str, processor: Processor
-) -> RolloutEngine:
-    """The rollout engine named by ``rollout.engine``."""
-    if cfg.rollout.engine == "vllm":
-        from opsd_mm.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            model_path,
-            cfg.rollout,
-            dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-            seed=cfg.seed,
-            max_model_len=cfg.processor.max_prompt_tokens + cfg.rollout.max_new_tokens,
-            suppress_token_ids=processor.suppress_token_ids,
-            eos_token_ids=processor.eos_token_ids,
-        )
-    if cfg.rollout.engine == "vllm_server":
-        from opsd_mm.rollout.client import ServerEngine, build_server_engine
-
-        cls = ServerEngine
-        if cfg.teacher.scoring == "server" and cfg.teacher.kind == "fixed":
-            # The base weights are the fixed teacher; syncs send the student's adapter alone.
-            from opsd_mm.rollout.client_adapter import AdapterServerEngine
-
-            cls = AdapterServerEngine
-        return build_server_engine(cfg, model, processor, cls)
-    from opsd_mm.rollout.hf import HFEngine
-
-    return HFEngine.for_processor(model, processor)
 
 
 def load_trainable_model(
@@ -95,10 +74,9 @@ def trainer_from_examples(
     made here from the config). The caller sets the seed (:func:`set_seed`) before this when
     it wants the LoRA initialisation reproducible, as :func:`trainer_from_config` does.
     """
-    from opsd_mm.model.load import resolve_model_path
-
     cfg = resolve_config(cfg)
     accelerator = accelerator or make_accelerator(cfg)
+    check_distributed_support(cfg, accelerator)  # before the model loads
     path = model_path or resolve_model_path(cfg.model)
     model = load_trainable_model(cfg, path, accelerator.device)
     engine = build_engine(cfg, model, path, processor)

@@ -200,7 +200,7 @@ def test_fake_adapter_engine_sends_base_once_and_adapter_each_sync(fake, tmp_pat
     before its adapter), the peft adapter at every sync."""
     from peft import LoraConfig, get_peft_model
 
-    from opsd_mm.rollout.client_adapter import AdapterServerEngine
+    from opsd_mm.rollout.client import AdapterServerEngine
 
     class Tiny(torch.nn.Module):
         def __init__(self):

@@ -12,6 +12,7 @@ from opsd_mm.config import ConfigError, LossConfig, load_config
 from opsd_mm.loss.divergences import loss_mask, token_divergence
 from opsd_mm.loss.fused import fused_divergence
 from opsd_mm.teacher.scoring import scores_from_full_logprobs, teacher_logprobs
+from opsd_mm.train import batches
 from opsd_mm.types import Pair, Prompt, TeacherLogprobs, TeacherScores
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +176,7 @@ def test_micro_batch_loss_from_scores_equals_local_teacher(
         *loss,
     )
     trainer = build_trainer(cfg)
-    rb = trainer._generate(trainer._draw(1))
+    rb = batches.generate(trainer.engine, trainer._draw(1), trainer.cfg)
     pairs = [
         trainer.processor.pair(ex, r.completion_ids, student=p, teacher=trainer.teacher_prompt(ex))
         for ex, p, g in zip(rb.examples, rb.prompts, rb.rollouts_P_G)

@@ -226,10 +226,10 @@ def test_micro_batch_mean_normalisation_and_schedule_horizon(tiny_cache, tmp_pat
         seen = []
         real = t._micro_step
 
-        def record(batch, scale, timer, *rest, real=real, seen=seen):
-            loss, out, terms = real(batch, scale, timer, *rest)
+        def record(*args, real=real, seen=seen):
+            loss, out, terms, engine_N = real(*args)
             seen.append(out.loss_N.detach())
-            return loss, out, terms
+            return loss, out, terms, engine_N
 
         t._micro_step = record
         real_generate = t.engine.generate
