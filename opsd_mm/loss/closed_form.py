@@ -10,32 +10,33 @@ fused loss once the matmuls run on tensor cores, so this is where its speed come
 
 :func:`token_divergence` stays the reference: ``tests/loss/test_divergence_grad.py`` checks values
 and gradients against autograd through it (fp64 and fp32, every mode, clips, temperatures,
-extreme logits). Top-k supports (gather/renormalise/tail bucket) keep the autograd path:
-:func:`has_closed_form` says which settings are covered. The clips and the sampled-token
-advantage are not re-coded here: :func:`opsd_mm.loss.divergences.apply_clips` (in place) and
-:func:`opsd_mm.loss.divergences.sampled_pg_loss` serve both paths; only the gradients are new.
+extreme logits). Top-k supports (gather/renormalise/tail bucket) keep the autograd path, and so
+does a mode whose entry in ``opsd_mm.loss.modes`` has no ``terms_and_grad``: :func:`has_closed_form`
+says which settings are covered. The per-mode formulas are not here either: each mode's
+``terms_and_grad`` sits beside its ``terms`` in ``opsd_mm.loss.modes``, and this module looks the
+mode up (``mode_for``) and branches on its fields, never on its name. The clips and the
+sampled-token advantage are not re-coded: :func:`opsd_mm.loss.divergences.apply_clips` (in
+place) and :func:`opsd_mm.loss.divergences.sampled_pg_loss` serve both paths. What is here is the
+part all modes share: the log-softmax's Jacobian, the clips' zero-gradient entries, and the
+sampled-token gradient.
 
 Notation (shapes [c, V] unless said): z the student logits, tau the temperature,
 s = log_softmax(z / tau), S = exp(s); t, T the teacher's. For a loss L = sum_v terms_v(s), with
 g_v = dL/ds_v taken as if the s_v were free, the log-softmax gives
-dL/dz = (g - S * sum_v g_v) / tau. Per mode:
+dL/dz = (g - S * sum_v g_v) / tau. Per mode, g comes from the mode's ``terms_and_grad``
+(derivations in their docstrings, ``opsd_mm.loss.modes``):
 
-- forward KL, KL(T || S), terms T (t - s): g = -T, so dL/dz = (S - T) / tau.
-- reverse KL, KL(S || T), terms S (s - t): g = S (s - t + 1).
-- JSD(beta) = beta KL(T || M) + (1-beta) KL(S || M), M = beta T + (1-beta) S, m = log M,
-  a = t - m, b = s - m: dJSD/dS_v = (1-beta) (b_v + 1) - (1-beta) (beta T_v + (1-beta) S_v) / M_v
-  = (1-beta) b_v, since the mixture weights are the KL weights (beta T + (1-beta) S = M): the
-  derivative through M cancels the "+1". b <= -log(1-beta) and a <= -log(beta) are bounded, so
-  nothing is 0/0 where M underflows. g = (1-beta) S b. Each entry's term depends on S_v alone,
-  so a point-wise clip zeroes exactly that entry's g_v.
+- forward KL, KL(T || S) (mass-covering), terms T (t - s): g = -T, so dL/dz = (S - T) / tau.
+- reverse KL, KL(S || T) (mode-seeking), terms S (s - t): g = S (s - t + 1).
+- JSD(beta) = beta KL(T || M) + (1-beta) KL(S || M), M = beta T + (1-beta) S, m = log M:
+  g = (1-beta) S (s - m), the derivative through M cancelling the rest. Each entry's term
+  depends on S_v alone, so a point-wise clip zeroes exactly that entry's g_v.
 - point-wise clip c: g_v = 0 where terms_v > c (``clamp``'s gradient); token clip c: g = 0 on
   the rows whose (point-wise clipped) loss exceeds c.
 - sampled_pg, loss = -A log p_s(y) with A detached: dL/dz = A (S - onehot(y)) / tau.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +50,26 @@ from opsd_mm.loss.divergences import (
     sampled_pg_loss,
     sampled_token_logprobs,
 )
+from opsd_mm.loss.modes import mode_for
 from opsd_mm.types import TeacherLogprobs
 
 
 def has_closed_form(cfg: LossConfig, vocab_size: int) -> bool:
-    """True when :func:`divergence_and_grad` covers these settings: every mode on the full
-    vocabulary (top-k off, or k >= V, which ``token_divergence`` also treats as full)."""
-    return cfg.top_k <= 0 or cfg.top_k >= vocab_size
+    """True when :func:`divergence_and_grad` covers these settings: the full vocabulary (top-k
+    off, or k >= V, which ``token_divergence`` also treats as full) and a mode with a closed
+    form (a ``terms_and_grad`` in its table entry, or sampled-token-only, whose gradient is
+    the shared one here)."""
+    mode = mode_for(cfg.divergence, cfg.beta)
+    full_vocab = cfg.top_k <= 0 or cfg.top_k >= vocab_size
+    return full_vocab and (mode.terms_and_grad is not None or mode.sampled_token_only)
+
+
+def no_closed_form_reason(cfg: LossConfig, vocab_size: int) -> str:
+    """What :func:`has_closed_form` lacks, for error messages: the top-k support, or the
+    mode's closed form."""
+    if 0 < cfg.top_k < vocab_size:
+        return f"loss.top_k={cfg.top_k} (< V={vocab_size})"
+    return f"loss.divergence={cfg.divergence} (its mode has no terms_and_grad)"
 
 
 def _log_probs(logits_NV: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
@@ -104,14 +118,18 @@ def consume_divergence_and_grad(
     n_vocab = logits[0].shape[-1]
     if not has_closed_form(cfg, n_vocab):
         raise ValueError(
-            f"no closed-form gradient for loss.top_k={cfg.top_k} (< V={n_vocab}); use autograd "
+            f"no closed-form gradient for {no_closed_form_reason(cfg, n_vocab)}; use autograd "
             "through token_divergence"
         )
+    mode = mode_for(cfg.divergence, cfg.beta)
     # A teacher scored elsewhere (TeacherLogprobs: teacher.scoring=server) carries log p_t(y)
-    # only, which is all sampled_pg's gradient reads; its entropy is unknown (NaN).
+    # only, which is all a sampled-token-only mode's gradient reads; its entropy is unknown (NaN).
     scored = logits[1] if isinstance(logits[1], TeacherLogprobs) else None
-    if scored is not None and cfg.divergence != "sampled_pg":
-        raise ValueError("a scored teacher has a closed-form gradient for sampled_pg only")
+    if scored is not None and not mode.sampled_token_only:
+        raise ValueError(
+            "a scored teacher has a closed-form gradient for sampled-token-only modes "
+            "(sampled_pg) only"
+        )
     dtype = torch.promote_types(logits[0].dtype, torch.float32)
     tau = loss_temperature(cfg)
     s_NV = _log_probs(logits[0], dtype, tau)
@@ -128,7 +146,7 @@ def consume_divergence_and_grad(
         teacher_entropy_N = torch.full_like(student_entropy_N, float("nan"))
     logits[1] = None
 
-    if cfg.divergence == "sampled_pg":
+    if mode.sampled_token_only:
         ids_N1, s_y_N = sampled_token_logprobs(s_NV, sampled_ids_N)
         if scored is None:
             t_y_N = t_NV.gather(-1, ids_N1).squeeze(-1)
@@ -139,10 +157,11 @@ def consume_divergence_and_grad(
         grad_NV = S_NV.mul_(advantage_N[:, None])  # S is not needed any more: reuse its memory
         grad_NV.scatter_add_(-1, ids_N1, -advantage_N[:, None])
     else:
-        # Hands over s, t and T (the helper drops them as it goes); keeps S for the projection.
+        # Hands over s, t and T (the mode's closed form drops them as it goes); keeps S for the
+        # projection.
         sides = [s_NV, t_NV, T_NV]
         del s_NV, t_NV, T_NV
-        terms_NV, g_NV = _consume_terms_and_grad(sides, S_NV, cfg.divergence, cfg.beta)
+        terms_NV, g_NV = mode.terms_and_grad(sides, S_NV, cfg.beta)
         # The clips' zero-gradient entries and rows, as ``clamp`` would give them.
         loss_N, div_N, clipped_N, over_NV, over_N = apply_clips(terms_NV, cfg, in_place=True)
         del terms_NV
@@ -165,33 +184,3 @@ def consume_divergence_and_grad(
         student_logprob_N=student_logprob_N,
     )
     return out, grad_NV
-
-
-def _consume_terms_and_grad(
-    sides: list[torch.Tensor | None], S_NV: torch.Tensor, divergence: str, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-entry terms of ``divergences.divergence_terms`` (same formulas, within an ulp)
-    and
-    g = d(sum of terms)/ds with s taken as free, from ``sides = [s, t, T]``, which it empties.
-    S is left intact."""
-    s_NV, t_NV, T_NV = sides
-    sides.clear()
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        terms_NV = t_NV.sub_(s_NV).mul_(T_NV)  # T (t - s), in t's memory
-        return terms_NV, T_NV.neg_()
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        del T_NV
-        terms_NV = S_NV * s_NV.sub_(t_NV)
-        return terms_NV, s_NV.copy_(terms_NV).add_(S_NV)
-    if divergence != "jsd":
-        raise ValueError(f"loss.divergence={divergence!r} has no vocabulary terms")
-    m_NV = t_NV + math.log(beta)
-    torch.logaddexp(m_NV, s_NV + math.log1p(-beta), out=m_NV)
-    a_NV = t_NV.sub_(m_NV)  # log T/M <= -log(beta), in t's memory
-    b_NV = torch.sub(s_NV, m_NV, out=m_NV)  # log S/M <= -log(1-beta), in m's memory
-    del s_NV, t_NV, m_NV
-    # terms = beta T a + (1-beta) S b: one temporary, the second product fused into it.
-    terms_NV = torch.mul(T_NV, a_NV).mul_(beta).addcmul_(S_NV, b_NV, value=1.0 - beta)
-    del T_NV, a_NV
-    # g = (1-beta) S b, in b's memory.
-    return terms_NV, b_NV.mul_(S_NV).mul_(1.0 - beta)

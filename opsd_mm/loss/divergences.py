@@ -5,6 +5,10 @@ tokens, V vocabulary entries) and returns per-token values in fp32 (float64 inpu
 so ``gradcheck`` can run). The fused path (``opsd_mm.loss.fused``) calls :func:`token_divergence` on
 one chunk of tokens at a time, so every mode has exactly one implementation.
 
+What each mode computes lives in one table, ``opsd_mm.loss.modes``: this module looks the mode up
+(:func:`~opsd_mm.loss.modes.mode_for`) and branches on its fields (``sampled_token_only``; its
+``terms`` for the vocabulary modes), never on its name.
+
 Reduction is kept separate on purpose: the trainer sums ``loss_N`` over every micro-batch and
 divides by the *global* count of loss tokens of the optimizer step (:func:`reduce_loss`), so
 gradient accumulation and data parallelism give the same gradient as one big batch.
@@ -17,13 +21,13 @@ Directions, in words (S = student, T = teacher, both at the configured temperatu
   used by the OPSD reference code, TRL and Liger: with the mixture M = beta*T + (1-beta)*S,
   ``JSD_beta = beta * KL(T || M) + (1-beta) * KL(S || M)``. beta=0 is *exactly* KL(T || S)
   (forward) and beta=1 *exactly* KL(S || T) (reverse): both endpoints are special-cased, as the
-  reference does, because the formula itself tends to 0 at either end (the heavily weighted
-  KL compares a distribution with a mixture that tends to it, and the other term's weight
-  vanishes). The per-token values at beta=0.1 are thus much smaller than at 0.5 on the same
-  distributions; tune the learning rate with beta, as in the reference. At beta=0.5 it is the
-  textbook JSD. So ``loss.beta`` means what it means in the paper and in TRL: a recipe's
-  ``--beta`` carries over unchanged. (Until version 0.1 this project swapped the two weights to
-  be continuous at the ends; the two agree at 0, 0.5 and 1 only.)
+  reference does (once, in ``opsd_mm.loss.modes.mode_for``), because the formula itself tends
+  to 0 at either end (the heavily weighted KL compares a distribution with a mixture that tends
+  to it, and the other term's weight vanishes). The per-token values at beta=0.1 are thus much
+  smaller than at 0.5 on the same distributions; tune the learning rate with beta, as in the
+  reference. At beta=0.5 it is the textbook JSD. So ``loss.beta`` means what it means in the
+  paper and in TRL: a recipe's ``--beta`` carries over unchanged. (Until version 0.1 this project
+  swapped the two weights to be continuous at the ends; the two agree at 0, 0.5 and 1 only.)
 - ``sampled_pg``: the on-policy reverse-KL policy gradient on the sampled token y only.
 
 Reminder for readers of other code: ``torch.nn.functional.kl_div(input, target)`` computes
@@ -40,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from opsd_mm.config import LossConfig
+from opsd_mm.loss.modes import MODES, mode_for
 from opsd_mm.types import TeacherLogprobs
 
-DIVERGENCES = ("jsd", "forward_kl", "reverse_kl", "sampled_pg")  # = LossConfig.divergence
+DIVERGENCES = tuple(MODES)  # = LossConfig.divergence (tests/loss/test_modes.py)
 
 # Floor for the tail bucket's probability: keeps log(tail) finite (log(1e-30) ~ -69) when the
 # top-k tokens hold all the mass in floating point. The clamp has zero gradient where it binds.
@@ -169,24 +174,19 @@ def topk_support(
 def divergence_terms(
     student_logp_NK: torch.Tensor, teacher_logp_NK: torch.Tensor, divergence: str, beta: float
 ) -> torch.Tensor:
-    """The per-entry terms [N, K] whose sum over K is the divergence (see the module docstring).
+    """The per-entry terms [N, K] whose sum over K is the divergence: the ``terms`` of the
+    mode's entry in ``opsd_mm.loss.modes`` (the JSD's endpoints resolved by ``mode_for``).
 
     Point-wise clipping acts on these terms, so their split matters: forward KL's term is
     T_v (log T_v - log S_v), reverse KL's S_v (log S_v - log T_v), and the JSD's
     beta T_v (log T_v - log M_v) + (1-beta) S_v (log S_v - log M_v), with log M computed as a
-    log-sum-exp of the two log-distributions (as the reference and TRL compute it).
+    log-sum-exp of the two log-distributions (as the reference and TRL compute it). A
+    ValueError for a mode without vocabulary terms (``sampled_pg``).
     """
-    s, t = student_logp_NK, teacher_logp_NK
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return t.exp() * (t - s)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return s.exp() * (s - t)
-    if divergence != "jsd":
+    mode = mode_for(divergence, beta)
+    if mode.terms is None:
         raise ValueError(f"loss.divergence={divergence!r} has no vocabulary terms")
-    m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
-    # Scalars applied last: S = exp(s) is then saved once for backward (by exp and by the
-    # product alike) instead of also saving (1-beta) * S, one [N, K] tensor less at the peak.
-    return beta * (t.exp() * (t - m)) + (1.0 - beta) * (s.exp() * (s - m))
+    return mode.terms(student_logp_NK, teacher_logp_NK, beta)
 
 
 class Clips(NamedTuple):
@@ -304,7 +304,7 @@ def token_divergence(
 
     - top-k (``cfg.top_k`` > 0): the support is the teacher's k most likely tokens per position,
       renormalised, or with one extra tail bucket (``cfg.top_k_tail_bucket``);
-    - the divergence is summed over the support (modes in the module docstring);
+    - the divergence is summed over the support (the mode's ``terms``, ``opsd_mm.loss.modes``);
     - ``cfg.pointwise_clip`` c clamps each support term to at most c before the sum (zero
       gradient where it binds). This matches the OPSD reference (siyan-zhao/OPSD,
       ``opsd_trainer.py``, its ``jsd_token_clip``, 0.05 in the v3 recipes): despite that name it
@@ -313,12 +313,13 @@ def token_divergence(
       summing, i.e. it is a point-wise clip;
     - ``cfg.token_clip`` c clamps the per-token loss to at most c (zero gradient where it binds).
 
-    ``sampled_pg`` uses only the sampled token y (``sampled_ids_N``): the advantage
-    A = (log p_t(y) - log p_s(y)).detach() and ``loss_N = -A * log p_s(y)``, whose gradient is the
-    single-sample estimate of the gradient of KL(S || T) under on-policy samples (the value is a
-    surrogate, not a divergence; ``div_N`` holds the estimate log p_s(y) - log p_t(y)). Under a
-    token clip c the per-token estimate is capped before it becomes the advantage:
-    A = -min(log p_s(y) - log p_t(y), c), so over-confident tokens push down no harder than c.
+    ``sampled_pg`` (the mode whose table entry is ``sampled_token_only``) uses only the sampled
+    token y (``sampled_ids_N``): the advantage A = (log p_t(y) - log p_s(y)).detach() and
+    ``loss_N = -A * log p_s(y)``, whose gradient is the single-sample estimate of the gradient of
+    KL(S || T) under on-policy samples (the value is a surrogate, not a divergence; ``div_N``
+    holds the estimate log p_s(y) - log p_t(y)). Under a token clip c the per-token estimate is
+    capped before it becomes the advantage: A = -min(log p_s(y) - log p_t(y), c), so
+    over-confident tokens push down no harder than c.
 
     The teacher may also come as :class:`~opsd_mm.types.TeacherLogprobs` (scored on the
     generation server, ``teacher.scoring=server``): its sampled-token log-probabilities for
@@ -350,7 +351,8 @@ def token_divergence(
         teacher_entropy_N = torch.full_like(student_entropy_N, math.nan)
     student_logprob_N = sampled_logprob_N(student_logits_NV, s_logp_NV, sampled_ids_N, cfg)
 
-    if cfg.divergence == "sampled_pg":
+    mode = mode_for(cfg.divergence, cfg.beta)
+    if mode.sampled_token_only:
         ids_N1, s_y_N = sampled_token_logprobs(s_logp_NV, sampled_ids_N)
         if scored:
             t_y_N = teacher_logits_NV.token_N.detach().to(dtype)
@@ -367,7 +369,7 @@ def token_divergence(
             )
         else:
             s_NK, t_NK = _support_log_probs(s_logp_NV, t_logp_NV, cfg)
-        terms_NK = divergence_terms(s_NK, t_NK, cfg.divergence, cfg.beta)
+        terms_NK = mode.terms(s_NK, t_NK, cfg.beta)
         loss_N, div_N, clipped_N, _, _ = apply_clips(terms_NK, cfg)
 
     return DivergenceOut(
@@ -392,7 +394,7 @@ def check_scored_teacher(teacher: TeacherLogprobs, cfg: LossConfig, n_tokens: in
         raise ValueError(
             f"scored teacher covers {teacher.token_N.shape[0]} tokens, the student {n_tokens}"
         )
-    if cfg.divergence != "sampled_pg":
+    if not mode_for(cfg.divergence, cfg.beta).sampled_token_only:
         k = 0 if teacher.topk_ids_NK is None else teacher.topk_ids_NK.shape[-1]
         if cfg.top_k <= 0 or k != cfg.top_k or teacher.topk_NK is None:
             raise ValueError(

@@ -12,8 +12,11 @@ ever exist. The gradients are stored during forward; backward only scales them b
 Per chunk, the loss and its logit gradient come in closed form on the full vocabulary
 (``opsd_mm.loss.closed_form``: half the working set and fewer passes over [chunk, V] than
 autograd), and by autograd through :func:`opsd_mm.loss.divergences.token_divergence` under top-k,
-whose gather/renormalisation has no short closed form. ``token_divergence`` stays the one
-reference: both are tested against it, values and gradients.
+whose gather/renormalisation has no short closed form, and for a mode whose entry in the table
+``opsd_mm.loss.modes`` has no ``terms_and_grad``. Which one runs follows
+:func:`~opsd_mm.loss.closed_form.has_closed_form` and the mode's fields (``mode_for``), never its
+name. ``token_divergence`` stays the one reference: both are tested against it, values and
+gradients.
 
 Consequences worth knowing: the forward pass does the backward work too (skipped when no input
 needs a gradient, e.g. under ``torch.no_grad``); the graph cannot be differentiated twice.
@@ -33,12 +36,14 @@ from opsd_mm.loss.closed_form import (
     consume_divergence_and_grad,
     divergence_and_grad,
     has_closed_form,
+    no_closed_form_reason,
 )
 from opsd_mm.loss.divergences import (
     DivergenceOut,
     check_scored_teacher,
     token_divergence,
 )
+from opsd_mm.loss.modes import mode_for
 from opsd_mm.types import TeacherLogprobs
 
 # Default chunk: ~256 MiB of fp32 logits per chunk, student and teacher together. The whole
@@ -292,8 +297,9 @@ def fused_divergence(
         chunk_size: tokens per chunk; None -> :func:`default_chunk_size` (~256 MiB of logits).
         compile: run each chunk's divergence through ``torch.compile`` (off by default).
         closed_form: the chunk's logit gradient in closed form (``opsd_mm.loss.closed_form``);
-            None (default) uses it wherever it applies (full vocabulary), False forces autograd
-            through ``token_divergence`` (the reference), True raises where it does not apply.
+            None (default) uses it wherever it applies (the full vocabulary, and a mode with a
+            closed form: ``has_closed_form``), False forces autograd through
+            ``token_divergence`` (the reference), True raises where it does not apply.
         rollout_logprob_N: the rollout engine's log p of each sampled token (NaN: unknown).
             With ``cfg.importance_clip`` set, token n's loss (and gradient) is multiplied by
             ``opsd_mm.loss.importance.importance_weights`` of the chunk's own student log-prob, so
@@ -301,8 +307,9 @@ def fused_divergence(
         teacher_logprobs: the teacher scored elsewhere (``teacher.scoring=server``), in place of
             ``teacher_hidden_NH`` (then None) and the teacher head: its sampled-token or top-k
             log-probabilities, as :func:`~opsd_mm.loss.divergences.token_divergence` takes them.
-            ``sampled_pg`` keeps its closed-form chunk gradient (it reads log p_t(y) alone); a
-            top-k support takes each chunk's gradient by autograd, as it does locally.
+            ``sampled_pg`` (sampled-token-only) keeps its closed-form chunk gradient (it reads
+            log p_t(y) alone); a top-k support takes each chunk's gradient by autograd, as it
+            does locally.
 
     Returns:
         (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
@@ -313,16 +320,18 @@ def fused_divergence(
     """
     if (teacher_hidden_NH is None) == (teacher_logprobs is None):
         raise ValueError("fused_divergence needs teacher_hidden_NH or teacher_logprobs, not both")
+    mode = mode_for(cfg.divergence, cfg.beta)
     if teacher_logprobs is not None:
         # An empty [N, 0] stand-in, so the shape checks below cover the scored tokens too.
         teacher_hidden_NH = student_hidden_NH.new_empty(teacher_logprobs.token_N.shape[0], 0)
         teacher_weight_VH, teacher_bias_V = None, None
         check_scored_teacher(teacher_logprobs, cfg, student_hidden_NH.shape[0])
-        # sampled_pg's closed form reads log p_t(y) only; a top-k support goes through autograd.
-        if closed_form and cfg.divergence != "sampled_pg":
+        # A sampled-token-only mode's closed form reads log p_t(y) only; a top-k support goes
+        # through autograd.
+        if closed_form and not mode.sampled_token_only:
             raise ValueError("closed_form=True: no closed-form top-k gradient (scored teacher)")
         if closed_form is None:
-            closed_form = cfg.divergence == "sampled_pg"
+            closed_form = mode.sampled_token_only
     if student_hidden_NH.dim() != 2 or teacher_hidden_NH.dim() != 2:
         raise ValueError(
             "fused_divergence expects hidden states of shape [N, H] (select the loss positions "
@@ -345,7 +354,7 @@ def fused_divergence(
             f"{teacher_weight_VH.shape[0]}"
         )
     if sampled_ids_N is None:
-        if cfg.divergence == "sampled_pg":
+        if mode.sampled_token_only:
             raise ValueError("loss.divergence=sampled_pg needs the sampled token ids")
         sampled_ids_N = torch.zeros(n_tokens, dtype=torch.long, device=student_hidden_NH.device)
     if chunk_size is None:
@@ -363,8 +372,8 @@ def fused_divergence(
         closed_form = has_closed_form(cfg, weight_VH.shape[0])
     elif closed_form and not has_closed_form(cfg, weight_VH.shape[0]):
         raise ValueError(
-            f"closed_form=True: no closed-form gradient for loss.top_k={cfg.top_k} "
-            f"(< V={weight_VH.shape[0]}); pass closed_form=None"
+            "closed_form=True: no closed-form gradient for "
+            f"{no_closed_form_reason(cfg, weight_VH.shape[0])}; pass closed_form=None"
         )
     chunk_fn = _compiled_chunk_divergence() if compile else _chunk_divergence
     if closed_form:
