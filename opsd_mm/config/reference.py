@@ -214,11 +214,11 @@ On the command line, dotted `key=value` overrides follow the file and win over i
 opsd-mm train configs/tiny_text.yaml trainer.max_steps=3 loss.beta=0.1 model.lora.r=8
 ```
 
-Values are YAML: `3`, `1e-4`, `true`, `[tensorboard, wandb]`; a key of type `str` takes the text
-as written. `null` (in the file, or as an override such as `loss.pointwise_clip=null`) unsets a
-key whose type allows it; its row says what null means. An unknown key or a value of the wrong
-type is an error naming the key. `rollout.async` is spelled so in YAML and overrides (the
-dataclass field is `async_`).
+An override's value is read as YAML (`3`, `1e-4`, `true`, `[tensorboard, wandb]`), except that
+a key of type `str` takes the text as written. `null` (in the file, or as an override such as
+`loss.pointwise_clip=null`) unsets a key whose type allows it; its row says what null means. An
+unknown key or a value of the wrong type is an error naming the key. `rollout.async` is spelled
+so in YAML and overrides (the dataclass field is `async_`).
 
 Some values are filled in when the config loads: `loss.temperature` from `rollout.temperature`,
 and a `data.preset`'s `data.split` and `processor.teacher_template`. `opsd-mm config show CONFIG
