@@ -155,6 +155,56 @@ def add_export_parser(sub: Any) -> None:
     export.set_defaults(func=cmd_export)
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from opsd_mm.config import reference_markdown
+
+    text = reference_markdown()
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from opsd_mm.config import show_config
+    from opsd_mm.data.presets import resolve_data
+
+    sys.stdout.write(show_config(args.config, list(args.overrides), resolve=resolve_data))
+    return 0
+
+
+def add_config_parser(sub: Any) -> None:
+    config = sub.add_parser(
+        "config",
+        help="the config reference, and a config as training resolves it",
+        description="Every config key (type, default, meaning), or a recipe's resolved values "
+        "with their origin.",
+    )
+    commands = config.add_subparsers(dest="config_command", required=True)
+    reference = commands.add_parser(
+        "reference",
+        help="print the config reference (Markdown; docs/config.md)",
+        description="Every config key with its type, default and meaning, as Markdown, "
+        "generated from the documentation of the config dataclasses.",
+    )
+    reference.add_argument("--output", "-o", help="write it to this file instead of stdout")
+    reference.set_defaults(func=cmd_config_reference)
+    show = commands.add_parser(
+        "show",
+        help="print a config as training would use it, each value with its origin",
+        description="The resolved config (defaults, the YAML file, the overrides, then "
+        "resolution), one 'key: value  # origin' line per key; origin is default, file, "
+        "override or resolved. Secrets are masked.",
+    )
+    show.add_argument("config", help="YAML config (see configs/)")
+    show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    show.set_defaults(func=cmd_config_show)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "accelerate"):
@@ -200,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     add_data_parser(sub, cmd_data)
     add_plot_parser(sub)
     add_export_parser(sub)
+    add_config_parser(sub)
     from opsd_mm.rollout.server import add_serve_parser
 
     add_serve_parser(sub)

@@ -8,6 +8,7 @@ user's terms (``loss.beta``), which the generic libraries do not do well.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -171,21 +172,27 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (safe loader), apply dotted overrides, validate into RunConfig."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = _read_yaml(path)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        raw = loaded
-    for item in overrides or []:
-        key, value = parse_override(item)
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in the YAML recipe ``path`` (safe loader; an empty file is ``{}``),
+    as written: not checked against the sections yet. A ConfigError when the file is missing,
+    not YAML, or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = _read_yaml(path)
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``raw`` with each parsed override (:func:`parse_override`) set at its dotted
+    key, in order: a later one wins, and one that sets a whole section (``model.lora={r: 4}``)
+    replaces that section's mapping. ``raw`` itself is left as it was."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides:
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -195,7 +202,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 node[part] = child
             node = child
         node[parts[-1]] = value
-    return resolve_config(_build(RunConfig, raw))
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a raw mapping (strict keys and types), before resolution
+    (:func:`~opsd_mm.config.checks.resolve_config`)."""
+    return _build(RunConfig, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (safe loader), apply dotted overrides, validate into RunConfig."""
+    raw = read_config_file(path) if path is not None else {}
+    raw = apply_overrides(raw, [parse_override(item) for item in overrides or []])
+    return resolve_config(build_config(raw))
 
 
 # Keys whose values are secrets: written and logged as SECRET_MASK when set.
