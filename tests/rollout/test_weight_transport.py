@@ -14,7 +14,7 @@ from opsd_mm.rollout.transport import host_store, open_group, send_weights
 
 RECEIVER = """
 import sys, torch
-from opsd_mm.rollout.transport import open_group, receive_weights
+from opsd_mm.rollout.transport import close_group, open_group, receive_weights
 port, out, backend, device = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 group = open_group("127.0.0.1", port, 1, backend, 60)
 got = []
@@ -24,6 +24,7 @@ try:
     torch.save({"tensors": got}, out)
 except RuntimeError as e:
     torch.save({"tensors": got, "error": str(e)}, out)
+close_group(group)
 """
 
 
