@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recipe:
-    """Per-task settings, chosen by measurement (see the README's demo section)."""
+    """Per-task settings, chosen by measurement (see docs/performance.md, the demo's lab notebook)."""
 
     tiny: str  # fixture name for opsd_mm.model.tiny.resolve_tiny
     threshold: float  # required OPSD gain over the warm start, accuracy points
@@ -64,7 +64,7 @@ RECIPES: dict[str, Recipe] = {
         threshold=15.0,
         warm_pre_steps=0,
         # 300 mixture steps: 200 leave the teacher context at 32% (gap and gain FAIL), 400 cost
-        # another 25 s for a larger gain than the threshold needs (README: The demo).
+        # another 25 s for a larger gain than the threshold needs (docs/performance.md).
         warm_steps=300,
         warm_lr=3e-3,
         steps=60,
@@ -84,7 +84,7 @@ RECIPES: dict[str, Recipe] = {
         # Counting is learned in a jump after a plateau at the majority count; student-only
         # steps first get it past the plateau before the teacher-format mixture.
         # (100 + 150 warm-start steps and 120 OPSD steps cost ~120 s less but leave counting
-        # unlearned in the known phrasing: OPSD gain +2.7, FAIL; README: The demo.)
+        # unlearned in the known phrasing: OPSD gain +2.7, FAIL; docs/performance.md.)
         warm_pre_steps=250,
         warm_steps=300,
         warm_lr=3e-3,
@@ -119,7 +119,7 @@ QUICK = dict(
 )
 
 
-# Seconds per step of each phase, and per evaluated item, measured at 1 thread on the README's
+# Seconds per step of each phase, and per evaluated item, measured at 1 thread on the project's
 # machine. Only their ratios matter: the progress bar weighs the work by them, so that its
 # estimate of the time left (tqdm's, from the rate so far) holds across phases and machines.
 STEP_COST = {
@@ -187,7 +187,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--full",
         action="store_true",
-        help=f"the README's table: seeds {FULL_SEEDS} (unless --seeds is given), ~3x the time",
+        help=f"the table of docs/demo.md: seeds {FULL_SEEDS} (unless --seeds is given), ~3x the time",
     )
     parser.add_argument("--tasks", default="text,vision", help="text, vision or text,vision")
     parser.add_argument("--run-dir", default="runs/demo", help="where outputs go (replaced)")

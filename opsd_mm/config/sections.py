@@ -313,7 +313,8 @@ class TeacherConfig:
     ema_update_every: int = 1
     # Where the teacher's log-probabilities come from. local: a teacher forward in the trainer.
     # server: the generation server scores the completions in the teacher context (a live
-    # teacher only; sampled-token or top-k losses; see opsd_mm.teacher.scoring).
+    # teacher, or a fixed one under LoRA whose base the server holds; sampled-token or top-k
+    # losses; see opsd_mm.teacher.scoring).
     scoring: Literal["local", "server"] = "local"
 
 

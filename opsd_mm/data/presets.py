@@ -40,7 +40,7 @@ class Preset:
 
     ``requires`` lists the columns a source must have, each entry a tuple of alternatives (hub
     mirrors rename columns); ``columns_used`` is the human summary shown by ``data inspect`` and
-    the README table.
+    the table in docs/data.md.
     """
 
     name: str

@@ -313,7 +313,10 @@ def add_serve_parser(sub: Any) -> None:
         description="A generation server for rollout.engine=vllm_server: token-id prompts in, "
         "completion ids and log-probs out; weight reloads from safetensors the trainer writes.",
     )
-    serve.add_argument("model", help="checkpoint directory, hub id, or tiny:text / tiny:vl")
+    serve.add_argument(
+        "model",
+        help="checkpoint directory, hub id, or tiny:NAME (tiny:text, tiny:qwen2-vl, tiny:qwen2.5-vl, tiny:qwen3-vl)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     serve.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     serve.add_argument(
