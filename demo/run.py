@@ -140,8 +140,10 @@ class Progress:
     def __init__(self, total: float, enabled: bool = True) -> None:
         from tqdm import tqdm
 
+        # Counted in integer milli-units of work, so that float sums never step past the total.
+        self.done = 0.0
         self.bar = tqdm(
-            total=round(total, 1),
+            total=max(1, round(total * 1000)),
             disable=not enabled,
             mininterval=1.0,
             bar_format="demo {percentage:3.0f}%|{bar}| elapsed {elapsed}, left ~{remaining}",
@@ -150,8 +152,10 @@ class Progress:
     def add(self, amount: float) -> None:
         # The total is an estimate: never step past it (tqdm warns, and the time left goes
         # negative); a run costlier than planned stays at 100% until it ends.
-        left = max(0.0, self.bar.total - self.bar.n)
-        self.bar.update(round(min(amount, left), 3))
+        self.done += amount
+        step = min(round(self.done * 1000), self.bar.total) - self.bar.n
+        if step > 0:
+            self.bar.update(step)
 
     def write(self, msg: str) -> None:
         from tqdm import tqdm
