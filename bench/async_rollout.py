@@ -33,7 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
-from opsd_mm.testing import resolve_tiny
+from opsd_mm.model.tiny import resolve_tiny
 from opsd_mm.testing.server import ServerProcess, train_through_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def main() -> None:
     for i in range(args.steps):
         print(f"{i + 1:4d} " + " ".join(f"{rows[i]['loss']:12.4e}" for rows in runs.values()))
 
-    from opsd_mm.plot import plot_runs
+    from opsd_mm.train.plot import plot_runs
 
     print(f"plot: {plot_runs([out / name for name in runs], args.plot)}")
 

@@ -24,7 +24,7 @@ def working_set(dtype, mode, closed_form, args) -> tuple[float, float]:
     from live_bytes import LiveBytes
 
     from opsd_mm.config import LossConfig
-    from opsd_mm.fused import fused_divergence
+    from opsd_mm.loss.fused import fused_divergence
 
     g = torch.Generator().manual_seed(0)
     n = 2 * args.chunk

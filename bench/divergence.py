@@ -114,7 +114,7 @@ def make_inputs(args):
 def run_naive(inputs, cfg, args):
     import torch.nn.functional as F
 
-    from opsd_mm.divergences import reduce_loss, token_divergence
+    from opsd_mm.loss.divergences import reduce_loss, token_divergence
 
     h, ht, w, ids = inputs
     s_logits = F.linear(h, w)
@@ -126,7 +126,7 @@ def run_naive(inputs, cfg, args):
 
 
 def run_fused(inputs, cfg, args, compile=False, closed_form=None):
-    from opsd_mm.fused import fused_divergence
+    from opsd_mm.loss.fused import fused_divergence
 
     h, ht, w, ids = inputs
     loss, _ = fused_divergence(
@@ -288,7 +288,7 @@ def bench_cuda(args) -> dict:
     try:
         import liger_kernel.transformers  # noqa: F401
 
-        # The same loss at every beta (tests/test_fused_vs_liger.py); Liger has no top-k.
+        # The same loss at every beta (tests/loss/test_fused_vs_liger.py); Liger has no top-k.
         if args.mode == "jsd" and args.top_k == 0:
             contenders["liger"] = run_liger
     except ImportError:

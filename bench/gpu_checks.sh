@@ -47,13 +47,13 @@ step checks env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_vers
   $PY -c 'import liger_kernel; print(\"liger_kernel importable\")' || echo 'no liger_kernel: run make gpu-wheels here and carry .whl'"
 
 # bf16 parity of the fused path on CUDA (closed-form and autograd chunks), naive as reference.
-step checks parity 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_fused.py
+step checks parity 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/loss/test_fused.py
 
 # The trainer on CUDA (bf16 autocast, fused loss by default) against its naive path. The tests
 # import opsd_mm.processors, which only an install maps (pyproject's package-dir): editable, as
 # in CI, with the machine's own packages (--no-deps; nothing can be fetched there).
 step checks install 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
-step checks trainer 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_trainer.py
+step checks trainer 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/train/test_trainer.py
 
 # Issue 16: FSDP2 on CUDA (nccl) through the shipped accelerate config: full fine-tuning with an
 # EMA teacher in bf16, sharded checkpoint every step, resumed for the last step (loss equal to
@@ -83,7 +83,7 @@ fi
 # bench/weight_sync.py --transports file nccl --server-gpu 1 (sync s/GB against files).
 if ((GPUS >= 2)); then
   step fsdp2 nccl_transport 90 $PY -m pytest -q -p no:cacheprovider -m gpu \
-    tests/test_weight_transport.py
+    tests/rollout/test_weight_transport.py
   if $PY -c 'import vllm' 2>/dev/null; then
     step fsdp2 weight_sync_nccl 240 $PY bench/weight_sync.py \
       --transports file nccl --server-gpu 1 --server-python "$PY" --hidden 4096 --layers 8

@@ -77,7 +77,7 @@ def worker(mode: str, out: Path, cache: str | None) -> None:
 
     from opsd_mm.cli import build_trainer
     from opsd_mm.config import load_config
-    from opsd_mm.forward import unwrap
+    from opsd_mm.model.forward import unwrap
     from opsd_mm.testing.memory import storage_bytes, tensors_in
 
     config, fsdp2, overrides = MODES[mode]
@@ -132,7 +132,7 @@ def _free_port() -> int:
 def launch(mode: str, out: Path, cache: str | None) -> list[dict]:
     """Start NPROC worker processes over gloo (the variables torchrun sets); their rows. The
     tiny model is built here first, so the processes do not race to build it."""
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     resolve_tiny(TINY_NAME[MODES[mode][0]], cache)
     out.mkdir(parents=True)

@@ -21,9 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from opsd_mm import checkpoint as ckpt
-from opsd_mm.metrics import read_metrics
-from opsd_mm.testing import resolve_tiny
+from opsd_mm.model.tiny import resolve_tiny
+from opsd_mm.train import checkpoint as ckpt
+from opsd_mm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from opsd_mm.config import RolloutConfig
-from opsd_mm.rollout import HFEngine
-from opsd_mm.testing import resolve_tiny
+from opsd_mm.model.tiny import resolve_tiny
+from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.types import Prompt, SamplingConfig
 
 # Qwen3-1.7B's shape (random weights: throughput does not depend on their values).
@@ -98,7 +98,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from opsd_mm.rollout_vllm import VLLMEngine
+    from opsd_mm.rollout.vllm_engine import VLLMEngine
 
     dtype = torch.bfloat16 if cuda else torch.float32
     device = "cuda" if cuda else "cpu"

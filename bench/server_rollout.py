@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from opsd_mm.config import ProcessorConfig, RolloutConfig
+from opsd_mm.model.tiny import resolve_tiny
 from opsd_mm.processors import build_processor
-from opsd_mm.rollout_server import ServerEngine, save_sync_weights
-from opsd_mm.testing import resolve_tiny
+from opsd_mm.rollout.client import ServerEngine
+from opsd_mm.rollout.shared import save_sync_weights
 from opsd_mm.types import Example, SamplingConfig
 
 
@@ -76,7 +77,7 @@ def main() -> None:
         if line.startswith("serving "):
             break
     try:
-        from opsd_mm.rollout_vllm import VLLMEngine
+        from opsd_mm.rollout.vllm_engine import VLLMEngine
 
         client = ServerEngine(
             f"http://127.0.0.1:{port}",

@@ -22,7 +22,7 @@ def build_model_dir(
     tokenizer into ``out``; returns ``out``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     out = Path(out)
     tiny = resolve_tiny("text")

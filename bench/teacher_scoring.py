@@ -25,7 +25,7 @@ import os
 import statistics
 from pathlib import Path
 
-from opsd_mm.testing import resolve_tiny
+from opsd_mm.model.tiny import resolve_tiny
 from opsd_mm.testing.server import ServerProcess, train_through_server
 
 ROOT = Path(__file__).resolve().parents[1]

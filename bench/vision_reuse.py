@@ -26,10 +26,10 @@ import time
 import torch
 
 from opsd_mm.config import ProcessorConfig
+from opsd_mm.data.vl_tasks import draw_grid
+from opsd_mm.model.tiny import resolve_tiny
 from opsd_mm.processors.vision_cache import VisionCache, find_vision_tower
 from opsd_mm.processors.vl import QwenVLProcessor
-from opsd_mm.testing import resolve_tiny
-from opsd_mm.testing.vl_tasks import draw_grid
 from opsd_mm.types import Example
 
 KINDS = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}

@@ -167,7 +167,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
-    from opsd_mm.tasks import make_arithmetic_examples
+    from opsd_mm.data.tasks import make_arithmetic_examples
 
     examples = make_arithmetic_examples(args.prompts * (args.steps + args.warmup), seed=0)
     ds = Dataset.from_list(

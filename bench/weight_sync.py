@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from opsd_mm.rollout_server import ServerEngine
+from opsd_mm.rollout.client import ServerEngine
 from opsd_mm.testing.server import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def build_model(out: Path, hidden: int, layers: int) -> Path:
     """The tiny tokenizer with a wider, deeper Qwen3 (head_dim 64, GQA 2:1)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from opsd_mm.testing.text import SPECIAL_TOKENS, train_tiny_tokenizer
+    from opsd_mm.model.tiny.text import SPECIAL_TOKENS, train_tiny_tokenizer
 
     tok = train_tiny_tokenizer(0)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}

@@ -4,7 +4,7 @@ warm starts and the baseline.
 
 A package beside ``processors/`` and ``eval/``, wired by ``opsd_mm.cli`` like them: the core
 never imports it. It builds its trainer through the same set-up path as ``opsd-mm train``
-(``opsd_mm.setup``).
+(``opsd_mm.train.build``).
 """
 
 from opsd_mm.demo.run import Wiring, add_demo_arguments, run_demo, seed_list

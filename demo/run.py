@@ -16,7 +16,7 @@ a checked-in checkpoint would be), so the seeds measure the spread of OPSD itsel
 rollout sampling and data order. ``--task-seed`` changes the data and warm start.
 
 Processors and evaluation reach it through ``Wiring``, handed in by ``cli.py`` (the one module
-that wires the packages together); the trainer comes from ``opsd_mm.setup``, the path
+that wires the packages together); the trainer comes from ``opsd_mm.train.build``, the path
 ``opsd-mm train`` uses.
 """
 
@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recipe:
-    """Per-task settings, chosen by measurement (see the README's demo section)."""
+    """Per-task settings, chosen by measurement (see docs/performance.md, the demo's lab notebook)."""
 
-    tiny: str  # fixture name for opsd_mm.testing.resolve_tiny
+    tiny: str  # fixture name for opsd_mm.model.tiny.resolve_tiny
     threshold: float  # required OPSD gain over the warm start, accuracy points
     warm_pre_steps: int  # student-only SFT steps before the mixture (learn the skill first)
     warm_steps: int  # mixture SFT steps (student + teacher format)
@@ -64,7 +64,7 @@ RECIPES: dict[str, Recipe] = {
         threshold=15.0,
         warm_pre_steps=0,
         # 300 mixture steps: 200 leave the teacher context at 32% (gap and gain FAIL), 400 cost
-        # another 25 s for a larger gain than the threshold needs (README: The demo).
+        # another 25 s for a larger gain than the threshold needs (docs/performance.md).
         warm_steps=300,
         warm_lr=3e-3,
         steps=60,
@@ -84,7 +84,7 @@ RECIPES: dict[str, Recipe] = {
         # Counting is learned in a jump after a plateau at the majority count; student-only
         # steps first get it past the plateau before the teacher-format mixture.
         # (100 + 150 warm-start steps and 120 OPSD steps cost ~120 s less but leave counting
-        # unlearned in the known phrasing: OPSD gain +2.7, FAIL; README: The demo.)
+        # unlearned in the known phrasing: OPSD gain +2.7, FAIL; docs/performance.md.)
         warm_pre_steps=250,
         warm_steps=300,
         warm_lr=3e-3,
@@ -119,7 +119,7 @@ QUICK = dict(
 )
 
 
-# Seconds per step of each phase, and per evaluated item, measured at 1 thread on the README's
+# Seconds per step of each phase, and per evaluated item, measured at 1 thread on the project's
 # machine. Only their ratios matter: the progress bar weighs the work by them, so that its
 # estimate of the time left (tqdm's, from the rate so far) holds across phases and machines.
 STEP_COST = {
@@ -140,8 +140,10 @@ class Progress:
     def __init__(self, total: float, enabled: bool = True) -> None:
         from tqdm import tqdm
 
+        # Counted in integer milli-units of work, so that float sums never step past the total.
+        self.done = 0.0
         self.bar = tqdm(
-            total=round(total, 1),
+            total=max(1, round(total * 1000)),
             disable=not enabled,
             mininterval=1.0,
             bar_format="demo {percentage:3.0f}%|{bar}| elapsed {elapsed}, left ~{remaining}",
@@ -150,8 +152,10 @@ class Progress:
     def add(self, amount: float) -> None:
         # The total is an estimate: never step past it (tqdm warns, and the time left goes
         # negative); a run costlier than planned stays at 100% until it ends.
-        left = max(0.0, self.bar.total - self.bar.n)
-        self.bar.update(round(min(amount, left), 3))
+        self.done += amount
+        step = min(round(self.done * 1000), self.bar.total) - self.bar.n
+        if step > 0:
+            self.bar.update(step)
 
     def write(self, msg: str) -> None:
         from tqdm import tqdm
@@ -187,7 +191,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--full",
         action="store_true",
-        help=f"the README's table: seeds {FULL_SEEDS} (unless --seeds is given), ~3x the time",
+        help=f"the table of docs/demo.md: seeds {FULL_SEEDS} (unless --seeds is given), ~3x the time",
     )
     parser.add_argument("--tasks", default="text,vision", help="text, vision or text,vision")
     parser.add_argument("--run-dir", default="runs/demo", help="where outputs go (replaced)")
@@ -239,7 +243,7 @@ class Wiring:
 
 
 def _processor(path: str, recipe: Recipe, wiring: Wiring) -> Any:
-    from opsd_mm.models import model_type_of
+    from opsd_mm.model.load import model_type_of
 
     cfg = ProcessorConfig(
         student_template="plain",
@@ -264,7 +268,7 @@ def warm_start(
     context), then the mixture with the target phrasing in the teacher context. Saved as a
     self-contained model directory (weights + the base's tokenizer/processor files)."""
     from opsd_mm.demo.sft import make_items, train_sft
-    from opsd_mm.models import load_model
+    from opsd_mm.model.load import load_model
 
     t0 = time.perf_counter()
     model = load_model(base, ModelConfig(dtype="float32"))
@@ -321,9 +325,9 @@ def run_opsd(
     """OPSD with the project's Trainer on in-memory examples (as ``build_trainer`` wires it),
     stepping ``train_step`` so that validation accuracy can be measured along the way.
     ``extra``: overrides after the recipe's (GRPO and the hybrid: ``loss.reward_weight``...)."""
-    from opsd_mm.forward import unwrap
-    from opsd_mm.metrics import MetricsWriter
-    from opsd_mm.setup import set_seed, trainer_from_examples
+    from opsd_mm.model.forward import unwrap
+    from opsd_mm.train.build import set_seed, trainer_from_examples
+    from opsd_mm.train.metrics import MetricsWriter
 
     cfg = load_config(
         None,
@@ -412,8 +416,8 @@ def run_sft_baseline(
     schedule and steps as OPSD, as many sequences per step as OPSD has rollouts."""
     from opsd_mm.config import LoraConfig
     from opsd_mm.demo.sft import make_items, train_sft
-    from opsd_mm.models import load_model, setup_trainable
-    from opsd_mm.setup import set_seed
+    from opsd_mm.model.load import load_model, setup_trainable
+    from opsd_mm.train.build import set_seed
 
     opsd_cfg = load_config(None, list(recipe.opsd))
     mcfg = ModelConfig(dtype="float32", lora=LoraConfig(r=16, alpha=32))
@@ -558,7 +562,7 @@ class TaskSetup:
 def setup_task(
     name: str, plan: TaskPlan, args: argparse.Namespace, run_dir: Path, wiring: Wiring, progress
 ) -> TaskSetup:
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     if name not in RECIPES:
         raise ValueError(f"unknown demo task {name!r}; choose from {sorted(RECIPES)}")
@@ -574,8 +578,8 @@ def setup_task(
 def prepare_task(setup: TaskSetup, args: argparse.Namespace, progress) -> dict:
     """The warm start (into a fresh task directory) and its four evaluations; what the
     training runs of every seed start from."""
-    from opsd_mm.models import load_model
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.load import load_model
+    from opsd_mm.model.tiny import resolve_tiny
 
     name, task, processor, evaluate = setup.name, setup.task, setup.processor, setup.wiring.evaluate
     recipe = setup.plan.recipe
@@ -713,7 +717,7 @@ def quiet(threads: int) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    for noisy in ("opsd_mm.models", "opsd_mm.processors.vision_cache"):
+    for noisy in ("opsd_mm.model.load", "opsd_mm.processors.vision_cache"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads:
         torch.set_num_threads(threads)
@@ -736,7 +740,7 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
         raise SystemExit("--compare-rewards needs a reward (cli.py wires build_reward)")
     reward_runs = 2 if compare else 0
     from opsd_mm.demo.workers import default_jobs, run_parallel
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     runs = methods(args)
     jobs = args.jobs or default_jobs(len(plans) * len(seeds) * len(runs))

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from opsd_mm.forward import completion_logits
+from opsd_mm.model.forward import completion_logits
 from opsd_mm.types import Example, Pair, Processor, Prompt
 
 

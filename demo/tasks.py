@@ -142,7 +142,7 @@ def make_text_task(
 
 
 def _grid_example(rng: random.Random, form: str, idx: str, size: int, fill: float) -> Example:
-    from opsd_mm.testing.vl_tasks import draw_grid
+    from opsd_mm.data.vl_tasks import draw_grid
 
     colours = list(COLOUR_CODES)
     cells = {

@@ -2,7 +2,7 @@
 
 The core CLI wires these in with ``add_eval_parser(subparsers)``; the parser's ``func`` default
 is :func:`main_eval`. Loading a model is delegated to a runtime factory so the runner stays
-independent of model code: the default one uses ``opsd_mm.models.load_for_inference``, the
+independent of model code: the default one uses ``opsd_mm.model.load.load_for_inference``, the
 processors (``plain`` student template) and the rollout engines; tests pass their own.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 from opsd_mm.eval.benchmarks._common import EvalError
 from opsd_mm.eval.registry import DEFAULT_SUITE, TEXT_MATH, get_benchmark, list_benchmarks
-from opsd_mm.types import Processor, RolloutEngine
+from opsd_mm.rollout.base import RolloutEngine
+from opsd_mm.types import Processor
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")
 
@@ -41,7 +42,7 @@ def default_runtime(args: argparse.Namespace) -> Runtime:
     import torch
 
     from opsd_mm.config import ModelConfig, ProcessorConfig, RolloutConfig
-    from opsd_mm.models import load_for_inference, model_type_of, resolve_model_path
+    from opsd_mm.model.load import load_for_inference, model_type_of, resolve_model_path
     from opsd_mm.processors import build_processor
 
     path = resolve_model_path(ModelConfig(name_or_path=args.model), key="--model")
@@ -56,7 +57,7 @@ def default_runtime(args: argparse.Namespace) -> Runtime:
     tok = processor.tokenizer
     decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731
     if args.engine == "vllm":
-        from opsd_mm.rollout_vllm import VLLMEngine
+        from opsd_mm.rollout.vllm_engine import VLLMEngine
 
         max_new = args.max_new_tokens or RolloutConfig().max_new_tokens
         engine = VLLMEngine(
@@ -71,7 +72,7 @@ def default_runtime(args: argparse.Namespace) -> Runtime:
         if args.adapter:  # vLLM loads the base weights; hand it the merged model
             engine.sync_weights(load_for_inference(path, args.adapter, device, args.dtype))
         return Runtime(engine, processor, decode)
-    from opsd_mm.rollout import HFEngine
+    from opsd_mm.rollout.hf import HFEngine
 
     model = load_for_inference(path, args.adapter, device, args.dtype)
     engine = HFEngine.for_processor(model, processor)

@@ -89,7 +89,7 @@ def evaluate_examples(
 ) -> float:
     """Greedy accuracy of ``model`` on ``examples`` in the given context, via the harness."""
     from opsd_mm.eval.runner import run_benchmark
-    from opsd_mm.rollout import HFEngine
+    from opsd_mm.rollout.hf import HFEngine
 
     shutil.rmtree(out_dir / name, ignore_errors=True)  # the runner would resume stale records
     engine = HFEngine.for_processor(model, processor)

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from opsd_mm.contamination import ReferenceItem
+from opsd_mm.data.contamination import ReferenceItem
 from opsd_mm.eval.registry import get_benchmark
 
 # Raw question columns, in order of preference (each benchmark has one of them).

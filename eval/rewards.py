@@ -1,4 +1,4 @@
-"""Training rewards for ``loss.reward_weight`` (the ``opsd_mm.rewards.Reward`` interface), built
+"""Training rewards for ``loss.reward_weight`` (the ``opsd_mm.loss.rewards.Reward`` interface), built
 on evaluation's grading so that training and evaluation score an answer the same way.
 
 - :class:`MathVerifyReward` (``loss.reward=math``): the last ``\\boxed{}`` of the completion,
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from opsd_mm.eval import grading
-from opsd_mm.rewards import RewardScore
+from opsd_mm.loss.rewards import RewardScore
 from opsd_mm.types import Example
 
 

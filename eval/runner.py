@@ -30,7 +30,8 @@ from opsd_mm.eval.records import (
     write_summaries,
 )
 from opsd_mm.eval.registry import Benchmark, get_benchmark
-from opsd_mm.types import Processor, RolloutEngine, SamplingConfig
+from opsd_mm.rollout.base import RolloutEngine
+from opsd_mm.types import Processor, SamplingConfig
 
 Decode = Callable[[Sequence[int]], str]
 # ----------------------------------------------------------------------------- generation

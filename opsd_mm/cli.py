@@ -15,17 +15,17 @@ from opsd_mm.errors import DEBUG_ENV, debug_requested, run_command
 
 
 def processor_path(cfg: RunConfig) -> str:
-    from opsd_mm.models import resolve_model_path
+    from opsd_mm.model.load import resolve_model_path
 
     return resolve_model_path(cfg.model)
 
 
 def data_wiring() -> Any:
     """Processors and benchmark loaders for the data commands and the trainer's data set-up."""
-    from opsd_mm.data_cli import DataWiring
+    from opsd_mm.data.cli import DataWiring
 
     def build(cfg: RunConfig) -> Any:
-        from opsd_mm.models import check_model_family, model_type_of
+        from opsd_mm.model.load import check_model_family, model_type_of
         from opsd_mm.processors import build_processor
 
         path = processor_path(cfg)
@@ -47,15 +47,15 @@ def data_wiring() -> Any:
 
 
 def cmd_data(command: str, args: argparse.Namespace) -> int:
-    from opsd_mm.data_cli import cmd_check, cmd_inspect
+    from opsd_mm.data.cli import cmd_check, cmd_inspect
 
     return (cmd_inspect if command == "inspect" else cmd_check)(args, data_wiring())
 
 
 def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
-    """Everything a run needs, from the config alone (``opsd_mm.setup.trainer_from_config``,
+    """Everything a run needs, from the config alone (``opsd_mm.train.build.trainer_from_config``,
     with the processors and benchmark loaders wired in here)."""
-    from opsd_mm.setup import trainer_from_config
+    from opsd_mm.train.build import trainer_from_config
 
     return trainer_from_config(cfg, data_wiring(), accelerator, reward=build_reward(cfg))
 
@@ -78,11 +78,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append("trainer.overwrite=true")
     cfg = load_config(args.config, overrides)
     if not (cfg.trainer.resume or cfg.trainer.overwrite):
-        from opsd_mm.run_dir import check_fresh
+        from opsd_mm.train.run_dir import check_fresh
 
         check_fresh(cfg.run_dir)  # before any data or model loads (the trainer checks again)
     trainer = build_trainer(cfg)
-    from opsd_mm.trainer import TrainingInterrupted
+    from opsd_mm.train.signals import TrainingInterrupted
 
     try:
         history = trainer.train()
@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from opsd_mm.plot import plot_runs
+    from opsd_mm.train.plot import plot_runs
 
     output = args.output or Path(args.run_dirs[0]) / "metrics.png"
     print(f"wrote {plot_runs(args.run_dirs, output)}")
@@ -136,7 +136,7 @@ def add_plot_parser(sub: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from opsd_mm.export import export_checkpoint
+    from opsd_mm.model.export import export_checkpoint
 
     print(f"exported {args.checkpoint} to {export_checkpoint(args.checkpoint, args.out)}")
     return 0
@@ -153,6 +153,56 @@ def add_export_parser(sub: Any) -> None:
     export.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
     export.add_argument("--out", required=True, help="output directory (new or empty)")
     export.set_defaults(func=cmd_export)
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from opsd_mm.config import reference_markdown
+
+    text = reference_markdown()
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from opsd_mm.config import show_config
+    from opsd_mm.data.presets import resolve_data
+
+    sys.stdout.write(show_config(args.config, list(args.overrides), resolve=resolve_data))
+    return 0
+
+
+def add_config_parser(sub: Any) -> None:
+    config = sub.add_parser(
+        "config",
+        help="the config reference, and a config as training resolves it",
+        description="Every config key (type, default, meaning), or a recipe's resolved values "
+        "with their origin.",
+    )
+    commands = config.add_subparsers(dest="config_command", required=True)
+    reference = commands.add_parser(
+        "reference",
+        help="print the config reference (Markdown; docs/config.md)",
+        description="Every config key with its type, default and meaning, as Markdown, "
+        "generated from the documentation of the config dataclasses.",
+    )
+    reference.add_argument("--output", "-o", help="write it to this file instead of stdout")
+    reference.set_defaults(func=cmd_config_reference)
+    show = commands.add_parser(
+        "show",
+        help="print a config as training would use it, each value with its origin",
+        description="The resolved config (defaults, the YAML file, the overrides, then "
+        "resolution), one 'key: value  # origin' line per key; origin is default, file, "
+        "override or resolved. Secrets are masked.",
+    )
+    show.add_argument("config", help="YAML config (see configs/)")
+    show.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    show.set_defaults(func=cmd_config_show)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     add_demo_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
-    from opsd_mm.data_cli import add_data_parser
+    from opsd_mm.data.cli import add_data_parser
 
     add_data_parser(sub, cmd_data)
     add_plot_parser(sub)
     add_export_parser(sub)
-    from opsd_mm.serve import add_serve_parser
+    add_config_parser(sub)
+    from opsd_mm.rollout.server import add_serve_parser
 
     add_serve_parser(sub)
 

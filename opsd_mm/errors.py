@@ -26,6 +26,12 @@ class UserError(ValueError):
     kind = "error"
 
 
+class ConfigError(UserError):
+    """A configuration problem; the message names the key (``section.field``)."""
+
+    kind = "config error"
+
+
 # Raised by the standard library with the path in the message; treated as user errors.
 _OS_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 

@@ -230,7 +230,7 @@ class Processor(Protocol):
     pad_token_id: int
     eos_token_ids: list[int]
     suppress_token_ids: list[int]
-    # Decodes completions for rendered samples (``opsd_mm.samples``): ``decode(ids, ...)``.
+    # Decodes completions for rendered samples (``opsd_mm.train.samples``): ``decode(ids, ...)``.
     tokenizer: Any
     # The errors of the examples the last ``prepare_examples`` dropped (policy ``skip``).
     bad_images: list[BadImageError]
@@ -265,16 +265,3 @@ class Processor(Protocol):
         ...
 
     def collate(self, pairs: Sequence[Pair]) -> PairBatch: ...
-
-
-class RolloutEngine(Protocol):
-    """Samples completions. ``generate`` returns ``rollouts_P_G``: for each prompt, ``n``
-    rollouts. ``sync_weights`` makes the engine sample from the trainer's current weights;
-    ``version`` (the trainer step they come from) is recorded on the rollouts sampled from them,
-    so the trainer can measure how stale its rollouts are."""
-
-    def generate(
-        self, prompts: Sequence[Prompt], n: int, sampling: SamplingConfig
-    ) -> list[list[Rollout]]: ...
-
-    def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None: ...

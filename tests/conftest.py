@@ -22,6 +22,6 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_text_dir(tiny_cache):
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     return resolve_tiny("text", tiny_cache)

@@ -12,7 +12,7 @@ import pytest
 
 from opsd_mm import cli
 from opsd_mm.config import ConfigError
-from opsd_mm.data import DataError
+from opsd_mm.data.load import DataError
 from opsd_mm.errors import run_command
 from opsd_mm.processors.images import BadImageError
 

@@ -40,7 +40,7 @@ def test_vision_task_codes_and_traces():
 def test_sft_trains_on_completion_tokens_only(tiny_text_dir):
     from opsd_mm.config import ModelConfig, ProcessorConfig
     from opsd_mm.demo.sft import make_items, sft_loss, train_sft
-    from opsd_mm.models import load_model
+    from opsd_mm.model.load import load_model
     from opsd_mm.processors.text import TextProcessor
 
     proc = TextProcessor.from_pretrained(

@@ -2,7 +2,7 @@
 - run under stub ``srun`` / ``scontrol`` / ``accelerate`` with a 2-node job's SLURM variables -
 give each node the ``accelerate launch`` arguments of a multi-node run (machine_rank from
 SLURM_NODEID, main_process_ip the first host), which accelerate's own parser accepts. The
-launch itself is tested as 2 "machines" on localhost in tests/test_distributed.py."""
+launch itself is tested as 2 "machines" on localhost in tests/train/test_distributed.py."""
 
 from __future__ import annotations
 

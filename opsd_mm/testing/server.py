@@ -111,7 +111,7 @@ def train_through_server(
     caller (a bench) with ``label`` and the end of its stderr."""
     import shutil
 
-    from opsd_mm.metrics import read_metrics
+    from opsd_mm.train.metrics import read_metrics
 
     cmd = [
         *(["taskset", "-c", core] if core is not None else []),

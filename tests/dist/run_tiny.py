@@ -33,8 +33,8 @@ import torch
 from opsd_mm import cli
 from opsd_mm.cli import build_trainer
 from opsd_mm.config import load_config
-from opsd_mm.rewards import RewardScore
-from opsd_mm.rollout import row_seed
+from opsd_mm.loss.rewards import RewardScore
+from opsd_mm.rollout.hf import row_seed
 from opsd_mm.types import Rollout, SamplingConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -67,9 +67,9 @@ def test_text_suite_on_the_tiny_text_model(tiny_text_dir, fixture_root, tmp_path
 
 
 def test_vl_suite_on_a_tiny_vl_model(tiny_cache, fixture_root, tmp_path):
-    pytest.importorskip("opsd_mm.testing.vl")
+    pytest.importorskip("opsd_mm.model.tiny.vl")
     pytest.importorskip("opsd_mm.processors.vl")
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     model = resolve_tiny("qwen2-vl", tiny_cache)
     out = tmp_path / "run"

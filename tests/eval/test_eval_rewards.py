@@ -3,7 +3,7 @@
 import time
 
 from opsd_mm.eval.rewards import ChoiceReward, MathVerifyReward, build_reward, choice_letter
-from opsd_mm.rewards import Reward, group_advantages, reward_metrics
+from opsd_mm.loss.rewards import Reward, group_advantages, reward_metrics
 from opsd_mm.types import Example
 
 

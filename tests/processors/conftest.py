@@ -16,7 +16,7 @@ FAMILIES = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwe
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tiny_cache):
     """(tiny name, kind, model dir): each tiny VL model is built once per session."""
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     return request.param, FAMILIES[request.param], resolve_tiny(request.param, tiny_cache)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from opsd_mm.forward import completion_logits
+from opsd_mm.model.forward import completion_logits
 from opsd_mm.types import Example
 from tests.fixtures.vl_examples import EXAMPLES
 from tests.fixtures.vl_examples import random_completion as completion

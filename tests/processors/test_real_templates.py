@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from opsd_mm.config import ProcessorConfig
-from opsd_mm.forward import completion_logits
+from opsd_mm.model.forward import completion_logits
 from opsd_mm.processors.text import TextProcessor, strip_special_tokens
 from opsd_mm.processors.thinking import think_state, think_tags_to_suppress
 from opsd_mm.processors.vl import QwenVLProcessor
@@ -258,7 +258,7 @@ def test_specials_stripped_student_prompt(tiny_text_dir, name, thinking):
 
 
 def test_specials_stripped_rejected_for_vl(tiny_cache):
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     with pytest.raises(ValueError, match="processor.student_prompt_format=specials_stripped"):
         QwenVLProcessor.from_pretrained(
@@ -276,7 +276,7 @@ def vl_models(tiny_cache):
     """family -> (model dir, eval model), loaded once per module."""
     from transformers import AutoModelForImageTextToText
 
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.model.tiny import resolve_tiny
 
     cache = {}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opsd_mm.config import LoraConfig
-from opsd_mm.forward import completion_logits
+from opsd_mm.model.forward import completion_logits
 from opsd_mm.processors.vision_cache import VisionCache, find_vision_tower
 from opsd_mm.processors.vl import QwenVLProcessor
 from tests.fixtures.vl_examples import EXAMPLES, FROZEN

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from opsd_mm.config import ProcessorConfig
-from opsd_mm.forward import completion_logits
+from opsd_mm.model.forward import completion_logits
 from opsd_mm.processors.vl import QwenVLProcessor
 from opsd_mm.types import Example
 from tests.fixtures.vl_examples import EXAMPLES, FROZEN
@@ -320,8 +320,8 @@ def test_placeholders_can_be_kept_as_text(tmp_path_factory):
     """MathVision-style tags (<image2> with one composite image) stay verbatim text when the
     example opts out of placeholder parsing; the image goes first."""
 
+    from opsd_mm.model.tiny import resolve_tiny
     from opsd_mm.processors.vl import QwenVLProcessor
-    from opsd_mm.testing import resolve_tiny
     from opsd_mm.types import Example
 
     path = resolve_tiny("qwen2.5-vl", tmp_path_factory.mktemp("tiny"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from opsd_mm.config import load_config
-from opsd_mm.testing.vl_tasks import COLOURS, make_vl_count_examples
+from opsd_mm.data.vl_tasks import COLOURS, make_vl_count_examples
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # recipe -> (model, processor kind, pixels per visual token side = patch * merge)

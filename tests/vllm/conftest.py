@@ -143,7 +143,7 @@ def engine_gap():
     """``gap(proc, model, examples, prompts, rollouts_P_G)``: the mean |log p_engine - log
     p_model| over the rollouts' tokens, the model scoring each completion after its student
     prompt (images included) in one batch."""
-    from opsd_mm.metrics import logprob_gap, pad_logprobs
+    from opsd_mm.train.metrics import logprob_gap, pad_logprobs
 
     def gap(proc, model, examples, prompts, rollouts_P_G) -> float:
         pairs = [

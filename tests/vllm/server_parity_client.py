@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from opsd_mm.config import LoraConfig, ModelConfig, ProcessorConfig
-from opsd_mm.models import setup_trainable
+from opsd_mm.model.load import setup_trainable
 from opsd_mm.processors import build_processor
-from opsd_mm.rollout import HFEngine
-from opsd_mm.rollout_server import ServerEngine
+from opsd_mm.rollout.client import ServerEngine
+from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.types import Example, SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=24)

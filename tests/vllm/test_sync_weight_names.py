@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from opsd_mm.config import LoraConfig, ModelConfig
-from opsd_mm.metrics import logprob_gap, pad_logprobs
-from opsd_mm.rollout_vllm import checkpoint_name, iter_sync_weights
+from opsd_mm.rollout.shared import checkpoint_name, iter_sync_weights
+from opsd_mm.train.metrics import logprob_gap, pad_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_plain_model_sends_its_state_dict(base):
 
 
 def test_lora_model_sends_merged_weights_under_checkpoint_names(base):
-    from opsd_mm.models import setup_trainable
+    from opsd_mm.model.load import setup_trainable
 
     model = setup_trainable(copy.deepcopy(base), ModelConfig(lora=LoraConfig(r=4, alpha=8)))
     with torch.no_grad():

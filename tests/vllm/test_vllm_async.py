@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from opsd_mm.metrics import read_metrics
 from opsd_mm.testing.server import ServerProcess
+from opsd_mm.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from opsd_mm.config import RolloutConfig
-from opsd_mm.metrics import logprob_gap, pad_logprobs
-from opsd_mm.rollout import HFEngine
+from opsd_mm.rollout.hf import HFEngine
+from opsd_mm.train.metrics import logprob_gap, pad_logprobs
 from opsd_mm.types import SamplingConfig
 
 pytestmark = pytest.mark.vllm
@@ -21,7 +21,7 @@ EXTRA_SUPPRESSED = range(200, 1200)
 @pytest.fixture(scope="module")
 def engines(text_setup):
     """(vLLM engine, HF engine, suppressed ids), sharing one tiny model and one setting."""
-    from opsd_mm.rollout_vllm import VLLMEngine
+    from opsd_mm.rollout.vllm_engine import VLLMEngine
 
     path, proc, model = text_setup
     suppressed = sorted(set(proc.suppress_token_ids) | set(EXTRA_SUPPRESSED))

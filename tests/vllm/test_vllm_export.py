@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from opsd_mm import checkpoint as ckpt
 from opsd_mm.cli import build_trainer, main
 from opsd_mm.config import RolloutConfig, load_config
-from opsd_mm.rollout import HFEngine
+from opsd_mm.rollout.hf import HFEngine
+from opsd_mm.train import checkpoint as ckpt
 from opsd_mm.types import SamplingConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -41,7 +41,7 @@ def exported(tiny_cache, tiny_text_dir, tmp_path_factory) -> Path:
 def test_vllm_loads_the_export_and_matches_transformers(exported, text_setup, text_prompts):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opsd_mm.rollout_vllm import VLLMEngine
+    from opsd_mm.rollout.vllm_engine import VLLMEngine
 
     _, proc, _ = text_setup
     model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()

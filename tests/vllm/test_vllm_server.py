@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from opsd_mm.metrics import read_metrics
 from opsd_mm.testing.server import ServerProcess, free_port, server_env
+from opsd_mm.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

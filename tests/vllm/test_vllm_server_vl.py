@@ -1,5 +1,5 @@
 """The generation server with a tiny Qwen2.5-VL: prompts with images travel over HTTP as PNG
-(``opsd_mm.serve.encode_image``), and the server's greedy completions equal HFEngine's on the
+(``opsd_mm.rollout.shared.encode_image``), and the server's greedy completions equal HFEngine's on the
 same model, one and two images per prompt, with the server's log-probs equal to the model's.
 The client runs in this process (it needs no vLLM); the server in its own."""
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from opsd_mm.config import ProcessorConfig
-from opsd_mm.rollout import HFEngine
-from opsd_mm.rollout_server import ServerEngine
+from opsd_mm.rollout.client import ServerEngine
+from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.testing.server import ServerProcess
 from opsd_mm.types import Example, SamplingConfig
 
@@ -33,9 +33,9 @@ def vl_server(tiny_cache, tmp_path_factory):
     """(processor, fp32 HF model, client engine, examples, prompts) for the tiny Qwen2.5-VL."""
     from transformers import AutoModelForImageTextToText
 
+    from opsd_mm.data.vl_tasks import draw_grid, make_vl_count_examples
+    from opsd_mm.model.tiny import resolve_tiny
     from opsd_mm.processors import build_processor
-    from opsd_mm.testing import resolve_tiny
-    from opsd_mm.testing.vl_tasks import draw_grid, make_vl_count_examples
 
     path = str(resolve_tiny("qwen2.5-vl", tiny_cache))
     proc = build_processor(ProcessorConfig(), path, "qwen2_5_vl")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from opsd_mm.config import LoraConfig, ModelConfig, RolloutConfig
-from opsd_mm.rollout import HFEngine
+from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.types import SamplingConfig
 
 pytestmark = pytest.mark.vllm
@@ -19,7 +19,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=24)
 
 @pytest.fixture(scope="module")
 def engine(text_setup):
-    from opsd_mm.rollout_vllm import VLLMEngine
+    from opsd_mm.rollout.vllm_engine import VLLMEngine
 
     path, proc, _ = text_setup
     engine = VLLMEngine(
@@ -63,7 +63,7 @@ def _optimizer_steps(model, proc, prompts, rollouts_P_G, steps: int, lr: float) 
 
 
 def test_sync_after_lora_step_matches_hf(engine, text_setup, text_prompts, trainer_logprobs):
-    from opsd_mm.models import setup_trainable
+    from opsd_mm.model.load import setup_trainable
 
     _, proc, base = text_setup
     model = setup_trainable(

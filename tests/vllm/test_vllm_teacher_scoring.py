@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from opsd_mm.metrics import read_metrics
-from opsd_mm.rollout_server import ServerEngine
+from opsd_mm.rollout.client import ServerEngine
 from opsd_mm.testing.server import ServerProcess
+from opsd_mm.train.metrics import read_metrics
 from opsd_mm.types import Example, Prompt, SamplingConfig
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -58,7 +58,7 @@ def test_server_scores_equal_hf_forward(server, text_setup, text_prompts, tmp_pa
     ``POST /score`` (k = 0 and k = 8): equal to the transformers forward; then after a LoRA step
     and a weight sync, equal to the updated model's forward (the live teacher)."""
     from opsd_mm.config import LoraConfig, ModelConfig
-    from opsd_mm.models import setup_trainable
+    from opsd_mm.model.load import setup_trainable
 
     path, proc, base = text_setup
     engine = ServerEngine(
@@ -117,9 +117,9 @@ def test_vl_server_scores_equal_hf_forward(tiny_cache, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from opsd_mm.config import ProcessorConfig
+    from opsd_mm.data.vl_tasks import draw_grid
+    from opsd_mm.model.tiny import resolve_tiny
     from opsd_mm.processors import build_processor
-    from opsd_mm.testing import resolve_tiny
-    from opsd_mm.testing.vl_tasks import draw_grid
 
     path = str(resolve_tiny("qwen2.5-vl", tiny_cache))
     proc = build_processor(ProcessorConfig(), path, "qwen2_5_vl")

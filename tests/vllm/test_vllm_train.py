@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from opsd_mm.cli import main
-from opsd_mm.metrics import read_metrics
+from opsd_mm.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

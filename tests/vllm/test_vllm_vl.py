@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from opsd_mm.config import ProcessorConfig, RolloutConfig
-from opsd_mm.rollout import HFEngine
+from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.types import Example, SamplingConfig
 
 pytestmark = [
@@ -28,7 +28,7 @@ GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=16)
 
 def _examples() -> list[Example]:
     """Three grid-counting examples with one image, and one with two images of other sizes."""
-    from opsd_mm.testing.vl_tasks import draw_grid, make_vl_count_examples
+    from opsd_mm.data.vl_tasks import draw_grid, make_vl_count_examples
 
     two = Example(
         id="two-images",
@@ -47,9 +47,9 @@ def vl(request, tiny_cache):
     """(processor, fp32 HF model, vLLM engine, examples, prompts) for one tiny VL family."""
     from transformers import AutoModelForImageTextToText
 
+    from opsd_mm.model.tiny import resolve_tiny
     from opsd_mm.processors import build_processor
-    from opsd_mm.rollout_vllm import VLLMEngine
-    from opsd_mm.testing import resolve_tiny
+    from opsd_mm.rollout.vllm_engine import VLLMEngine
 
     path = str(resolve_tiny(request.param, tiny_cache))
     proc = build_processor(ProcessorConfig(), path, FAMILIES[request.param])

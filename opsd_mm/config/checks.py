@@ -1,0 +1,313 @@
+"""Checks of a whole config: values that default to other keys resolved, every range and
+cross-key rule, before anything loads. A :class:`~opsd_mm.errors.ConfigError` names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from opsd_mm.config.sections import RunConfig, _require
+from opsd_mm.errors import ConfigError
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """Fill the values that default to other keys and check the cross-key rules; idempotent.
+
+    - ``loss.temperature`` null -> ``rollout.temperature`` (the reference ties them; the loss
+      then scores the distribution the completion was sampled from); an error under greedy
+      rollouts (``rollout.temperature=0``).
+    - every range check (:func:`validate_config`), so a bad value fails before anything loads.
+    - ``processor.student_thinking != processor.teacher_thinking`` is an error unless
+      ``processor.allow_thinking_mismatch``.
+    """
+    pc = cfg.processor
+    if pc.student_thinking != pc.teacher_thinking and not pc.allow_thinking_mismatch:
+        raise ConfigError(
+            f"processor.student_thinking={str(pc.student_thinking).lower()} but "
+            f"processor.teacher_thinking={str(pc.teacher_thinking).lower()}: the teacher would "
+            "score the student's completion after a different generation prompt (with a hybrid "
+            "template one side gets an empty closed think block, and a completion that thinks "
+            "then reads as a second think block to the other side). Set both the same, or set "
+            "processor.allow_thinking_mismatch=true to do this on purpose"
+        )
+    if cfg.loss.temperature is None and cfg.rollout.temperature > 0:
+        loss = dataclasses.replace(cfg.loss, temperature=cfg.rollout.temperature)
+        cfg = dataclasses.replace(cfg, loss=loss)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Every check that needs the config alone, at load time (before any data or model loads):
+    the range of every numeric key, the cross-key rules and the loss settings; a ConfigError
+    names the first key out of range and what it allows. Checks that need the model's family
+    run right after its config.json is read (``opsd_mm.model.load.check_model_family``); those that
+    need the process layout when the Accelerator exists (``opsd_mm.train.distributed``)."""
+    t, r, p, te, lg = cfg.trainer, cfg.rollout, cfg.processor, cfg.teacher, cfg.logging
+    at_least_1 = "must be >= 1"
+    checks = [
+        ("run_dir", cfg.run_dir, cfg.run_dir.strip() != "", "must not be empty"),
+        ("trainer.max_steps", t.max_steps, t.max_steps >= 1, at_least_1),
+        ("trainer.batch_size", t.batch_size, t.batch_size >= 1, at_least_1),
+        ("trainer.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, at_least_1),
+        (
+            "trainer.micro_batch_tokens",
+            t.micro_batch_tokens,
+            t.micro_batch_tokens >= 0,
+            "must be >= 0 (0: micro-batches of trainer.micro_batch_size rows)",
+        ),
+        ("trainer.lr", t.lr, t.lr > 0, "must be > 0"),
+        ("trainer.weight_decay", t.weight_decay, t.weight_decay >= 0, "must be >= 0"),
+        ("trainer.adam_beta1", t.adam_beta1, 0 <= t.adam_beta1 < 1, "must lie in [0, 1)"),
+        ("trainer.adam_beta2", t.adam_beta2, 0 <= t.adam_beta2 < 1, "must lie in [0, 1)"),
+        ("trainer.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0"),
+        (
+            "trainer.schedule_steps",
+            t.schedule_steps,
+            t.schedule_steps is None or t.schedule_steps >= 0,
+            "must be >= 0 (null: trainer.max_steps)",
+        ),
+        (
+            "trainer.max_grad_norm",
+            t.max_grad_norm,
+            t.max_grad_norm is None or t.max_grad_norm > 0,
+            "must be > 0 (null: no clipping)",
+        ),
+        ("trainer.save_every", t.save_every, t.save_every >= 0, "must be >= 0 (0: never)"),
+        ("trainer.keep_last", t.keep_last, t.keep_last >= 0, "must be >= 0 (0: keep all)"),
+        (
+            "trainer.max_bad_steps_in_row",
+            t.max_bad_steps_in_row,
+            t.max_bad_steps_in_row >= 1,
+            "must be >= 1 (bad steps in a row before the run stops)",
+        ),
+        ("rollout.n", r.n, r.n >= 1, "must be >= 1 (samples per prompt)"),
+        ("rollout.temperature", r.temperature, r.temperature >= 0, "must be >= 0 (0: greedy)"),
+        ("rollout.top_p", r.top_p, 0 < r.top_p <= 1, "must lie in (0, 1] (1: off)"),
+        ("rollout.top_k", r.top_k, r.top_k >= 0, "must be >= 0 (0: off)"),
+        ("rollout.min_p", r.min_p, 0 <= r.min_p < 1, "must lie in [0, 1) (0: off)"),
+        ("rollout.max_new_tokens", r.max_new_tokens, r.max_new_tokens >= 1, at_least_1),
+        ("rollout.sync_every", r.sync_every, r.sync_every >= 1, at_least_1),
+        (
+            "rollout.gpu_memory_utilization",
+            r.gpu_memory_utilization,
+            0 < r.gpu_memory_utilization <= 1,
+            "must lie in (0, 1]",
+        ),
+        (
+            "rollout.server_url",
+            r.server_url,
+            r.engine != "vllm_server" or bool(r.server_url),
+            "must be set with rollout.engine=vllm_server (e.g. http://127.0.0.1:8765, the "
+            "address `opsd-mm serve` prints)",
+        ),
+        ("rollout.server_timeout_s", r.server_timeout_s, r.server_timeout_s > 0, "must be > 0"),
+        ("rollout.server_retries", r.server_retries, r.server_retries >= 0, "must be >= 0"),
+        (
+            "rollout.server_transport",
+            r.server_transport,
+            r.server_transport == "file" or r.engine == "vllm_server",
+            "applies to rollout.engine=vllm_server only (the colocated vllm engine loads the "
+            "weights in its own process)",
+        ),
+        (
+            "rollout.server_group_port",
+            r.server_group_port,
+            0 <= r.server_group_port <= 65535,
+            "must lie in [0, 65535] (0: a free port)",
+        ),
+        (
+            "rollout.async",
+            r.async_,
+            not r.async_ or r.engine == "vllm_server",
+            "true needs rollout.engine=vllm_server: the hf and colocated vllm engines generate "
+            "in the training process, with the weights being trained",
+        ),
+        (
+            "loss.importance_clip",
+            cfg.loss.importance_clip,
+            cfg.loss.importance_clip is None or cfg.loss.importance_clip > 0,
+            "must be > 0 (null: off)",
+        ),
+        (
+            "loss.temperature",
+            cfg.loss.temperature,
+            cfg.loss.temperature is not None,
+            "null takes rollout.temperature, which is 0 here (greedy sampling), but the loss "
+            "needs a softmax temperature > 0: set loss.temperature (e.g. loss.temperature=1.0)",
+        ),
+        ("teacher.ema_decay", te.ema_decay, 0 <= te.ema_decay < 1, "must lie in [0, 1)"),
+        ("teacher.ema_update_every", te.ema_update_every, te.ema_update_every >= 1, at_least_1),
+        ("processor.max_prompt_tokens", p.max_prompt_tokens, p.max_prompt_tokens >= 1, at_least_1),
+        ("processor.prompt_cache", p.prompt_cache, p.prompt_cache >= 0, "must be >= 0 (0: off)"),
+        (
+            "processor.max_teacher_prompt_tokens",
+            p.max_teacher_prompt_tokens,
+            p.max_teacher_prompt_tokens >= 1,
+            at_least_1,
+        ),
+        ("processor.max_image_pixels", p.max_image_pixels, p.max_image_pixels >= 1, at_least_1),
+        (
+            "processor.min_pixels",
+            p.min_pixels,
+            p.min_pixels is None or p.min_pixels >= 1,
+            at_least_1,
+        ),
+        (
+            "processor.max_pixels",
+            p.max_pixels,
+            p.max_pixels is None or p.max_pixels >= 1,
+            at_least_1,
+        ),
+        (
+            "processor.max_pixels",
+            p.max_pixels,
+            None in (p.min_pixels, p.max_pixels) or p.min_pixels <= p.max_pixels,
+            f"must be >= processor.min_pixels ({p.min_pixels})",
+        ),
+        ("model.lora.r", cfg.model.lora.r, cfg.model.lora.r >= 1, at_least_1),
+        (
+            "model.lora.dropout",
+            cfg.model.lora.dropout,
+            0 <= cfg.model.lora.dropout < 1,
+            "must lie in [0, 1)",
+        ),
+        ("data.limit", cfg.data.limit, cfg.data.limit is None or cfg.data.limit >= 1, at_least_1),
+        ("data.synthetic_size", cfg.data.synthetic_size, cfg.data.synthetic_size >= 1, at_least_1),
+        ("logging.log_every", lg.log_every, lg.log_every >= 1, at_least_1),
+        ("logging.samples_every", lg.samples_every, lg.samples_every >= 0, "must be >= 0 (0: off)"),
+        ("logging.samples_n", lg.samples_n, lg.samples_n >= 1, at_least_1),
+    ]
+    # A clip <= 0 clips every term (the loss functions allow it; tests use it); from a config
+    # it is never meant.
+    for key, clip in (
+        ("loss.pointwise_clip", cfg.loss.pointwise_clip),
+        ("loss.token_clip", cfg.loss.token_clip),
+    ):
+        checks.append((key, clip, clip is None or clip > 0, "must be > 0 (null: no clip)"))
+    lo = cfg.loss
+    checks += [
+        ("loss.reward_weight", lo.reward_weight, lo.reward_weight >= 0, "must be >= 0 (0: off)"),
+        ("loss.distill_weight", lo.distill_weight, lo.distill_weight >= 0, "must be >= 0"),
+        (
+            "loss.distill_weight",
+            lo.distill_weight,
+            lo.distill_weight > 0 or lo.reward_weight > 0,
+            "0 together with loss.reward_weight=0 leaves no loss; set one of them > 0",
+        ),
+        ("loss.reward_timeout", lo.reward_timeout, lo.reward_timeout > 0, "must be > 0 seconds"),
+        (
+            "rollout.n",
+            r.n,
+            lo.reward_weight == 0 or r.n >= 2,
+            "must be >= 2 with loss.reward_weight > 0 (the advantage compares the samples of "
+            "one prompt; one sample gives advantage 0)",
+        ),
+    ]
+    for key, value, ok, allowed in checks:
+        _require(key, value, ok, allowed)
+    if te.scoring == "server":
+        _check_server_scoring(cfg)
+    if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
+        raise ConfigError(
+            f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
+            f"processor.kind={p.kind} (stripping special tokens would remove the vision start/end "
+            "and image pad tokens the images are placed by); use chat_template"
+        )
+
+
+def _check_server_scoring(cfg: RunConfig) -> None:
+    """``teacher.scoring=server`` is exact only when the server's forward is the teacher's: a
+    ConfigError naming the first key that breaks it, and why."""
+    r, lo, m = cfg.rollout, cfg.loss, cfg.model
+    why = "teacher.scoring=server"
+    kind = cfg.teacher.kind
+    rules = [
+        (
+            "rollout.engine",
+            r.engine,
+            r.engine == "vllm_server",
+            f"{why} needs rollout.engine=vllm_server (the teacher is scored by the generation "
+            "server)",
+        ),
+        (
+            "teacher.kind",
+            kind,
+            kind in ("live", "fixed"),
+            f"{why} needs teacher.kind=live (the server holds the current weights) or fixed "
+            "under LoRA (the server's base weights); an EMA teacher would need a second copy "
+            "of the model there",
+        ),
+    ]
+    if kind == "fixed":
+        rules += [
+            (
+                "model.lora.enabled",
+                m.lora.enabled,
+                m.lora.enabled,
+                f"{why} with teacher.kind=fixed needs model.lora.enabled=true: the server "
+                "serves the base as the teacher and the adapter as the student",
+            ),
+            (
+                "model.train_projector",
+                m.train_projector,
+                not m.train_projector,
+                f"{why} with teacher.kind=fixed needs model.train_projector=false: only the "
+                "LoRA adapter may train, so that the server's base stays the initial model",
+            ),
+            (
+                "model.train_vision_tower",
+                m.train_vision_tower,
+                not m.train_vision_tower,
+                f"{why} with teacher.kind=fixed needs model.train_vision_tower=false: only the "
+                "LoRA adapter may train, so that the server's base stays the initial model",
+            ),
+            (
+                "rollout.server_transport",
+                r.server_transport,
+                r.server_transport == "file",
+                f"{why} with teacher.kind=fixed needs rollout.server_transport=file: the server "
+                "loads the adapter as a peft directory (megabytes; the base goes once)",
+            ),
+        ]
+    else:
+        rules += [
+            (
+                "rollout.sync_every",
+                r.sync_every,
+                r.sync_every == 1,
+                f"{why} with teacher.kind=live needs rollout.sync_every=1: the server must hold "
+                "exactly the weights being trained, or the live teacher would be a stale one",
+            ),
+            (
+                "rollout.async",
+                r.async_,
+                not r.async_,
+                f"{why} with teacher.kind=live needs rollout.async=false: asynchronous rollouts "
+                "leave the server one optimizer step behind the weights being trained",
+            ),
+        ]
+    rules += [
+        (
+            "loss.temperature",
+            lo.temperature,
+            lo.temperature == 1.0,
+            f"{why} needs loss.temperature=1.0: the server returns temperature-1 log-probabilities "
+            "(set loss.temperature=1.0 explicitly to score a tempered rollout)",
+        ),
+        (
+            "loss.divergence",
+            lo.divergence,
+            lo.divergence == "sampled_pg" or lo.top_k > 0,
+            f"{why} needs loss.divergence=sampled_pg or loss.top_k > 0: a full-vocabulary "
+            "divergence needs the teacher's whole distribution, which the server does not send",
+        ),
+    ]
+    for key, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{key}={_show(value)}: {allowed}")
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -1,0 +1,261 @@
+"""Building a :class:`~opsd_mm.config.sections.RunConfig`: YAML (safe loader) and dotted
+``key=value`` overrides -> frozen dataclasses, strict keys and types; and writing one back.
+
+Why our own loader rather than a config framework: the contract is small (nested frozen
+dataclasses, strict keys and types, overrides), and errors must name the offending key in the
+user's terms (``loss.beta``), which the generic libraries do not do well.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from opsd_mm.config.checks import resolve_config
+from opsd_mm.config.sections import RunConfig
+from opsd_mm.errors import ConfigError
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) and args[:1] == (str,):
+            # ``logging.report_to=tensorboard`` (or ``a,b``): a string is a comma-separated list.
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = args[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+# Config keys that are Python keywords: the YAML / override spelling -> the dataclass field.
+_KEY_TO_FIELD = {"async": "async_"}
+_FIELD_TO_KEY = {v: k for k, v in _KEY_TO_FIELD.items()}
+
+
+def _key_hints(cls: type) -> dict[str, Any]:
+    """The annotations of ``cls``'s fields under their config spelling (``async``, not
+    ``async_``)."""
+    return {_FIELD_TO_KEY.get(k, k): tp for k, tp in typing.get_type_hints(cls).items()}
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = _key_hints(cls)
+    for k in raw:
+        if k not in hints:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(
+                f"unknown config key '{where}'; valid keys here: {', '.join(sorted(hints))}"
+            )
+    kwargs = {}
+    for k, v in raw.items():
+        where = f"{prefix}.{k}" if prefix else k
+        kwargs[_KEY_TO_FIELD.get(k, k)] = _coerce(v, hints[k], where)
+    return cls(**kwargs)
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of a dotted key, or a ConfigError naming it."""
+    cls: Any = RunConfig
+    tp: Any = None
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{key}'")
+        hints = _key_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"unknown config key '{where}'; valid keys here: {', '.join(sorted(hints))}"
+            )
+        tp = hints[part]
+        cls = tp
+    return tp
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, parsed value). Values are YAML scalars (``3``, ``true``,
+    ``null``, ``[a, b]``), except for string fields, which take the raw text."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. trainer.max_steps=3)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    tp = _field_type(key)
+    accepts_str = tp is str or (
+        typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)
+    )
+    if accepts_str and text not in ("null", "None", "~"):
+        return key, text
+    try:
+        return key, yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {text!r}: {e}") from e
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` (safe loader); a ConfigError naming the file and line when
+    it is not UTF-8 text or not valid YAML (PyYAML's own message names ``<unicode string>``)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file "
+            "as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in the YAML recipe ``path`` (safe loader; an empty file is ``{}``),
+    as written: not checked against the sections yet. A ConfigError when the file is missing,
+    not YAML, or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = _read_yaml(path)
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``raw`` with each parsed override (:func:`parse_override`) set at its dotted
+    key, in order: a later one wins, and one that sets a whole section (``model.lora={r: 4}``)
+    replaces that section's mapping. ``raw`` itself is left as it was."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides:
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a raw mapping (strict keys and types), before resolution
+    (:func:`~opsd_mm.config.checks.resolve_config`)."""
+    return _build(RunConfig, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (safe loader), apply dotted overrides, validate into RunConfig."""
+    raw = read_config_file(path) if path is not None else {}
+    raw = apply_overrides(raw, [parse_override(item) for item in overrides or []])
+    return resolve_config(build_config(raw))
+
+
+# Keys whose values are secrets: written and logged as SECRET_MASK when set.
+SECRET_KEYS = ("rollout.server_token",)
+SECRET_MASK = "***"
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as the nested dict that is written (``config.yaml``) and logged (tracker
+    hyper-parameters): keys spelled as in YAML, secrets (``SECRET_KEYS``) masked, so a run
+    directory or a dashboard never holds a bearer token."""
+    d = _rename_keys(dataclasses.asdict(cfg))
+    for key in SECRET_KEYS:
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(last) is not None:
+            node[last] = SECRET_MASK
+    return d
+
+
+def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        _FIELD_TO_KEY.get(k, k): _rename_keys(v) if isinstance(v, dict) else v for k, v in d.items()
+    }
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

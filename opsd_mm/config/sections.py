@@ -1,0 +1,478 @@
+"""The run configuration's sections: frozen dataclasses, one per YAML section.
+
+Each field's comment (the ``#`` lines right above it) is its documentation, and each class's
+docstring documents its section: ``opsd-mm config reference`` turns them into docs/config.md, so
+write them for a user, one comment block per field. Loading (YAML, overrides, saving) is in
+``opsd_mm.config.load``; checks (resolve, validate) in ``opsd_mm.config.checks``.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from opsd_mm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter on the language model (the default), or full fine-tuning."""
+
+    # Train a LoRA adapter; false: full fine-tuning of every weight (the vision tower and the
+    # projector only as model.train_vision_tower / model.train_projector say).
+    enabled: bool = True
+    # LoRA rank of each adapted projection.
+    r: int = 16
+    # LoRA scaling numerator: the adapter's update is scaled by alpha / r.
+    alpha: int = 32
+    # Dropout on the adapter's input during training, in [0, 1).
+    dropout: float = 0.0
+    # Regex over module names: the language model's projections only (for VL models this
+    # leaves the vision tower alone; a plain name list would also wrap Qwen2.5-VL's vision MLP).
+    target_regex: str = (
+        r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to train: where it comes from, how it loads, and what of it trains."""
+
+    # A hub id, a local directory, or ``tiny:<name>`` for a tiny offline model built on first use.
+    name_or_path: str = "tiny:text"
+    # Weight dtype: auto (bfloat16 on CUDA, float32 on CPU) or the one named.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Attention implementation passed to transformers (sdpa, eager, flash_attention_2, ...).
+    attn_implementation: str = "sdpa"
+    # Hub revision of the model (a branch, tag or commit; null: the default branch).
+    revision: str | None = None
+    # Let transformers run code shipped in the model's repository (some hub models need it).
+    trust_remote_code: bool = False
+    # The LoRA adapter, or full fine-tuning (the model.lora keys).
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # VL only: also train the projector (the vision-language merger) besides the language model.
+    train_projector: bool = False
+    # VL only: also train the vision tower (false: frozen, which lets processor.reuse_vision
+    # share its encodings); under full fine-tuning the projector then trains too.
+    train_vision_tower: bool = False
+    # Where ``tiny:`` models are built (default: ~/.cache/opsd-mm/tiny).
+    tiny_cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Without ``data.preset``: which dataset column feeds each field of an example (null: the
+    field is absent). Ignored when a preset is set: the preset maps its dataset's rows."""
+
+    # Column of each row's id (null: ``row-N``, by position).
+    id: str | None = None
+    # Column of the question, which the student and the teacher both see.
+    question: str = "problem"
+    # Column of the privileged text only the teacher sees, e.g. a reference solution (null: none).
+    privileged: str | None = "solution"
+    # Column of the final answer, for teacher templates that show {answer} and for rewards
+    # (null: none).
+    answer: str | None = None
+    # Column of the question's images: paths, bytes or images, one or a list (null: text only).
+    images: str | None = None
+    # Column of extra images only the teacher sees (null: none).
+    teacher_images: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training rows: where they come from, how rows map to examples, which are kept."""
+
+    # A hub dataset id, a local .json/.jsonl/.parquet file, a ``save_to_disk`` directory,
+    # or ``synthetic:<task>`` (generated in-process; see opsd_mm.data.tasks).
+    source: str = "synthetic:arithmetic"
+    # null: the preset's split (We-Math 2.0 ships ``standard`` / ``pro``), else ``train``.
+    split: str | None = None
+    # A hub dataset's configuration name (the second argument of datasets.load_dataset; null:
+    # its default).
+    subset: str | None = None
+    # Without a preset: which column feeds each example field (the data.columns keys).
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    # A known dataset (opsd_mm.data.presets): its row mapping, split and teacher template.
+    preset: str | None = None
+    # Base directory for relative image paths (null: the directory of data.source).
+    data_dir: str | None = None
+    # A bad row (missing what the teacher template shows, or an image that is not found):
+    # skip drops it (counted, logged with its id); raise stops with an error naming it.
+    bad_row_policy: Literal["skip", "raise"] = "skip"
+    # null: rows must hold what the teacher template shows ({privileged} and/or {answer});
+    # true/false force or waive the privileged-text requirement.
+    require_privileged: bool | None = None
+    # Use only the first this many rows (null: all).
+    limit: int | None = None
+    # Shuffle the examples every epoch, in an order drawn from ``seed`` (a resumed run
+    # continues it); false: the source's order.
+    shuffle: bool = True
+    # Examples generated for a ``synthetic:`` source.
+    synthetic_size: int = 256
+    # Drop training rows whose question (n-gram overlap) or image (perceptual hash) matches an
+    # item of data.contamination_benchmarks.
+    exclude_contaminated: bool = False
+    # The benchmarks exclude_contaminated checks against (and ``opsd-mm data check``'s default).
+    contamination_benchmarks: list[str] = field(
+        default_factory=lambda: [
+            "mmmu", "mathvision", "mathvista", "wemath", "zerobench",
+            "math500", "aime24", "aime25", "hmmt25",
+        ]
+    )  # fmt: skip
+    # Where those benchmarks are read from: save_to_disk copies named after the benchmarks, as
+    # for ``opsd-mm eval --data-dir`` (null: the hub).
+    contamination_data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """How examples become prompts: chat templates, thinking mode, token budgets, images."""
+
+    # The processor family; auto: from the model's type (qwen2_vl, qwen2_5_vl or qwen3_vl for
+    # those vision-language models, text for any other). A VL kind on a text model is an error.
+    kind: Literal["auto", "text", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "auto"
+    # The student's message template (opsd_mm.processors.templates): opsd_student_v1 (the OPSD
+    # reference's) or plain (the question verbatim).
+    student_template: str = "opsd_student_v1"
+    # The teacher's message template, which shows the privileged information: opsd_teacher_v1
+    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer) or hint_v1.
+    # Left at this default, a data.preset sets its own.
+    teacher_template: str = "opsd_teacher_v1"
+    # Thinking mode of the student prompt (the chat template's ``enable_thinking``).
+    student_thinking: bool = False
+    # Thinking mode of the teacher prompt. A difference from student_thinking is a config error
+    # unless allow_thinking_mismatch=true: the teacher would score the student's completion
+    # after a different generation prompt (e.g. an empty closed think block on one side only).
+    teacher_thinking: bool = False
+    # Allow student_thinking and teacher_thinking to differ, on purpose.
+    allow_thinking_mismatch: bool = False
+    # How the student prompt is tokenised. ``chat_template``: the ids of one chat-template
+    # application. ``specials_stripped``: the OPSD reference's documented quirk (its reported
+    # results): the chat-template text with every special token removed, then tokenised as plain
+    # text, so the student sees ``user\n...\nassistant\n`` without <|im_start|>/<|im_end|>.
+    student_prompt_format: Literal["chat_template", "specials_stripped"] = "chat_template"
+    # Student prompt budget in tokens: an example whose student prompt is longer is skipped
+    # (counted). With rollout.engine=vllm it also sizes the engine's context (+ max_new_tokens).
+    max_prompt_tokens: int = 1024
+    # Teacher prompt budget: the privileged text is truncated (and counted) to fit it.
+    max_teacher_prompt_tokens: int = 4096
+    # VL: the fewest pixels an image is resized to (qwen_vl_utils semantics; null: the model's
+    # image processor's setting).
+    min_pixels: int | None = None
+    # VL: the most pixels an image is resized to (qwen_vl_utils semantics; null: the model's
+    # image processor's setting).
+    max_pixels: int | None = None
+    # An image with more pixels than this is a bad image, rejected before it is decoded (a
+    # decompression-bomb guard).
+    max_image_pixels: int = 50_000_000
+    # A bad image (unreadable, missing, too large): skip drops its example (counted); raise
+    # stops with an error naming the example and the file.
+    bad_image_policy: Literal["skip", "raise"] = "skip"
+    # Encode each image once per step and share it between the teacher and student forwards
+    # (only while the vision tower is frozen; numerically identical to re-encoding).
+    reuse_vision: bool = True
+    # Keep up to this many rendered prompts per side (student, teacher) across epochs, so a
+    # multi-epoch run tokenises and image-processes each example once (opsd_mm/train/prompt_cache.py;
+    # identical prompts). 0: render every time. Memory: the prompts' ids and pixel tensors.
+    prompt_cache: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling the student's completions: the engine, the sampling settings, and the
+    generation server's connection and weight sync."""
+
+    # hf: transformers generate; vllm: colocated vLLM; vllm_server: an ``opsd-mm serve`` process.
+    engine: Literal["hf", "vllm", "vllm_server"] = "hf"
+    # Completions sampled per prompt (the group over which loss.reward_weight's advantage is
+    # normalised).
+    n: int = 1
+    # Sampling temperature (0: greedy); also the loss temperature while loss.temperature is null.
+    temperature: float = 1.0
+    # Nucleus sampling: sample from the smallest set of tokens holding this much probability
+    # (1: off).
+    top_p: float = 1.0
+    # Sample from the k most likely tokens only (0: off).
+    top_k: int = 0
+    # Drop the tokens less likely than min_p times the most likely one (0: off).
+    min_p: float = 0.0
+    # The most tokens generated per completion.
+    max_new_tokens: int = 256
+    # Re-sync engine weights every this many optimizer steps (vllm, vllm_server; the hf engine
+    # samples from the weights being trained).
+    sync_every: int = 1
+    # vllm: the fraction of the GPU's memory the colocated engine takes (weights, KV cache).
+    gpu_memory_utilization: float = 0.3
+    # vllm on a GPU: offload the engine's weights and drop its KV cache after each generation,
+    # so training has the memory back (ignored on a CPU).
+    vllm_sleep_mode: bool = False
+    # vllm_server: the server's base URL (http://127.0.0.1:8765, the address ``opsd-mm serve``
+    # prints); required with that engine.
+    server_url: str | None = None
+    # vllm_server: the server's bearer token (null: the OPSD_MM_SERVER_TOKEN environment
+    # variable, which keeps it out of the run's config.yaml; a token set here is written masked).
+    server_token: str | None = None
+    # vllm_server: the per-request timeout in seconds.
+    server_timeout_s: float = 600.0
+    # vllm_server: the retries of a failed request (timeouts, a restarting server) before the
+    # run stops.
+    server_retries: int = 3
+    # Where the trainer writes the safetensors the server reloads (a path both can read;
+    # null: RUN_DIR/engine_weights).
+    server_sync_dir: str | None = None
+    # How synced weights reach the server: file (safetensors in server_sync_dir, reloaded), or
+    # broadcast over a two-process group the trainer hosts: gloo (TCP, any device, any machine)
+    # or nccl (GPU to GPU). See opsd_mm.rollout.client.
+    server_transport: Literal["file", "gloo", "nccl"] = "file"
+    # gloo/nccl transport: the address the server reaches the trainer's group at.
+    server_group_host: str = "127.0.0.1"
+    # gloo/nccl transport: the group's port (0: a free one).
+    server_group_port: int = 0
+    # Generate the next step's rollouts while this step trains (one step off-policy: a batch
+    # comes from the weights one optimizer step behind the ones it trains; see
+    # opsd_mm.rollout.prefetch). vllm_server only, one trainer process. Spelled ``async`` in YAML
+    # and overrides (rollout.async=true): ``async`` is a Python keyword.
+    async_: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The distillation loss between the student's and the teacher's next-token
+    distributions on the student's completions, and an optional verifiable reward."""
+
+    # jsd (generalized, beta), forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher),
+    # sampled_pg = sampled-token reverse-KL policy gradient.
+    divergence: Literal["jsd", "forward_kl", "reverse_kl", "sampled_pg"] = "jsd"
+    # jsd: the teacher's weight in the mixture M = beta*teacher + (1-beta)*student, as in the GKD
+    # paper and TRL; 0 is exactly forward KL, 1 exactly reverse KL. In [0, 1].
+    beta: float = 0.5
+    # Teacher top-k support: the divergence over the teacher's k most likely tokens at each
+    # position, renormalised (0: the full vocabulary).
+    top_k: int = 0
+    # With top_k: keep each distribution's remaining mass as one extra bin (the tail bucket)
+    # instead of renormalising over the k tokens.
+    top_k_tail_bucket: bool = False
+    # Point-wise clip of each vocabulary term of the divergence (OPSD v3 uses 0.05; null: off).
+    # Not with sampled_pg.
+    pointwise_clip: float | None = None
+    # Per-token clip: each token's loss is clamped to at most this (for sampled_pg, the token's
+    # estimate before it becomes the advantage; null: off).
+    token_clip: float | None = None
+    # Leave each completion's first this many tokens out of the loss.
+    skip_first_tokens: int = 0
+    # Softmax temperature of both distributions in the loss. null: the sampling temperature
+    # (rollout.temperature), as the OPSD reference ties them; resolved at load, so the run's
+    # config.yaml shows the number used.
+    temperature: float | None = None
+    # ``step_tokens``: sum of per-token losses / the step's global loss-token count (every token
+    # weighs the same). ``micro_batch_mean``: the mean over micro-batches (and processes) of each
+    # micro-batch's token mean, as a transformers-Trainer-based reference (OPSD, TRL) reduces.
+    normalize: Literal["step_tokens", "micro_batch_mean"] = "step_tokens"
+    # Fused chunked path from hidden states (never materialises tokens x vocab); false: the
+    # naive reference on materialised logits.
+    fused: bool = True
+    # Tokens per chunk of the fused path (0: derived from a memory budget).
+    chunk_size: int = 0
+    # torch.compile each chunk's loss computation in the fused path (fuses its elementwise
+    # passes into few kernels; costs a compile on the first step).
+    compile: bool = False
+    # Truncated importance weight min(p_trainer(y) / p_rollout(y), c) per sampled token,
+    # detached, multiplying the per-token loss (engine/trainer mismatch, stale weights); null:
+    # off. See opsd_mm.loss.importance.
+    importance_clip: float | None = None
+    # Verifiable reward beside the teacher (docs/rewards.md): loss = distill_weight * the
+    # distillation term + reward_weight * the policy-gradient term -A * log p_s(y) on the sampled
+    # tokens, A the GRPO group-normalised advantage over the rollout.n samples of each prompt
+    # (rollout.n >= 2). 0: pure OPSD (no reward is computed).
+    reward_weight: float = 0.0
+    # The distillation term's weight (see reward_weight); 0: plain GRPO (needs reward_weight > 0).
+    distill_weight: float = 1.0
+    # The reward: math (math-verify on the last \boxed{} against the example's answer; text and
+    # VL alike) or choice (a multiple-choice letter).
+    reward: Literal["math", "choice"] = "math"
+    # Seconds each item has in the grading worker; a timeout scores 0 and is counted
+    # (reward/failed_timeout).
+    reward_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        validate_loss_config(self)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher: the same model in the privileged context, with which weights, scored where."""
+
+    # Which weights the teacher uses: fixed (the initial model; under LoRA the base with the
+    # adapter disabled), live (the current weights) or ema (a moving average of them).
+    kind: Literal["fixed", "live", "ema"] = "fixed"
+    # ema: each update sets ema = ema_decay * ema + (1 - ema_decay) * current, in [0, 1).
+    ema_decay: float = 0.99
+    # ema: update the average every this many optimizer steps.
+    ema_update_every: int = 1
+    # Where the teacher's log-probabilities come from. local: a teacher forward in the trainer.
+    # server: the generation server scores the completions in the teacher context (a live
+    # teacher, or a fixed one under LoRA whose base the server holds; sampled-token or top-k
+    # losses; see opsd_mm.teacher.scoring).
+    scoring: Literal["local", "server"] = "local"
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The optimisation: steps, batches, AdamW and its schedule, precision, checkpoints."""
+
+    # Optimizer steps to train for.
+    max_steps: int = 100
+    # Prompts per optimizer step per process; each is sampled rollout.n times.
+    batch_size: int = 4
+    # Sequences per forward/backward; the step's sequences are split into micro-batches
+    # (gradient accumulation), and the loss is normalised by the step's global token count.
+    micro_batch_size: int = 4
+    # Micro-batches by forward tokens instead (0: off, use micro_batch_size rows): the step's
+    # rows, longest first, fill micro-batches of at most this many tokens (a longer row goes
+    # alone). With loss.normalize=step_tokens the loss is still the step-wide token mean, so
+    # the results do not change (micro_batch_mean averages whatever micro-batches form).
+    micro_batch_tokens: int = 0
+    # Padding-free forwards: each micro-batch's rows packed into one sequence (per-row position
+    # ids, block-diagonal attention); off, or where the model does not support it, rows are
+    # padded to the longest (the reference layout).
+    packing: bool = True
+    # AdamW's peak learning rate (after the warm-up, before the schedule's decay).
+    lr: float = 2e-4
+    # AdamW's (decoupled) weight decay.
+    weight_decay: float = 0.0
+    # AdamW's beta1 (momentum), in [0, 1).
+    adam_beta1: float = 0.9
+    # AdamW's beta2 (second-moment decay), in [0, 1).
+    adam_beta2: float = 0.999
+    # Optimizer steps of linear warm-up from 0 to lr (linear and cosine schedules; the
+    # constant schedule has none).
+    warmup_steps: int = 0
+    # The learning rate after the warm-up: constant, or a linear or cosine decay to 0 at
+    # schedule_steps (transformers' get_scheduler).
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    # Horizon of the LR schedule in optimizer steps (null: trainer.max_steps). A recipe that
+    # reproduces a reference run decaying over N epochs sets it to that run's total steps and
+    # may stop earlier with max_steps.
+    schedule_steps: int | None = None
+    # Clip the gradients' global norm to this (null: no clipping); the norm is logged either way.
+    max_grad_norm: float | None = 1.0
+    # Mixed precision of the forwards and backwards (accelerate): auto (bf16 on CUDA, none on
+    # CPU), no, or bf16.
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # Recompute activations in the backward pass instead of keeping them (less memory, more
+    # compute).
+    gradient_checkpointing: bool = False
+    # Write a checkpoint every this many optimizer steps and at the last one (0: only when a
+    # stop signal, SIGTERM or Ctrl-C, ends the run early).
+    save_every: int = 50
+    # Checkpoints to keep, the newest (0: keep all).
+    keep_last: int = 2
+    # Abort after this many bad steps in a row: a non-finite loss or gradient norm, or no usable
+    # completion (every one rejected, e.g. a diverged model sampling ids outside the vocabulary).
+    max_bad_steps_in_row: int = 3
+    # Continue the run in run_dir from its latest checkpoint (``opsd-mm train --resume``; none
+    # there: start from step 0).
+    resume: bool = False
+    # A fresh run refuses a run_dir holding another run's checkpoints or metrics; with overwrite
+    # the old run directory is renamed to ``<run_dir>.replaced-<time>`` first (nothing is
+    # deleted).
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics, trackers, the progress bar and sample records (RUN_DIR/metrics.jsonl is
+    written whatever the trackers)."""
+
+    # Experiment trackers for the metrics and the config (accelerate's names, e.g. tensorboard,
+    # wandb; empty: none). A comma-separated string works too.
+    report_to: list[str] = field(default_factory=list)
+    # The trackers' project name.
+    project: str = "opsd-mm"
+    # Show a progress bar (on the main process).
+    progress: bool = True
+    # Write the step metrics (metrics.jsonl, trackers) every this many optimizer steps.
+    log_every: int = 1
+    # Every samples_every steps (0: never), rendered prompt/completion/teacher-context records
+    # go to RUN_DIR/samples.jsonl (and to a tensorboard tracker as text).
+    samples_every: int = 10
+    # Records written each time (see samples_every).
+    samples_n: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one YAML file, a mapping of the sections below plus ``run_dir`` and
+    ``seed``."""
+
+    # The model to train (the model.* keys).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The training data (the data.* keys).
+    data: DataConfig = field(default_factory=DataConfig)
+    # Prompt rendering (the processor.* keys).
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    # Sampling the student's completions (the rollout.* keys).
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # The loss (the loss.* keys).
+    loss: LossConfig = field(default_factory=LossConfig)
+    # The teacher (the teacher.* keys).
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # The optimisation and checkpoints (the trainer.* keys).
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Metrics and trackers (the logging.* keys).
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # The run's directory: config.yaml (the resolved config), metrics.jsonl, samples.jsonl and
+    # checkpoints/; one run per directory (see trainer.resume, trainer.overwrite).
+    run_dir: str = "runs/default"
+    # Seed of the run's randomness: torch and Python's initial state, the data order and each
+    # step's sampling.
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- loss rules
+
+
+def _require(key: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is out of range: {allowed}")
+
+
+_DIVERGENCES = typing.get_args(typing.get_type_hints(LossConfig)["divergence"])
+
+
+def validate_loss_config(cfg: LossConfig) -> None:
+    """Raise a ConfigError naming the ``loss.*`` key when the settings cannot be computed.
+
+    Run by ``LossConfig`` itself when it is made (from YAML, an override, or by a library user
+    or test), so no LossConfig exists that the loss cannot compute and the loss functions, called
+    per micro-batch and per chunk, never check again. Temperature null means 1 here (it is
+    resolved to ``rollout.temperature`` later, by ``resolve_config``).
+    """
+    _require(
+        "loss.divergence",
+        cfg.divergence,
+        cfg.divergence in _DIVERGENCES,
+        f"must be one of {list(_DIVERGENCES)}",
+    )
+    _require("loss.beta", cfg.beta, 0.0 <= cfg.beta <= 1.0, "must lie in [0, 1]")
+    tau = 1.0 if cfg.temperature is None else cfg.temperature
+    _require("loss.temperature", cfg.temperature, tau > 0.0, "must be > 0")
+    _require("loss.top_k", cfg.top_k, cfg.top_k >= 0, "must be >= 0 (0: full vocabulary)")
+    _require(
+        "loss.skip_first_tokens", cfg.skip_first_tokens, cfg.skip_first_tokens >= 0, "must be >= 0"
+    )
+    _require("loss.chunk_size", cfg.chunk_size, cfg.chunk_size >= 0, "must be >= 0 (0: automatic)")
+    if cfg.divergence == "sampled_pg":
+        if cfg.pointwise_clip is not None:
+            raise ConfigError(
+                "loss.pointwise_clip does not apply to loss.divergence=sampled_pg (it uses the "
+                "sampled token only, there are no vocabulary terms to clip); set "
+                "loss.pointwise_clip=null, or use loss.token_clip"
+            )
+        if cfg.top_k > 0:
+            raise ConfigError(
+                "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
+                "token only); set loss.top_k=0"
+            )

@@ -1,0 +1,674 @@
+"""The OPSD training loop: a plain class on accelerate, read top to bottom in ``train_step``.
+
+One step: sample -> pair -> teacher forward -> student forward -> loss -> backward/step ->
+teacher update -> engine sync -> log -> checkpoint. The step's batch is built by
+``opsd_mm.train.batches`` (draw, generate, advantages, pair, micro-batches); the loss of one
+micro-batch by ``opsd_mm.loss.micro_batch``; the teacher is ``opsd_mm.teacher``; saving and
+resuming by ``opsd_mm.train.state`` and ``opsd_mm.train.checkpoint``. With
+``teacher.scoring=server`` the teacher forward is one request to the generation server per
+step, right after pairing (``opsd_mm.teacher.scoring``).
+
+Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir; resume falls
+back past an unloadable newest checkpoint and applies changed optimizer settings with a
+warning; SIGTERM/SIGINT finish the step, checkpoint and raise
+:class:`~opsd_mm.train.signals.TrainingInterrupted`; a step without usable completions, or with
+a non-finite loss, is a bad step, and ``trainer.max_bad_steps_in_row`` of them abort; skipped
+rows and examples are counted by reason (``skipped/load/*``, ``skipped/run/*``) in every
+metrics row.
+
+Loss normalisation: a step's rollouts are split into micro-batches; each micro-batch's per-token
+losses are summed and divided by the number of loss tokens of the WHOLE step across all
+processes (times the process count, since DDP averages gradients). Gradient accumulation and
+several processes therefore give the same gradients as one big batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opsd_mm.config import RunConfig, config_to_dict, flatten_config, save_config
+from opsd_mm.data.stream import ExampleStream
+from opsd_mm.errors import UserError
+from opsd_mm.loss.divergences import DivergenceOut, loss_mask
+from opsd_mm.loss.importance import importance_metrics
+from opsd_mm.loss.micro_batch import micro_batch_loss
+from opsd_mm.loss.rewards import Reward
+from opsd_mm.model.forward import unwrap
+from opsd_mm.model.packing import packable
+from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
+from opsd_mm.rollout.prefetch import (
+    RolloutBatch,
+    RolloutPrefetcher,
+    rollouts_from_state,
+    rollouts_to_state,
+    staleness_metrics,
+)
+from opsd_mm.teacher.scoring import score_pairs, teacher_logprobs
+from opsd_mm.teacher.weights import Teacher
+from opsd_mm.train import batches
+from opsd_mm.train import checkpoint as ckpt
+from opsd_mm.train import state as run_state
+from opsd_mm.train.batches import Counters, MicroBatch, StepPlan
+from opsd_mm.train.metrics import (
+    MetricsWriter,
+    PhaseTimer,
+    logprob_gap,
+    pad_logprobs,
+    repetition_rate,
+    summarize_tokens,
+    truncate_metrics,
+)
+from opsd_mm.train.prompt_cache import PromptCache
+from opsd_mm.train.signals import StopSignals, TrainingInterrupted
+from opsd_mm.types import Example, PairBatch, Processor, TeacherLogprobs
+
+log = logging.getLogger(__name__)
+
+
+class BadStepsError(UserError):
+    """Raised after ``trainer.max_bad_steps_in_row`` consecutive bad steps (non-finite loss or
+    gradient norm, or no usable completion). A user-facing stop (one line naming the last good
+    checkpoint, exit 2): the usual cause is a setting such as a learning rate that diverges."""
+
+    kind = "training stopped"
+
+
+class Trainer:
+    """Owns the model, optimizer, teacher, engine and data stream of one run."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        model: torch.nn.Module,
+        processor: Processor,
+        engine: RolloutEngine,
+        examples: Sequence[Example],
+        accelerator: Any,
+        load_skips: dict[str, int] | None = None,
+        reward: Reward | None = None,
+    ) -> None:
+        """Built by ``opsd_mm.train.build``, which resolves ``cfg`` and makes the run's one
+        Accelerator, the model, the processor and the engine. ``load_skips``: rows skipped or
+        dropped while loading the data, by reason (logged as ``skipped/load/<reason>``).
+        ``reward``: scores completions for ``loss.reward_weight`` (``opsd_mm.loss.rewards``;
+        cli.py builds it from ``loss.reward``); required when the weight is > 0."""
+        self.cfg = cfg
+        tc = cfg.trainer
+        self.accelerator = acc = accelerator
+        self.run_dir = Path(cfg.run_dir)
+        self.processor = processor
+        # Rendered prompts, kept across epochs when processor.prompt_cache > 0. The methods are
+        # looked up at each call, so a processor whose method is replaced later is followed.
+        size = cfg.processor.prompt_cache
+        self.student_prompt = PromptCache(lambda ex: self.processor.student_prompt(ex), size)
+        self.teacher_prompt = PromptCache(lambda ex: self.processor.teacher_prompt(ex), size)
+        self.engine = engine
+        # teacher.scoring=server: the live teacher's log-probs come from the engine's server.
+        self.score_on_server = cfg.teacher.scoring == "server" and cfg.loss.distill_weight > 0
+        if self.score_on_server and not isinstance(engine, ScoringEngine):
+            raise UserError(
+                f"teacher.scoring=server: the {type(engine).__name__} rollout engine cannot "
+                "score a teacher; use rollout.engine=vllm_server"
+            )
+        if cfg.loss.reward_weight > 0 and reward is None:
+            raise UserError(
+                f"loss.reward_weight={cfg.loss.reward_weight} needs a reward: pass reward= to "
+                "Trainer (cli.py builds it from loss.reward)"
+            )
+        self.reward = reward if cfg.loss.reward_weight > 0 else None
+        if tc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        # The teacher is built from the initial weights, before any checkpoint is loaded: a fixed
+        # teacher's copies are not checkpointed, so a resumed run must rebuild them from these.
+        self.teacher = Teacher(cfg.teacher, model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2)
+        )
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            tc.lr_schedule,
+            self.optimizer,
+            num_warmup_steps=tc.warmup_steps,
+            num_training_steps=tc.schedule_steps or tc.max_steps,
+        )
+        # Model and optimizer are prepared together: FSDP2 replaces the parameters with sharded
+        # DTensors and must re-point the optimizer at them. The scheduler stays unprepared: an
+        # accelerate-prepared scheduler steps once per process, which would make the LR schedule
+        # depend on the process count.
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        # FSDP2 only (a no-op for other modules): generate() runs below the root module's
+        # forward, whose hook gathers the root's own shards (embeddings, final norm, head).
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(self.model, "generate")
+        if self._sharded:  # the teacher's tensors sharded like the parameters
+            self.teacher.follow_sharding(unwrap(self.model))
+        self.stream = ExampleStream(
+            examples,
+            tc.batch_size,
+            seed=cfg.seed,
+            shuffle=cfg.data.shuffle,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
+        self.step = 0
+        self.engine_version = 0  # the trainer step whose weights the engine holds
+        # rollout.async: the next step's batch generates on a thread while this one trains.
+        self.prefetcher = RolloutPrefetcher(engine) if cfg.rollout.async_ else None
+        self.counters = Counters(
+            cfg.processor.bad_image_policy, load_skips, reward=self.reward is not None
+        )
+        self._bad_in_row = 0
+        self.run_id: str | None = None
+        self.signals = StopSignals()
+        self.timer_cuda = acc.device.type == "cuda"
+        why_not = packable(unwrap(self.model)) if tc.packing else "trainer.packing=false"
+        self.packing = why_not is None
+        if tc.packing and why_not:
+            log.warning("trainer.packing: padded forwards (%s)", why_not)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run until ``trainer.max_steps``; returns the logged metrics of this call."""
+        cfg, acc = self.cfg, self.accelerator
+        self.run_id = run_state.claim_run_dir(cfg, acc)
+        if cfg.trainer.resume:
+            self.resume()
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            # Rows past the starting step came from a run that died after its last checkpoint
+            # (or from an earlier run in this directory): drop them, so no step appears twice.
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            truncate_metrics(self.run_dir / "samples.jsonl", self.step)
+            if cfg.logging.report_to:
+                acc.init_trackers(cfg.logging.project, config=flatten_config(config_to_dict(cfg)))
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl") if acc.is_main_process else None
+        history = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.trainer.max_steps,
+            initial=self.step,
+            desc="opsd",
+            disable=not (cfg.logging.progress and acc.is_main_process),
+        )
+        try:
+            with self.signals.catching(next_step=lambda: self.step + 1):
+                while self.step < cfg.trainer.max_steps:
+                    metrics = self.train_step()
+                    history.append(metrics)
+                    self._log(metrics, writer)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4g}", len=f"{metrics['completion_len_mean']:.0f}"
+                    )
+                    self._checkpoint_or_stop()
+        finally:
+            bar.close()
+            if self.prefetcher is not None:
+                self.prefetcher.close()
+            if writer:
+                writer.close()
+            if cfg.logging.report_to:
+                acc.end_training()
+        return history
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        timer = PhaseTimer(sync_cuda=self.timer_cuda)
+        t_start = time.perf_counter()
+
+        # 1. sample: the student context only (rollout.async: generated while the previous
+        # step trained; the next step's batch starts generating here).
+        batch = self._rollouts(timer)
+        for e, what in batch.skipped:
+            self.counters.skip_example(e, what)
+        # 1b. reward (loss.reward_weight > 0): one advantage per completion, GRPO's.
+        with timer.phase("reward") if self.reward is not None else nullcontext():
+            advantages_P_G, reward_stats = batches.advantages(
+                self.reward,
+                self.processor.tokenizer,
+                batch.examples,
+                batch.rollouts_P_G,
+                self.counters,
+                reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
+            )
+
+        # 2. pair: the teacher context, followed by the same completion ids.
+        paired = batches.pair_rollouts(
+            self.processor, self.teacher_prompt, batch, advantages_P_G, self.counters
+        )
+        # 2b. teacher.scoring=server: every row's teacher log-probs in one request, from the
+        # weights the server holds (this step's: it is synced after every optimizer step).
+        if self.score_on_server:
+            with timer.phase("teacher_score"):
+                score_pairs(self.engine, paired.pairs, cfg.loss.top_k)
+        # The step's micro-batches, padded to the busiest process, and its global token count.
+        plan = batches.plan_micro_batches(paired, cfg, self.packing, acc)
+
+        # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
+        loss_total, terms_total, outs, logprobs = self._forward_backward(plan, timer)
+
+        # 6. optimizer step, unless the step is bad.
+        with timer.phase("optimizer"):
+            loss_value, grad_norm, good = self._optimizer_step(loss_total, empty=not plan.micro)
+        self.step += 1
+
+        # 7-8. teacher update and engine weight sync (rollout.async: at the next step's start,
+        # once the generation in flight has finished).
+        if good:
+            self.teacher.update(unwrap(self.model), self.step)
+        if self.prefetcher is None and self.step % cfg.rollout.sync_every == 0:
+            with timer.phase("sync"):
+                self._sync_engine()
+
+        # 9. metrics.
+        wall = time.perf_counter() - t_start
+        completions = [p.completion_ids for p in plan.pairs]
+        lengths = [len(c) for c in completions] or [0]
+        div_N = torch.cat([o.div_N for o in outs]) if outs else torch.zeros(0)
+        engine_N = torch.cat([e for e, _ in logprobs]) if logprobs else torch.zeros(0)
+        trainer_N = torch.cat([t for _, t in logprobs]) if logprobs else torch.zeros(0)
+        finish = paired.finish_reasons
+        metrics: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "skipped": not good,
+            "loss_tokens": plan.tokens_global,
+            **self._term_metrics(terms_total),
+            **reward_stats,
+            **summarize_tokens(div_N, "divergence"),
+            "clip_fraction": _mean_of(outs, "clipped_N"),
+            # mean |log p_engine - log p_trainer| on sampled tokens (vLLM; NaN with hf/fused)
+            "rollout/logprob_gap": logprob_gap(engine_N, trainer_N),
+            # optimizer steps between the sampling weights and the trained ones (rollout.async: 1)
+            **staleness_metrics(batch.rollouts_P_G, self.step - 1),
+            **self._importance_metrics(engine_N, trainer_N),
+            "student_entropy": _mean_of(outs, "student_entropy_N"),
+            "teacher_entropy": _mean_of(outs, "teacher_entropy_N"),
+            "completion_len_mean": sum(lengths) / len(lengths),
+            "completion_len_max": max(lengths),
+            "truncation_rate": finish.count("length") / max(len(finish), 1),
+            "repetition_rate": repetition_rate(completions),
+            "tokens_per_s": sum(lengths) / wall,
+            "step_time": wall,
+            **timer.as_metrics(),
+            **self.counters.values,
+        }
+        self._last_step = (batch.examples, plan.pairs, div_N)  # for _log_samples
+        return metrics
+
+    # ------------------------------------------------------------------ the step's parts
+
+    def _rollouts(self, timer: PhaseTimer) -> RolloutBatch:
+        """This step's batch. Synchronous: drawn and sampled now, from the weights synced
+        last. ``rollout.async``: the batch generated while the previous step trained (the
+        first step samples now); then the engine gets the current weights and the next step's
+        batch is submitted, in that order (``opsd_mm.rollout.prefetch``)."""
+        step, cfg = self.step + 1, self.cfg
+        if self.prefetcher is None:
+            with timer.phase("rollout"):
+                return batches.generate(self.engine, self._draw(step), cfg)
+        with timer.phase("rollout"):  # the wait for the generation that overlapped training
+            batch = self.prefetcher.take(step) or batches.generate(
+                self.engine, self._draw(step), cfg
+            )
+        if step < cfg.trainer.max_steps:
+            if self.step % cfg.rollout.sync_every == 0 and self.engine_version != self.step:
+                with timer.phase("sync"):
+                    self._sync_engine()
+            ahead = self._draw(step + 1)
+            self.prefetcher.submit(ahead, cfg.rollout.n, batches.sampling_for(cfg, step + 1))
+        return batch
+
+    def _draw(self, step: int) -> RolloutBatch:
+        return batches.draw(self.stream, step, self.student_prompt, self.counters)
+
+    def _forward_backward(
+        self, plan: StepPlan, timer: PhaseTimer
+    ) -> tuple[torch.Tensor, torch.Tensor, list[DivergenceOut], list[tuple[torch.Tensor, ...]]]:
+        """Teacher forward, student forward, loss and backward for every micro-batch of the
+        plan (gradients reduced across processes in the last backward only). Returns the summed
+        loss and the two weighted terms (distillation, reward policy gradient), the per-token
+        stats of each real micro-batch, and its (engine, trainer) log-probs where the engine
+        reports them."""
+        acc = self.accelerator
+        self.model.train()
+        loss_total = torch.zeros((), device=acc.device)
+        terms_total = torch.zeros(2, device=acc.device)
+        outs: list[DivergenceOut] = []
+        logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
+        # The processor's step context (VL: each image encoded once for the whole step).
+        with self.processor.step_context(unwrap(self.model)):
+            for i, mb in enumerate(plan.micro):
+                batch = self.processor.collate(mb.pairs).to(acc.device)
+                last = i == len(plan.micro) - 1
+                with acc.no_sync(self.model) if not last else nullcontext():
+                    loss, out, terms, engine_N = self._micro_step(mb, batch, plan, timer)
+                    if mb.padding:
+                        loss = loss * 0.0
+                    with timer.phase("student"):
+                        acc.backward(loss)
+                if not mb.padding:
+                    loss_total += loss.detach()
+                    terms_total += terms
+                    outs.append(out)
+                    if engine_N is not None:
+                        logprobs.append((engine_N, out.student_logprob_N.cpu()))
+        return loss_total, terms_total, outs, logprobs
+
+    def _micro_step(
+        self, mb: MicroBatch, batch: PairBatch, plan: StepPlan, timer: PhaseTimer
+    ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor, torch.Tensor | None]:
+        """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the teacher
+        forward (none when the server scored it), the student forward, the loss times its
+        normalisation; also the two weighted terms and the engine's log-probs of its tokens."""
+        cfg = self.cfg
+        mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
+        engine_N = self._engine_logprobs(mb, batch, mask_BC)
+        teacher_N: TeacherLogprobs | None = None
+        if self.score_on_server:
+            teacher_N = teacher_logprobs(mb.pairs, mask_BC, cfg.loss.top_k)
+        with self.accelerator.autocast():
+            loss, out, terms = micro_batch_loss(
+                batch,
+                self.model,
+                self.teacher,
+                self._loss_scale(mask_BC, plan),
+                cfg.loss,
+                timer,
+                engine_N if cfg.loss.importance_clip is not None else None,
+                torch.tensor(mb.advantages, device=self.accelerator.device),
+                packed=self.packing,
+                teacher_logprobs=teacher_N,
+            )
+        return loss, out, terms, engine_N
+
+    def _loss_scale(self, mask_BC: torch.Tensor, plan: StepPlan) -> float:
+        """The factor on this micro-batch's summed per-token loss (``loss.normalize``).
+
+        Gradients are averaged over processes (DDP/FSDP), hence the ``num_processes`` factor in
+        ``step_tokens``: sum / global token count, every token of the step weighing the same.
+        ``micro_batch_mean``: this micro-batch's token mean / micro-batches per process, so the
+        step's loss is the mean of the micro-batch means, as in a transformers-Trainer-based
+        reference (each micro-batch's ``batchmean`` divided by the accumulation steps).
+        """
+        if self.cfg.loss.normalize == "micro_batch_mean":
+            return 1.0 / (max(int(mask_BC.sum()), 1) * max(len(plan.micro), 1))
+        return self.accelerator.num_processes / max(plan.tokens_global, 1.0)
+
+    def _engine_logprobs(
+        self, mb: MicroBatch, batch: PairBatch, mask_BC: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The rollout engine's log-probs of the micro-batch's loss tokens ([N] on the CPU, NaN
+        where unknown), or None when no rollout reports any. Read once per micro-batch: they
+        feed ``loss.importance_clip`` and the rollout/trainer log-prob gap metric."""
+        if not any(p.logprobs for p in mb.pairs):
+            return None
+        width_C = batch.completion_ids_BC.shape[1]
+        return pad_logprobs([p.logprobs for p in mb.pairs], width_C)[mask_BC.cpu()]
+
+    def _optimizer_step(self, loss_total: torch.Tensor, empty: bool) -> tuple[float, float, bool]:
+        """Clip and step, unless the step is bad: no usable completion (every one rejected, on
+        some process: nothing to learn from; a diverged model samples ids outside the
+        vocabulary), or a non-finite loss or gradient norm. A bad step changes no weights and
+        does not advance the LR schedule; its loss is logged as NaN (null in metrics.jsonl).
+        Returns (loss, gradient norm, good); ``trainer.max_bad_steps_in_row`` bad steps in a
+        row raise :class:`BadStepsError`."""
+        acc = self.accelerator
+        loss_value = acc.reduce(loss_total, "sum").item() / acc.num_processes
+        grad_norm = self._clip_grad_norm()
+        good = math.isfinite(loss_value) and math.isfinite(grad_norm) and not empty
+        if good:
+            self.optimizer.step()
+            self.scheduler.step()
+            self._bad_in_row = 0
+        else:
+            self._bad_in_row += 1
+            if empty:
+                loss_value = math.nan
+                self.counters.add("empty_steps")
+                log.warning(
+                    "step %d: no usable completion (%d rejected); step skipped",
+                    self.step + 1,
+                    self.counters.values["rejected_completions"],
+                )
+            else:
+                self.counters.add("nonfinite_steps")
+                log.warning("step %d: non-finite loss/grad norm; step skipped", self.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        limit = self.cfg.trainer.max_bad_steps_in_row
+        if self._bad_in_row >= limit:
+            c = self.counters.values
+            raise BadStepsError(
+                f"{self._bad_in_row} bad steps in a row ({c['nonfinite_steps']} non-finite, "
+                f"{c['empty_steps']} without a usable completion so far; limit "
+                f"trainer.max_bad_steps_in_row={limit}): the model has probably diverged "
+                f"(lower trainer.lr?); last good checkpoint: "
+                f"{ckpt.latest_checkpoint(self.run_dir)}"
+            )
+        return loss_value, grad_norm, good
+
+    def _clip_grad_norm(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.cfg.trainer.max_grad_norm
+        # accelerate's clip handles sharded (DTensor) gradients under FSDP2; the norm is global.
+        norm = self.accelerator.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _sync_engine(self) -> None:
+        """The engine samples from the current weights from now on (version: this step)."""
+        self.engine.sync_weights(unwrap(self.model), version=self.step)
+        self.engine_version = self.step
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, metrics: dict[str, Any], writer: MetricsWriter | None) -> None:
+        """The step's metrics row (every ``logging.log_every`` steps) and rendered samples
+        (every ``logging.samples_every``), from the main process."""
+        lg = self.cfg.logging
+        if writer and self.step % lg.log_every == 0:
+            writer.write(metrics)
+            if lg.report_to:
+                self.accelerator.log(metrics, step=self.step)
+        if writer and lg.samples_every and self.step % lg.samples_every == 0:
+            self._log_samples()
+
+    def _log_samples(self) -> None:
+        """``logging.samples_n`` rendered samples of the last step to ``samples.jsonl`` (and to
+        a tensorboard tracker as text); see ``opsd_mm/train/samples.py``."""
+        from opsd_mm.train import samples
+
+        examples, pairs, div_N = self._last_step
+        records = samples.sample_records(
+            self.step,
+            examples,
+            pairs,
+            self.processor.tokenizer,
+            self.cfg.logging.samples_n,
+            div_N=div_N,
+            skip_first_tokens=self.cfg.loss.skip_first_tokens,
+        )
+        samples.write_samples(self.run_dir / "samples.jsonl", records)
+        if self.cfg.logging.report_to:
+            samples.log_to_trackers(self.accelerator, records, self.step)
+
+    def _importance_metrics(self, engine_N: torch.Tensor, trainer_N: torch.Tensor) -> dict:
+        """``loss.importance_clip``'s weights over the step's tokens (``importance/*``);
+        nothing when the clip is off."""
+        clip = self.cfg.loss.importance_clip
+        return {} if clip is None else importance_metrics(trainer_N, engine_N, clip)
+
+    def _term_metrics(self, terms_total: torch.Tensor) -> dict[str, float]:
+        """The step's two weighted loss terms (summed over processes like ``loss``), only when
+        the reward path is on."""
+        if self.reward is None:
+            return {}
+        acc = self.accelerator
+        t = acc.reduce(terms_total, "sum") / acc.num_processes
+        return {"loss/distill": t[0].item(), "loss/reward_pg": t[1].item()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_or_stop(self) -> None:
+        """Save every ``trainer.save_every`` steps and at the last one; after a stop signal
+        (agreed by every process in one collective, so all save together) save and raise
+        :class:`TrainingInterrupted`."""
+        tc = self.cfg.trainer
+        saved = bool(tc.save_every) and (
+            self.step % tc.save_every == 0 or self.step == tc.max_steps
+        )
+        if saved:
+            self.save()
+        signum = self.signals.requested(self.accelerator)
+        if signum:
+            if not saved:
+                self.save()
+            path = ckpt.checkpoint_dir(self.run_dir) / ckpt.step_name(self.step)
+            raise TrainingInterrupted(signum, self.step, path)
+
+    def save(self) -> Path | None:
+        """Checkpoint from the main process; every process contributes its RNG state."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        rng_states = gather_object([ckpt.rng_state()])
+        # rollout.async: the next step's batch, sampled from weights this checkpoint does not
+        # hold, is recorded with the data position before it (opsd_mm.rollout.prefetch).
+        ahead = self.prefetcher.wait() if self.prefetcher is not None else None
+        state = {
+            "data": ahead.data_before if ahead else self.stream.state(),
+            "counters": self.counters.values,
+            "bad_in_row": self._bad_in_row,
+            "num_processes": acc.num_processes,
+            "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
+            "settings": run_state.recorded_settings(self.cfg, acc.num_processes),
+        }
+        if ahead:
+            state["ahead"] = {"step": ahead.step, "rollouts": rollouts_to_state(ahead.rollouts_P_G)}
+        common = {
+            "model": unwrap(self.model),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "state": state,
+            "rng_states": rng_states,
+            "keep_last": self.cfg.trainer.keep_last,
+            "run_id": self.run_id,
+        }
+        if self._sharded:  # every process writes its shard
+            return ckpt.save_sharded_checkpoint(
+                self.run_dir,
+                self.step,
+                is_main=acc.is_main_process,
+                barrier=acc.wait_for_everyone,
+                teacher_state=self.teacher.ema or None,
+                **common,
+            )
+        path = None
+        if acc.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, teacher_state=self.teacher.state_dict() or None, **common
+            )
+        acc.wait_for_everyone()
+        return path
+
+    @property
+    def _sharded(self) -> bool:
+        """Checkpoints are sharded (``torch.distributed.checkpoint``) under FSDP2."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    def _load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """Restore checkpoint ``path`` into this trainer's model, optimizer and scheduler (and
+        an EMA teacher's tensors); (``state.json``, teacher state)."""
+        common = {
+            "model": unwrap(self.model),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "process_index": self.accelerator.process_index,
+        }
+        if ckpt.is_sharded(path):  # FSDP2's; loads on any process count and layout
+            state = ckpt.load_sharded_checkpoint(
+                path, teacher_state=self.teacher.ema or None, **common
+            )
+            return state, None
+        if self._sharded:
+            raise RuntimeError(
+                "a checkpoint written without FSDP2 cannot be resumed under FSDP2 "
+                "(resume it without FSDP2, or start the FSDP2 run from its weights)"
+            )
+        return ckpt.load_checkpoint(path, **common)
+
+    def resume(self) -> None:
+        """Continue from the latest complete checkpoint of this run in run_dir (none: start
+        fresh), falling back past unloadable ones (``opsd_mm.train.state.load_newest``).
+
+        The data position is a global example count, so a different process count resumes at
+        the same place in the data; the same global batch (batch_size x processes) keeps the
+        run identical to an uninterrupted one."""
+        from opsd_mm.train.run_dir import read_run_id
+
+        if self.run_id is None:  # resume() called on its own, not from train()
+            self.run_id = read_run_id(self.run_dir)
+        found = run_state.load_newest(self.run_dir, self.run_id, self._load, self.accelerator)
+        if found is None:
+            log.warning("trainer.resume: no checkpoint in %s; starting from step 0", self.run_dir)
+            return
+        path, state, teacher_state = found
+        if teacher_state:
+            self.teacher.load_state_dict(teacher_state)
+        self.step = int(state["step"])
+        acc = self.accelerator
+        run_state.apply_settings(
+            run_state.saved_settings(state),
+            self.cfg,
+            acc.num_processes,
+            self.optimizer,
+            self.scheduler,
+            self.step,
+            path,
+        )
+        self.stream.load_state(state["data"])
+        self.counters.restore(state.get("counters", {}))
+        self._bad_in_row = int(state.get("bad_in_row", state.get("nonfinite_in_row", 0)))
+        self._sync_engine()
+        ahead = state.get("ahead")
+        if ahead and self.prefetcher is not None:  # the batch the run generated ahead
+            batch = self._draw(int(ahead["step"]))
+            batch.rollouts_P_G = rollouts_from_state(ahead["rollouts"])
+            if len(batch.rollouts_P_G) != len(batch.prompts):
+                raise RuntimeError(
+                    f"{path}: the batch generated ahead has {len(batch.rollouts_P_G)} prompts' "
+                    f"rollouts, the data gives {len(batch.prompts)} prompts at this position"
+                )
+            self.prefetcher.put(batch)
+        elif ahead:
+            log.info("%s: rollout.async=false samples the batch generated ahead afresh", path)
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _mean_of(outs: Sequence[DivergenceOut], name: str) -> float:
+    vals = [getattr(o, name) for o in outs]
+    vals = [v for v in vals if v.numel()]
+    return torch.cat(vals).float().mean().item() if vals else 0.0
