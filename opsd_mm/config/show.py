@@ -32,11 +32,12 @@ ORIGINS = ("default", "file", "override", "resolved")
 
 
 def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of every non-mapping value in nested mappings, in order."""
+    """Dotted key -> value of every non-mapping value in nested mappings, in order; an empty
+    mapping (``teachers: {}``) is a value too."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and v:
             out.update(leaves(v, key + "."))
         else:
             out[key] = v
