@@ -55,9 +55,16 @@ def cmd_data(command: str, args: argparse.Namespace) -> int:
 def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
     """Everything a run needs, from the config alone (``opsd_mm.train.build.trainer_from_config``,
     with the processors and benchmark loaders wired in here)."""
+    from opsd_mm.processors import build_processor
     from opsd_mm.train.build import trainer_from_config
 
-    return trainer_from_config(cfg, data_wiring(), accelerator, reward=build_reward(cfg))
+    return trainer_from_config(
+        cfg,
+        data_wiring(),
+        accelerator,
+        reward=build_reward(cfg),
+        build_processor=build_processor,  # a model teacher's own processor
+    )
 
 
 def build_reward(cfg: RunConfig) -> Any:

@@ -44,7 +44,10 @@ def load_training_data(
     ``data.exclude_contaminated`` (or ``exclude``); every drop is counted in the report with its
     reason. ``cfg`` is resolved (``opsd_mm.data.presets.resolve_data``)."""
     fields = wiring.template_fields(cfg.processor.teacher_template)
-    examples, report = load_examples(cfg.data, seed=cfg.seed, teacher_fields=fields)
+    route_by = cfg.teacher.route_by if cfg.teachers else None
+    examples, report = load_examples(
+        cfg.data, seed=cfg.seed, teacher_fields=fields, route_by=route_by
+    )
     processor = wiring.build_processor(cfg) if with_processor else None
     if processor is not None:  # a VL processor drops (and counts) rows with bad images
         examples = processor.prepare_examples(examples, data_dir=cfg.data.data_dir)

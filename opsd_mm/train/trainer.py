@@ -51,7 +51,9 @@ from opsd_mm.rollout.prefetch import (
     rollouts_to_state,
     staleness_metrics,
 )
-from opsd_mm.teacher.scoring import score_pairs, teacher_logprobs
+from opsd_mm.teacher.model import ModelTeacher
+from opsd_mm.teacher.routing import Teachers
+from opsd_mm.teacher.scoring import teacher_logprobs
 from opsd_mm.teacher.weights import Teacher
 from opsd_mm.train import batches
 from opsd_mm.train import checkpoint as ckpt
@@ -68,7 +70,7 @@ from opsd_mm.train.metrics import (
 )
 from opsd_mm.train.prompt_cache import PromptCache
 from opsd_mm.train.signals import StopSignals, TrainingInterrupted
-from opsd_mm.types import Example, PairBatch, Processor, TeacherLogprobs
+from opsd_mm.types import Example, Pair, PairBatch, Processor, Prompt, TeacherLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +97,15 @@ class Trainer:
         accelerator: Any,
         load_skips: dict[str, int] | None = None,
         reward: Reward | None = None,
+        model_teachers: dict[str, ModelTeacher] | None = None,
     ) -> None:
         """Built by ``opsd_mm.train.build``, which resolves ``cfg`` and makes the run's one
         Accelerator, the model, the processor and the engine. ``load_skips``: rows skipped or
         dropped while loading the data, by reason (logged as ``skipped/load/<reason>``).
         ``reward``: scores completions for ``loss.reward_weight`` (``opsd_mm.loss.rewards``;
-        cli.py builds it from ``loss.reward``); required when the weight is > 0."""
+        cli.py builds it from ``loss.reward``); required when the weight is > 0.
+        ``model_teachers``: the separate teachers of ``teacher.kind=model`` or ``teachers``, by
+        name, loaded by ``opsd_mm.train.build`` (``opsd_mm.teacher.model``)."""
         self.cfg = cfg
         tc = cfg.trainer
         self.accelerator = acc = accelerator
@@ -108,13 +113,23 @@ class Trainer:
         self.processor = processor
         # Rendered prompts, kept across epochs when processor.prompt_cache > 0. The methods are
         # looked up at each call, so a processor whose method is replaced later is followed.
+        # The teacher prompt is its teacher's rendering (opsd_mm.teacher.routing): an example
+        # always routes to the same teacher, so one cache holds every teacher's prompts.
         size = cfg.processor.prompt_cache
         self.student_prompt = PromptCache(lambda ex: self.processor.student_prompt(ex), size)
-        self.teacher_prompt = PromptCache(lambda ex: self.processor.teacher_prompt(ex), size)
+        self.teacher_prompt = PromptCache(self._render_teacher_prompt, size)
         self.engine = engine
-        # teacher.scoring=server: the live teacher's log-probs come from the engine's server.
-        self.score_on_server = cfg.teacher.scoring == "server" and cfg.loss.distill_weight > 0
-        if self.score_on_server and not isinstance(engine, ScoringEngine):
+        # The teachers: the student's own weights (built from the initial weights, before any
+        # checkpoint is loaded: a fixed teacher's copies are not checkpointed, so a resumed run
+        # must rebuild them from these) and the separate models, with the route between them.
+        self.teacher = Teacher(cfg.teacher, model)
+        self.teachers = Teachers(cfg, self.teacher, model_teachers or {}, processor)
+        # teacher.scoring=server: teacher log-probs come from a server (the student's own
+        # weights from the generation server, a model teacher from its own), once per step.
+        on_server = [n for n in self.teachers.names if self.teachers.on_server(n)]
+        self.score_on_server = bool(on_server) and cfg.loss.distill_weight > 0
+        self_on_server = any(self.teachers.uses_student(n) for n in on_server)
+        if self.score_on_server and self_on_server and not isinstance(engine, ScoringEngine):
             raise UserError(
                 f"teacher.scoring=server: the {type(engine).__name__} rollout engine cannot "
                 "score a teacher; use rollout.engine=vllm_server"
@@ -129,9 +144,6 @@ class Trainer:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        # The teacher is built from the initial weights, before any checkpoint is loaded: a fixed
-        # teacher's copies are not checkpointed, so a resumed run must rebuild them from these.
-        self.teacher = Teacher(cfg.teacher, model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2)
@@ -156,6 +168,7 @@ class Trainer:
         register_fsdp_forward_method(self.model, "generate")
         if self._sharded:  # the teacher's tensors sharded like the parameters
             self.teacher.follow_sharding(unwrap(self.model))
+        self.teachers.prepare(acc, unwrap(self.model))  # model teachers: sharded or placed
         self.stream = ExampleStream(
             examples,
             tc.batch_size,
@@ -249,17 +262,24 @@ class Trainer:
                 reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
             )
 
-        # 2. pair: the teacher context, followed by the same completion ids.
+        # 2. pair: each example's teacher context (its teacher's rendering), followed by the
+        # same completion ids.
         paired = batches.pair_rollouts(
             self.processor, self.teacher_prompt, batch, advantages_P_G, self.counters
         )
-        # 2b. teacher.scoring=server: every row's teacher log-probs in one request, from the
-        # weights the server holds (this step's: it is synced after every optimizer step).
+        self._count_routes(paired.pairs)
+        # 2b. teacher.scoring=server: every row's teacher log-probs, one request per server
+        # (the generation server holds this step's weights: it is synced after every step).
         if self.score_on_server:
             with timer.phase("teacher_score"):
-                score_pairs(self.engine, paired.pairs, cfg.loss.top_k)
-        # The step's micro-batches, padded to the busiest process, and its global token count.
-        plan = batches.plan_micro_batches(paired, cfg, self.packing, acc)
+                self.teachers.score_on_servers(
+                    paired.pairs, cfg.loss.top_k, self.engine, self._teacher_of
+                )
+        # The step's micro-batches (one teacher's rows each), padded to the busiest process per
+        # teacher, and its global token count.
+        plan = batches.plan_micro_batches(
+            paired, cfg, self.packing, acc, self.teachers.names, self._teacher_of
+        )
 
         # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
         loss_total, terms_total, outs, logprobs = self._forward_backward(plan, timer)
@@ -310,6 +330,7 @@ class Trainer:
             "tokens_per_s": sum(lengths) / wall,
             "step_time": wall,
             **timer.as_metrics(),
+            **self.teachers.step_metrics(),
             **self.counters.values,
         }
         self._last_step = (batch.examples, plan.pairs, div_N)  # for _log_samples
@@ -339,7 +360,33 @@ class Trainer:
         return batch
 
     def _draw(self, step: int) -> RolloutBatch:
-        return batches.draw(self.stream, step, self.student_prompt, self.counters)
+        return batches.draw(self.stream, step, self._routed_student_prompt, self.counters)
+
+    def _routed_student_prompt(self, ex: Example) -> Prompt:
+        """The student prompt of an example that has a teacher: routed before its rollouts
+        are sampled, so an unrouted example (skipped, counted) costs none."""
+        self.teachers.route(ex)
+        return self.student_prompt(ex)
+
+    def _render_teacher_prompt(self, ex: Example) -> Prompt:
+        """``ex``'s teacher context as its teacher renders it, named in ``meta["teacher"]``."""
+        name = self.teachers.route(ex)
+        prompt = self.teachers.teacher_prompt(name, ex)
+        prompt.meta["teacher"] = name
+        return prompt
+
+    def _teacher_of(self, pair: Pair) -> str:
+        """The name of the teacher that scores ``pair``."""
+        return pair.teacher.meta.get("teacher", self.teachers.names[0])
+
+    def _count_routes(self, pairs: Sequence[Pair]) -> None:
+        """With a ``teachers`` mapping: the examples paired this step, by teacher, into the
+        run's counters (``routed/NAME``: examples, over the run)."""
+        if not self.teachers.routed:
+            return
+        seen: dict[str, str] = {p.example_id: self._teacher_of(p) for p in pairs}
+        for name in seen.values():
+            self.counters.add(f"routed/{name}")
 
     def _forward_backward(
         self, plan: StepPlan, timer: PhaseTimer
@@ -355,10 +402,11 @@ class Trainer:
         terms_total = torch.zeros(2, device=acc.device)
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
-        # The processor's step context (VL: each image encoded once for the whole step).
-        with self.processor.step_context(unwrap(self.model)):
+        # The processors' step contexts (VL: each image encoded once for the whole step, by the
+        # student's tower and by each model teacher's own).
+        with self.processor.step_context(unwrap(self.model)), self.teachers.step_context():
             for i, mb in enumerate(plan.micro):
-                batch = self.processor.collate(mb.pairs).to(acc.device)
+                batch = self.teachers.collate(mb.teacher, mb.pairs, mb.foreign).to(acc.device)
                 last = i == len(plan.micro) - 1
                 with acc.no_sync(self.model) if not last else nullcontext():
                     loss, out, terms, engine_N = self._micro_step(mb, batch, plan, timer)
@@ -370,6 +418,7 @@ class Trainer:
                     loss_total += loss.detach()
                     terms_total += terms
                     outs.append(out)
+                    self.teachers.record(mb.teacher, len(mb.pairs), out.div_N)
                     if engine_N is not None:
                         logprobs.append((engine_N, out.student_logprob_N.cpu()))
         return loss_total, terms_total, outs, logprobs
@@ -377,20 +426,21 @@ class Trainer:
     def _micro_step(
         self, mb: MicroBatch, batch: PairBatch, plan: StepPlan, timer: PhaseTimer
     ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor, torch.Tensor | None]:
-        """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the teacher
-        forward (none when the server scored it), the student forward, the loss times its
-        normalisation; also the two weighted terms and the engine's log-probs of its tokens."""
+        """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the forward of
+        the micro-batch's teacher (none when a server scored it), the student forward, the loss
+        times its normalisation; also the two weighted terms and the engine's log-probs of its
+        tokens."""
         cfg = self.cfg
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
         engine_N = self._engine_logprobs(mb, batch, mask_BC)
         teacher_N: TeacherLogprobs | None = None
-        if self.score_on_server:
+        if self.score_on_server and self.teachers.on_server(mb.teacher) and not mb.foreign:
             teacher_N = teacher_logprobs(mb.pairs, mask_BC, cfg.loss.top_k)
         with self.accelerator.autocast():
             loss, out, terms = micro_batch_loss(
                 batch,
                 self.model,
-                self.teacher,
+                self.teachers.forward(mb.teacher, mb.foreign),
                 self._loss_scale(mask_BC, plan),
                 cfg.loss,
                 timer,
