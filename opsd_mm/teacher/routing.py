@@ -154,12 +154,17 @@ class Teachers:
         if te.route_default is not None:
             return te.route_default
         shown = "no value" if value is None else f"value {str(value)!r}"
+        fatal = te.unrouted_policy == "raise"
+        what = (
+            "set teacher.route_default, or teacher.unrouted_policy=skip to skip (and count) "
+            "such examples"
+            if fatal
+            else "skipped (teacher.route_default would send it to a teacher)"
+        )
         raise UnroutedExample(
             f"example '{ex.id}': teacher.route_by={self.route_by} has {shown}, which names no "
-            f"teacher ({', '.join(self.names)}; teacher.routes maps values to them); set "
-            "teacher.route_default, or teacher.unrouted_policy=skip to skip (and count) such "
-            "examples",
-            fatal=te.unrouted_policy == "raise",
+            f"teacher ({', '.join(self.names)}; teacher.routes maps values to them); {what}",
+            fatal=fatal,
         )
 
     def processor_of(self, name: str) -> Processor:

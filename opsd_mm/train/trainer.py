@@ -184,6 +184,8 @@ class Trainer:
         self.counters = Counters(
             cfg.processor.bad_image_policy, load_skips, reward=self.reward is not None
         )
+        if self.teachers.routed:  # examples paired per teacher, over the run
+            self.counters.values.update({f"routed/{n}": 0 for n in self.teachers.names})
         self._bad_in_row = 0
         self.run_id: str | None = None
         self.signals = StopSignals()
