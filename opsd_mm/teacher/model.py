@@ -201,11 +201,13 @@ class ModelTeacher:
         return self.processor.step_context(self.model)
 
     def weight_bytes(self) -> int:
-        """Bytes of this process's share of the teacher's weights (its shard under FSDP2)."""
+        """Bytes of the teacher's weights this process holds on the run's device (its shard
+        under FSDP2; none while offloaded to the CPU, unless the device is the CPU)."""
         if self.model is None:
             return 0
         total = 0
         for p in self.model.parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
-            total += local.numel() * local.element_size()
+            if self.device is None or local.device.type == self.device.type:
+                total += local.numel() * local.element_size()
         return total
