@@ -117,7 +117,7 @@ class Teachers:
         self.specs = teacher_specs(cfg)
         self.names: list[str] = sorted(self.specs)  # one order on every process
         missing = [n for n, s in self.specs.items() if s.kind == "model" and n not in models]
-        if missing:
+        if missing and cfg.loss.distill_weight > 0:  # plain GRPO never runs a teacher
             raise UserError(
                 f"teacher(s) {', '.join(missing)}: model teachers are loaded by the set-up "
                 "(opsd_mm.train.build.trainer_from_config / trainer_from_examples)"
@@ -173,12 +173,14 @@ class Teachers:
 
     def on_server(self, name: str) -> bool:
         """Whether teacher ``name`` is scored on a server (before the micro-batches)."""
-        if name in self.models:
-            return self.models[name].on_server
+        if self.specs[name].kind == "model":
+            return name in self.models and self.models[name].on_server
         return self.cfg.teacher.scoring == "server"
 
     def uses_student(self, name: str) -> bool:
-        """Whether teacher ``name`` is the student's own weights."""
+        """Whether teacher ``name`` is the student's own weights (or, under
+        ``loss.distill_weight=0``, a model teacher that was never loaded: its rows are laid out
+        by the student's processor alone)."""
         return name not in self.models
 
     # ------------------------------------------------------------------ the step

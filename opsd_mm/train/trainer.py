@@ -3,10 +3,11 @@
 One step: sample -> pair -> teacher forward -> student forward -> loss -> backward/step ->
 teacher update -> engine sync -> log -> checkpoint. The step's batch is built by
 ``opsd_mm.train.batches`` (draw, generate, advantages, pair, micro-batches); the loss of one
-micro-batch by ``opsd_mm.loss.micro_batch``; the teacher is ``opsd_mm.teacher``; saving and
-resuming by ``opsd_mm.train.state`` and ``opsd_mm.train.checkpoint``. With
-``teacher.scoring=server`` the teacher forward is one request to the generation server per
-step, right after pairing (``opsd_mm.teacher.scoring``).
+micro-batch by ``opsd_mm.loss.micro_batch``; the teachers are ``opsd_mm.teacher`` (the
+student's own weights, a separate model, or several routed by a data column:
+``opsd_mm.teacher.routing.Teachers``); saving and resuming by ``opsd_mm.train.state`` and
+``opsd_mm.train.checkpoint``. With ``teacher.scoring=server`` the teacher forward is one
+request per server per step, right after pairing (``opsd_mm.teacher.scoring``).
 
 Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir; resume falls
 back past an unloadable newest checkpoint and applies changed optimizer settings with a

@@ -214,6 +214,27 @@ def test_vl_same_as_student_has_no_teacher_images(tiny_cache):
     assert torch.equal(t.mm_inputs["pixel_values"], s.mm_inputs["pixel_values"])
 
 
+def test_plain_grpo_never_loads_the_teacher(tiny_cache, tmp_path, tiny_teacher_dir):
+    """loss.distill_weight=0: the model teacher is neither loaded nor run (its weights could be
+    anywhere: here the path has none), and the run trains on the reward alone."""
+    import shutil
+
+    empty = tmp_path / "no-weights"
+    shutil.copytree(tiny_teacher_dir, empty, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = _cfg(
+        TINY_TEXT,
+        tiny_cache,
+        tmp_path / "run",
+        empty,
+        "loss.distill_weight=0",
+        "loss.reward_weight=1",
+    )
+    trainer = build_trainer(cfg)
+    assert trainer.teachers.models == {}
+    metrics = trainer.train_step()
+    assert math.isfinite(metrics["loss"]) and "time/teacher" not in metrics
+
+
 # ----------------------------------------------------------------------------- config refusals
 
 MODEL = ["teacher.kind=model", "teacher.model.name_or_path=tiny:text-teacher"]
