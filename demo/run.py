@@ -186,7 +186,9 @@ def planned_work(
     runs = steps * (STEP_COST[name, "opsd"] + STEP_COST[name, "sft"]) + 2 * per_run
     runs += reward_runs * (steps * STEP_COST[name, "opsd"] + per_run)  # --compare-rewards
     if teacher_runs:  # --compare-teachers
-        steps_warm = recipe.warm_pre_steps + recipe.warm_steps
+        from opsd_mm.demo.teachers import TEACHER_WARM_FACTOR
+
+        steps_warm = recipe.warm_pre_steps + recipe.warm_steps * TEACHER_WARM_FACTOR
         warm += steps_warm * STEP_COST[name, "warm"] * TEACHER_COST["warm"] + 2 * n_test * item
         runs += teacher_runs * (steps * STEP_COST[name, "opsd"] * TEACHER_COST["run"] + per_run)
     return warm + n_seeds * runs

@@ -111,6 +111,13 @@ def test_vl_step_loss_equals_hand_reference(tiny_cache, vl_teacher_own_template,
     assert all(p.teacher.mm_inputs and p.student.mm_inputs for p in pairs)
     assert metrics["loss"] == pytest.approx(ref, rel=LOSS_RTOL)
     assert all("careful teacher" in p.teacher.text for p in pairs)
+    # Each model has its own vision cache for the step: the teacher's tower is wrapped too.
+    from opsd_mm.processors.vision_cache import find_vision_tower
+
+    tower = find_vision_tower(trainer.teachers.models["teacher"].model)
+    with trainer.teachers.step_context():
+        assert "forward" in tower.__dict__
+    assert "forward" not in tower.__dict__
 
 
 def test_teacher_is_frozen_outside_the_optimizer(
