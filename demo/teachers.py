@@ -29,7 +29,7 @@ from typing import Any
 from opsd_mm.config import ModelConfig, ProcessorConfig
 
 METHODS = ("opsd", "distill", "distill_priv")
-COLOURS = {"opsd": "tab:blue", "distill": "tab:gray", "distill_priv": "tab:green"}
+COLOURS = {"opsd": "tab:blue", "distill": "tab:gray", "distill_priv": "tab:purple"}
 LABELS = {
     "opsd": "OPSD (own weights, privileged)",
     "distill": "bigger teacher, student context",
