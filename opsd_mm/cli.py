@@ -77,10 +77,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("trainer.overwrite=true")
     cfg = load_config(args.config, overrides)
-    if not (cfg.trainer.resume or cfg.trainer.overwrite):
-        from opsd_mm.train.run_dir import check_fresh
+    from opsd_mm.train.run_dir import check_fresh, check_writable
 
-        check_fresh(cfg.run_dir)  # before any data or model loads (the trainer checks again)
+    # Before any data or model loads (the trainer checks again when it claims run_dir).
+    check_writable(cfg.run_dir)
+    if not (cfg.trainer.resume or cfg.trainer.overwrite):
+        check_fresh(cfg.run_dir)
     trainer = build_trainer(cfg)
     from opsd_mm.train.signals import TrainingInterrupted
 

@@ -34,6 +34,7 @@ def claim_run_dir(cfg: RunConfig, accelerator: Any) -> str | None:
     """Claim ``run_dir`` for this run (see the module docstring) on every process; the run id
     (None on the other processes of a fresh run: only the main one writes it)."""
     tc, acc, run_dir = cfg.trainer, accelerator, Path(cfg.run_dir)
+    rundir.check_writable(run_dir)  # on every process: all raise, none waits
     run_id = None
     if tc.resume:
         run_id = rundir.read_run_id(run_dir)
