@@ -43,7 +43,12 @@ def data_wiring() -> Any:
 
         return load(names, data_dir)
 
-    return DataWiring(build, template_fields, load_references)
+    def benchmark_names() -> list[str]:
+        from opsd_mm.eval.registry import list_benchmarks
+
+        return list_benchmarks()
+
+    return DataWiring(build, template_fields, load_references, benchmark_names)
 
 
 def cmd_data(command: str, args: argparse.Namespace) -> int:
