@@ -71,14 +71,18 @@ def step_name(step: int) -> str:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (``step-<digits>`` directories holding ``state.json``;
+    a copy such as ``step-000004.bak`` is not one)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").exists()
+        if p.is_dir()
+        and p.name.startswith(STEP_PREFIX)
+        and p.name[len(STEP_PREFIX) :].isdigit()
+        and (p / "state.json").exists()
     ]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
