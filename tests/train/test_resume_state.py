@@ -6,6 +6,7 @@ no checkpoint is usable, ``opsd-mm train --resume`` says why for each in one lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -16,6 +17,7 @@ import pytest
 from opsd_mm.cli import main
 from opsd_mm.train import checkpoint as ckpt
 from opsd_mm.train.metrics import read_metrics
+from opsd_mm.types import Rollout
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_text.yaml"
@@ -133,6 +135,11 @@ def test_state_round_trip_and_checks():
     )
     raw = json.loads(json.dumps(state.to_dict()))
     assert CheckpointState.from_dict(raw, dir_step=4) == state
+    # rollout.async: the batch generated ahead, for the next step.
+    ahead = [[Rollout([5, 6, 2], "eos", [-0.5, -1.25, -0.1], 4), Rollout([7], "length")]]
+    with_ahead = dataclasses.replace(state, ahead=(5, ahead))
+    back = CheckpointState.from_dict(json.loads(json.dumps(with_ahead.to_dict())), dir_step=4)
+    assert back == with_ahead and back.ahead[1][0][0].logprobs == [-0.5, -1.25, -0.1]
     # Checkpoints written before run ids, settings and bad_in_row still read.
     old = {"step": 2, "data": {"consumed": 4}, "nonfinite_in_row": 1, "global_batch_size": 2}
     read = CheckpointState.from_dict(old, dir_step=2)
@@ -147,6 +154,7 @@ def test_state_round_trip_and_checks():
         "'bad_in_row' must be an integer >= 0": {**raw, "bad_in_row": -1},
         "'settings' must be an object": {**raw, "settings": "lr"},
         "'ahead' must be an object": {**raw, "ahead": 3},
+        "'ahead.step' must be the next step, 5": {**raw, "ahead": {"step": 9, "rollouts": []}},
         "'ahead.rollouts'": {**raw, "ahead": {"step": 5, "rollouts": [[{"nope": 1}]]}},
     }
     for why, bad in cases.items():
