@@ -8,9 +8,9 @@ resuming by ``opsd_mm.train.state`` and ``opsd_mm.train.checkpoint``. With
 ``teacher.scoring=server`` the teacher forward is one request to the generation server per
 step, right after pairing (``opsd_mm.teacher.scoring``).
 
-Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir; resume falls
-back past an unloadable newest checkpoint and applies changed optimizer settings with a
-warning; SIGTERM/SIGINT finish the step, checkpoint and raise
+Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir, any run an
+unwritable one; resume falls back past an unloadable newest checkpoint (or one whose state.json
+does not check) and applies changed optimizer settings with a warning; SIGTERM/SIGINT finish the step, checkpoint and raise
 :class:`~opsd_mm.train.signals.TrainingInterrupted`; a step without usable completions, or with
 a non-finite loss, is a bad step, and ``trainer.max_bad_steps_in_row`` of them abort; skipped
 rows and examples are counted by reason (``skipped/load/*``, ``skipped/run/*``) in every
