@@ -45,12 +45,12 @@ def _argv(tiny_cache, run_dir, *extra):
 
 
 def _one_line(capsys) -> str:
-    """The one line of stderr, besides transformers' weight-loading progress bar."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [x for x in err.strip().splitlines() if not x.startswith("Loading weights")]
-    assert len(lines) == 1, lines
-    return lines[0]
+    """The one error line, last on stderr (before it may come transformers' weight-loading
+    progress bar; main() returned 2, so no traceback of ours)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [x for x in lines if x.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-5:]
+    return errors[0]
 
 
 def _namespaces_work() -> bool:
