@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -250,12 +251,21 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every non-mapping value in nested mappings, in order."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key + "."))
+        if isinstance(v, Mapping):
+            out.update(leaves(v, key + "."))
         else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            out[key] = v
     return out
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """:func:`leaves` with every value a scalar a tracker accepts (others as their str)."""
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in leaves(d, prefix).items()
+    }
