@@ -165,7 +165,9 @@ def lazy_images(ds: Any, columns: Sequence[str | None]) -> Any:
 def preset_for(cfg: DataConfig) -> Preset:
     """The row mapping of ``cfg``: its preset, or the plain ``data.columns`` mapping."""
     try:
-        return get_preset(cfg.preset) if cfg.preset else columns_preset(cfg.columns)
+        if cfg.preset:
+            return get_preset(cfg.preset)
+        return columns_preset(cfg.columns, region_coords=cfg.region_coords)
     except ConfigError as e:
         raise DataError(str(e)) from e
 
@@ -269,6 +271,7 @@ def rows_to_examples(
                 images=images,
                 teacher_images=teacher_images,
                 meta=dict(fields.get("meta") or {}),
+                regions=tuple(fields.get("regions") or ()),
             )
         )
     report.kept = len(out)

@@ -130,14 +130,18 @@ PRESETS: dict[str, Preset] = {
             "opsd_teacher_v1",
             rows.messages,
             (("messages", "conversations"),),
-            "messages: last user turn -> question, final assistant turn -> privileged; images",
+            "messages: last user turn -> question, final assistant turn -> privileged; images; "
+            "objects (ms-swift grounding boxes) -> regions",
         ),
     )
 }
 
 
-def columns_preset(columns: ColumnsConfig, name: str = "columns") -> Preset:
-    """A preset from a plain ``data.columns`` mapping (and the legacy ``jsonl_images``)."""
+def columns_preset(
+    columns: ColumnsConfig, name: str = "columns", region_coords: str = "pixel"
+) -> Preset:
+    """A preset from a plain ``data.columns`` mapping (and the legacy ``jsonl_images``);
+    ``region_coords`` is ``data.region_coords``, the units of ``data.columns.regions``."""
 
     def map_row(row: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -151,6 +155,7 @@ def columns_preset(columns: ColumnsConfig, name: str = "columns") -> Preset:
             "teacher_images": rows.image_list(row[columns.teacher_images])
             if columns.teacher_images
             else (),
+            "regions": rows.regions(row[columns.regions], region_coords) if columns.regions else (),
             "meta": {},
         }
 
@@ -161,6 +166,7 @@ def columns_preset(columns: ColumnsConfig, name: str = "columns") -> Preset:
         "answer": columns.answer,
         "images": columns.images,
         "teacher_images": columns.teacher_images,
+        "regions": columns.regions,
     }
     used = "; ".join(f"{col} -> {f}" for f, col in mapped.items() if col)
     requires = tuple((col,) for col in mapped.values() if col)
