@@ -75,11 +75,12 @@ def uses_regions(ops: Sequence[ViewOpConfig]) -> bool:
 
 def bounds(ops: Sequence[ViewOpConfig], min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The (min, max) pixels of the final resize: the view's ``resolution``, each bound
-    falling back to the processor's."""
+    falling back to the processor's (its min capped at the view's max, so that a view asking
+    for fewer pixels than ``processor.min_pixels`` gets them)."""
     for op in ops:
         if op.op == "resolution":
-            lo = op.min_pixels if op.min_pixels is not None else min_pixels
             hi = op.max_pixels if op.max_pixels is not None else max_pixels
+            lo = op.min_pixels if op.min_pixels is not None else min(min_pixels, hi)
             return lo, max(lo, hi)
     return min_pixels, max_pixels
 

@@ -263,10 +263,11 @@ class QwenVLProcessor(base.ProcessorBase):
         from qwen_vl_utils import smart_resize
 
         lo, hi = bounds or (self.min_pixels, self.max_pixels)
-        h, w = smart_resize(
-            img.height, img.width, factor=self.patch_size * self.merge_size, min_pixels=lo,
-            max_pixels=hi,
-        )  # fmt: skip
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=lo, max_pixels=hi)
+        # smart_resize floors a side to 0 when max_pixels leaves less than one factor for it
+        # (a view's low resolution); one merged patch is the least an image can be.
+        h, w = max(h, factor), max(w, factor)
         return img if (w, h) == img.size else img.resize((w, h), Image.Resampling.BICUBIC)
 
     def _image_groups(

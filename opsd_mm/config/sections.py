@@ -156,7 +156,7 @@ class ViewOpConfig:
         "random_crop",
     ]  # fmt: skip
     # resolution: the fewest pixels an image of this role is resized to (null:
-    # processor.min_pixels).
+    # processor.min_pixels, or this view's max_pixels if that is lower).
     min_pixels: int | None = None
     # resolution: the most pixels an image of this role is resized to (null:
     # processor.max_pixels).

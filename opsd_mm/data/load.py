@@ -254,6 +254,7 @@ def rows_to_examples(
                     first_missing = first_missing or (ex_id, missing)
                     raise RowSkip(f"image not found: {missing}")
         except RowSkip as skip:
+            ex_id = skip.example_id or ex_id
             if policy == "raise":
                 if str(skip).startswith("image not found") and image_base is not None:
                     msg = data_images.missing_image_message(ex_id, missing, *image_base)

@@ -24,7 +24,12 @@ from opsd_mm.types import Region
 
 
 class RowSkip(ValueError):
-    """A row that cannot become an Example; the message is the reason, counted by the loader."""
+    """A row that cannot become an Example; the message is the reason, counted by the loader.
+    ``example_id``: the row's id, when the mapper had read it before the problem."""
+
+    def __init__(self, reason: str, example_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.example_id = example_id
 
 
 def text(value: Any) -> str:

@@ -144,8 +144,13 @@ def columns_preset(
     ``region_coords`` is ``data.region_coords``, the units of ``data.columns.regions``."""
 
     def map_row(row: dict[str, Any]) -> dict[str, Any]:
+        example_id = rows.text(row[columns.id]) if columns.id else None
+        try:
+            regions = rows.regions(row[columns.regions], region_coords) if columns.regions else ()
+        except rows.RowSkip as skip:
+            raise rows.RowSkip(str(skip), example_id) from skip
         return {
-            "id": rows.text(row[columns.id]) if columns.id else None,
+            "id": example_id,
             "question": row[columns.question],
             "privileged": row[columns.privileged] if columns.privileged else "",
             "answer": None
@@ -155,7 +160,7 @@ def columns_preset(
             "teacher_images": rows.image_list(row[columns.teacher_images])
             if columns.teacher_images
             else (),
-            "regions": rows.regions(row[columns.regions], region_coords) if columns.regions else (),
+            "regions": regions,
             "meta": {},
         }
 
