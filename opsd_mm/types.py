@@ -283,10 +283,11 @@ class Processor(Protocol):
 
     def teacher_prompt(self, ex: Example) -> Prompt: ...
 
-    def teacher_prompt_in_student_view(self, ex: Example, seed: int | None = None) -> Prompt:
-        """The teacher's context with the student's view of the images (the same pixels as
-        ``student_prompt(ex, seed)``): what the view gain compares ``teacher_prompt`` with. A
-        processor without images returns ``teacher_prompt(ex)``."""
+    def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """The teacher's context with the view the view gain compares the teacher's with
+        (``processor.gain_view``; by default the student's, the same pixels as
+        ``student_prompt(ex, seed)``). A processor without images returns
+        ``teacher_prompt(ex)``."""
         ...
 
     def pair(

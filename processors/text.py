@@ -81,8 +81,13 @@ class TextProcessor(base.ProcessorBase):
     ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg or ProcessorConfig()
-        if self.cfg.student_view or self.cfg.teacher_view:
-            key = "student_view" if self.cfg.student_view else "teacher_view"
+        views = {
+            "student_view": self.cfg.student_view,
+            "teacher_view": self.cfg.teacher_view,
+            "gain_view": self.cfg.gain_view,
+        }
+        if any(views.values()):
+            key = next(k for k, v in views.items() if v)
             raise ValueError(
                 f"processor.{key}: image views need a vision-language model; this one is "
                 "text-only (set processor.kind to its VL family, or drop the view)"
@@ -249,8 +254,8 @@ class TextProcessor(base.ProcessorBase):
         meta.update(self.think_meta(ex, "teacher", text))
         return Prompt(input_ids=ids, text=text, meta=meta)
 
-    def teacher_prompt_in_student_view(self, ex: Example, seed: int | None = None) -> Prompt:
-        """Without images the student's view is the teacher's: ``teacher_prompt(ex)``."""
+    def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """Without images every view is the teacher's: ``teacher_prompt(ex)``."""
         return self.teacher_prompt(ex)
 
     # ------------------------------------------------------------------------- pairs

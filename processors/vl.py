@@ -115,6 +115,8 @@ class QwenVLProcessor(base.ProcessorBase):
             "student": list(self.cfg.student_view),
             "teacher": list(self.cfg.teacher_view),
         }
+        if self.cfg.gain_view is not None:  # the view gain's own view (default: the student's)
+            self.views["gain"] = list(self.cfg.gain_view)
         self.bounds = {
             role: views.bounds(ops, self.min_pixels, self.max_pixels)
             for role, ops in self.views.items()
@@ -126,7 +128,8 @@ class QwenVLProcessor(base.ProcessorBase):
             self._probe_think_state(self.cfg.student_thinking),
             self._probe_think_state(self.cfg.teacher_thinking),
         )
-        text_cfg = dataclasses.replace(self.cfg, student_view=[], teacher_view=[])  # its rules only
+        # The text rules only: the views are this processor's.
+        text_cfg = dataclasses.replace(self.cfg, student_view=[], teacher_view=[], gain_view=None)
         text = TextProcessor(
             self.tokenizer, text_cfg, model_vocab_size=model_vocab_size, think_states=think_states
         )
@@ -414,11 +417,12 @@ class QwenVLProcessor(base.ProcessorBase):
         re-rendered until it fits); ``meta["privileged_truncated"]`` records it."""
         return self._teacher(ex, "teacher", None)
 
-    def teacher_prompt_in_student_view(self, ex: Example, seed: int | None = None) -> Prompt:
-        """The teacher's context (template, teacher-only images, privileged text) with the
-        student's view of the question images: the same pixels as ``student_prompt(ex, seed)``.
-        The view gain compares the teacher's scores in this context with its own."""
-        return self._teacher(ex, "student", seed)
+    def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """The teacher's context (template, teacher-only images, privileged text) with the view
+        the view gain compares the teacher's with: ``processor.gain_view``, by default the
+        student's view of the question images (the same pixels as ``student_prompt(ex,
+        seed)``). The view gain compares the teacher's scores in this context with its own."""
+        return self._teacher(ex, "gain" if "gain" in self.views else "student", seed)
 
     def _teacher(self, ex: Example, view: str, seed: int | None) -> Prompt:
         base.check_text(ex, self._control_strings)

@@ -381,10 +381,10 @@ def check_view(key: str, ops: list[ViewOpConfig]) -> None:
                 raise ConfigError(
                     f"{where}.color={op.color!r} is not a colour (a name such as red, or #rrggbb)"
                 ) from None
-        if op.random and key.endswith("teacher_view"):
+        if op.random and not key.endswith("student_view"):
             raise ConfigError(
                 f"{where}: op={op.op}{'' if op.p is None else f' with p={op.p}'} is random; "
-                "random operations belong in processor.student_view (the teacher's view is "
+                "random operations belong in processor.student_view (the teacher's views are "
                 "fixed, so that every sample of a prompt is scored in the same context)"
             )
         resolutions += op.op == "resolution"
@@ -396,13 +396,18 @@ def _check_views(cfg: RunConfig) -> None:
     """Views need a vision-language processor; the view gain (the metric, and VA-OPD's
     weighting) needs a view to compare and the teacher in this process."""
     p, lo, lg = cfg.processor, cfg.loss, cfg.logging
-    check_view("processor.student_view", p.student_view)
-    check_view("processor.teacher_view", p.teacher_view)
-    has_view = bool(p.student_view or p.teacher_view)
+    views = {
+        "processor.student_view": p.student_view,
+        "processor.teacher_view": p.teacher_view,
+        "processor.gain_view": p.gain_view,
+    }
+    for key, ops in views.items():
+        check_view(key, ops or [])
+    set_keys = [key for key, ops in views.items() if ops]
+    has_view = bool(set_keys)
     if has_view and p.kind == "text":
-        key = "processor.student_view" if p.student_view else "processor.teacher_view"
         raise ConfigError(
-            f"{key}: image views need a vision-language model, not processor.kind=text"
+            f"{set_keys[0]}: image views need a vision-language model, not processor.kind=text"
         )
     for key, on in (
         ("loss.view_weighting", lo.view_weighting != "none"),
@@ -413,8 +418,8 @@ def _check_views(cfg: RunConfig) -> None:
         value = lo.view_weighting if key.startswith("loss") else lg.view_gain_every
         if not has_view:
             raise ConfigError(
-                f"{key}={value}: the view gain compares the teacher's view with the student's; "
-                "set processor.teacher_view (and/or processor.student_view)"
+                f"{key}={value}: the view gain compares the teacher's view with the student's "
+                "(or processor.gain_view); set processor.teacher_view, student_view or gain_view"
             )
         if cfg.teacher.scoring != "local":
             raise ConfigError(

@@ -67,6 +67,8 @@ def item_sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[list[st
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
             tp = hints[f.name]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType):  # list[...] | None
+                tp = next(a for a in typing.get_args(tp) if a is not type(None))
             args = typing.get_args(tp)
             if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
                 key = f"{section_prefix}.{config_key(f.name)}".lstrip(".")

@@ -212,7 +212,8 @@ class ProcessorConfig:
     # reference's) or plain (the question verbatim).
     student_template: str = "opsd_student_v1"
     # The teacher's message template, which shows the privileged information: opsd_teacher_v1
-    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer) or hint_v1.
+    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer), hint_v1, or
+    # question_only_v1 (no privileged text: the privilege is in teacher_view's pixels).
     # Left at this default, a data.preset sets its own.
     teacher_template: str = "opsd_teacher_v1"
     # Thinking mode of the student prompt (the chat template's ``enable_thinking``).
@@ -260,6 +261,11 @@ class ProcessorConfig:
     # higher resolution, a zoomed region, the region marked). Teacher-only images are not
     # viewed (only resized to the view's resolution).
     teacher_view: list[ViewOpConfig] = field(default_factory=list)
+    # VL: the view the view gain (logging.view_gain_every, loss.view_weighting) compares the
+    # teacher's with, rendered in the teacher's context; null: the student's view (the same
+    # pixels the student saw). VA-OPD's setting: the student and teacher see the image, the
+    # gain's view is a pixelated copy.
+    gain_view: list[ViewOpConfig] | None = None
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ TEMPLATE_NEEDS: dict[str, frozenset[str]] = {
     "opsd_teacher_v1": frozenset({"privileged"}),
     "answer_only_v1": frozenset({"answer"}),
     "hint_v1": frozenset({"privileged"}),
+    "question_only_v1": frozenset(),
 }
 
 

@@ -31,7 +31,9 @@ processes): the step's loss is then exactly the VA-OPD objective. All weights ar
 
 The teacher's two scores come from :func:`teacher_view_logprobs`: two forwards of the teacher
 (no grad) over a batch whose teacher side holds the teacher prompts and whose student side
-holds the same teacher prompts in the student's view (``Processor.teacher_prompt_in_student_view``).
+holds the same teacher prompts in the student's view (``Processor.gain_prompt``; in
+``processor.gain_view`` when that is set: VA-OPD's own setting, where the student sees the full
+image and only the gain's view is pixelated).
 Shape suffixes as in ``opsd_mm.types``; R counts rollouts.
 """
 

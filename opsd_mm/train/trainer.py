@@ -268,7 +268,8 @@ class Trainer:
             with timer.phase("teacher_score"):
                 score_pairs(self.engine, paired.pairs, cfg.loss.top_k)
         # 2c. the view gain (logging.view_gain_every, loss.view_weighting): each example's
-        # teacher context once more, in the student's view of the images.
+        # teacher context once more, in the student's view of the images (or
+        # processor.gain_view).
         in_student_view = self._student_view_teacher_prompts(batch, paired)
         # The step's micro-batches, padded to the busiest process, and its global token count.
         plan = batches.plan_micro_batches(paired, cfg, self.packing, acc)
@@ -379,8 +380,8 @@ class Trainer:
         self, batch: RolloutBatch, paired: batches.PairedStep
     ) -> dict[int, Prompt] | None:
         """When the view gain is due: each example's teacher context in the student's view (the
-        pixels of the student prompt its rollouts were sampled from), keyed by ``id`` of that
-        student prompt, which all its pairs share. An example whose prompt cannot be built is
+        pixels of the student prompt its rollouts were sampled from; or ``processor.gain_view``),
+        keyed by ``id`` of that student prompt, which all its pairs share. An example whose prompt cannot be built is
         left out of the step (counted as ``skipped/run/view_gain_prompt``)."""
         self._gain_metrics = {}
         if not self._view_gain_due():
@@ -392,7 +393,7 @@ class Trainer:
                 continue
             try:
                 seed = prompt.meta.get("view_seed")
-                out[id(prompt)] = self.processor.teacher_prompt_in_student_view(ex, seed=seed)
+                out[id(prompt)] = self.processor.gain_prompt(ex, seed=seed)
             except ValueError as e:
                 self.counters.raise_if_policy(e)
                 self.counters.skip_example(e, "view_gain_prompt")

@@ -55,6 +55,9 @@ def test_views_load_as_lists_of_operations():
         (TV + "[{op: random_crop}]", r"teacher_view\[0\]: op=random_crop is random; random "
          r"operations belong in processor.student_view"),
         (TV + "[{op: blur, p: 0.5}]", r"teacher_view\[0\]: op=blur with p=0.5 is random"),
+        ("processor.gain_view=[{op: random_crop}]", r"gain_view\[0\]: op=random_crop is random"),
+        ("processor.gain_view=[{op: downscale, quality: 3}]",
+         r"gain_view\[0\].quality does not apply to op=downscale"),
     ],
 )  # fmt: skip
 def test_bad_view_items_name_the_key(override, message):
@@ -85,13 +88,26 @@ def test_view_gain_needs_a_view_and_a_local_teacher(overrides, message):
         load_config(None, overrides)
 
 
+def test_a_gain_view_alone_is_a_view():
+    """VA-OPD's setting: both roles see the image as it is, the gain's view is pixelated."""
+    cfg = load_config(
+        None,
+        ["processor.gain_view=[{op: downscale, factor: 0.1}]", "loss.view_weighting=va_opd"],
+    )
+    assert cfg.processor.gain_view[0].factor == 0.1 and not cfg.processor.teacher_view
+
+
 def test_every_operation_key_is_documented_and_checked():
     """Each ViewOpConfig field has its comment (the reference's table of items), and the table
     of keys each operation reads names only fields that exist."""
     fields = {f.name for f in dataclasses.fields(ViewOpConfig)}
     assert set(field_comments(ViewOpConfig)) == fields
     assert set().union(*VIEW_OP_KEYS.values()) == fields - {"op"}
-    assert item_sections() == [(["processor.student_view", "processor.teacher_view"], ViewOpConfig)]
+    keys = ["processor.student_view", "processor.teacher_view", "processor.gain_view"]
+    assert item_sections() == [(keys, ViewOpConfig)]
     page = reference_markdown()
-    assert "## Items of `processor.student_view[]` / `processor.teacher_view[]`" in page
+    assert (
+        "## Items of `processor.student_view[]` / `processor.teacher_view[]` / "
+        "`processor.gain_view[]`" in page
+    )
     assert "| `op` | one of `resolution`, `crop`, `zoom`" in page and "| required |" in page

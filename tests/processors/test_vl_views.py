@@ -140,7 +140,7 @@ def test_teacher_context_in_the_student_view_has_the_students_pixels(proc):
     p = with_views(proc)
     for k, ex in enumerate(WITH_REGIONS):
         student = p.student_prompt(ex, seed=k)
-        counter = p.teacher_prompt_in_student_view(ex, seed=k)
+        counter = p.gain_prompt(ex, seed=k)
         teacher = p.teacher_prompt(ex)
         n = int(student.mm_inputs["image_grid_thw"].prod(-1).sum())
         assert torch.equal(counter.mm_inputs["pixel_values"][:n], student.mm_inputs["pixel_values"])
@@ -159,6 +159,22 @@ def test_teacher_context_in_the_student_view_has_the_students_pixels(proc):
             )
 
 
+def test_gain_view_replaces_the_student_view_in_the_gain_prompt(proc):
+    """processor.gain_view (VA-OPD's pixelated counterfactual): the gain prompt shows the
+    question images in that view, whatever the student sees."""
+    pixelated = [ViewOpConfig("downscale", factor=0.1)]
+    p = with_views(proc, student=[], teacher=[], gain_view=pixelated)
+    ex = WITH_REGIONS[1]
+    gain = p.gain_prompt(ex, seed=5)
+    as_student = with_views(proc, student=pixelated, teacher=[]).student_prompt(ex)
+    n = int(as_student.mm_inputs["image_grid_thw"].prod(-1).sum())
+    assert torch.equal(gain.mm_inputs["pixel_values"][:n], as_student.mm_inputs["pixel_values"])
+    assert not torch.equal(
+        gain.mm_inputs["pixel_values"][:n], p.student_prompt(ex).mm_inputs["pixel_values"]
+    )
+    assert gain.meta["view"] == "gain" and ex.privileged in gain.text
+
+
 def test_vision_cache_keys_each_image_by_its_view(proc, model):
     """Each distinct (image, view) is encoded once per step: the two roles' views of an image
     are two encodings; the teacher context in the student's view (the view gain's third
@@ -169,7 +185,7 @@ def test_vision_cache_keys_each_image_by_its_view(proc, model):
     ex = WITH_REGIONS[1]  # 2 images, 2 zoom cuts and one teacher-only image for the teacher
     student = p.student_prompt(ex, seed=3)
     pairs = [p.pair(ex, completion(p, 4 + i, i), student=student) for i in range(2)]  # n = 2
-    counter = p.teacher_prompt_in_student_view(ex, seed=3)
+    counter = p.gain_prompt(ex, seed=3)
     gain_pairs = [Pair(q.example_id, counter, q.teacher, q.completion_ids) for q in pairs]
     with VisionCache(model) as cache, torch.no_grad():
         model(**p.collate(pairs).teacher.model_inputs, use_cache=False)

@@ -106,7 +106,7 @@ def test_view_gain_logged_when_due_and_equal_to_a_naive_computation(tmp_path, ti
     gains = []
     for pair in pairs:
         seed = pair.student.meta["view_seed"]
-        counter = proc.teacher_prompt_in_student_view(by_id[pair.example_id], seed=seed)
+        counter = proc.gain_prompt(by_id[pair.example_id], seed=seed)
         batch = proc.collate([Pair(pair.example_id, counter, pair.teacher, pair.completion_ids)])
         mask = batch.completion_mask_BC.bool()
         ids = batch.completion_ids_BC[mask]
