@@ -414,8 +414,8 @@ class Trainer:
         pairs, gains = [], []
         with timer.phase("view_gain"):
             for mb in plan.micro:
-                if mb.padding:
-                    continue
+                # A padding micro-batch runs too (its gains unused): under FSDP2 every process
+                # must run as many forwards as the busiest, as in the loss's loop.
                 rows = [
                     Pair(p.example_id, in_student_view[id(p.student)], p.teacher, p.completion_ids)
                     for p in mb.pairs
@@ -426,6 +426,8 @@ class Trainer:
                     own_N, student_view_N = teacher_view_logprobs(
                         batch, self.model, self.teacher, mask_BC, self.packing
                     )
+                if mb.padding:
+                    continue
                 gain_N = (own_N - student_view_N).cpu()
                 pairs += mb.pairs
                 gains += list(gain_N.split(mask_BC.sum(1).tolist()))
