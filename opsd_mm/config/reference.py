@@ -255,6 +255,10 @@ def reference_markdown() -> str:
     toc = [f"- [Top level](#{_anchor('')})"]
     for prefix, _ in sections[1:]:
         toc.append("  " * prefix.count(".") + f"- {_link(prefix)}")
+    for keys, _ in item_sections():
+        title = "Items of " + " / ".join(f"`{k}[]`" for k in keys)
+        anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")  # GitHub's rule
+        toc.append(f"- [{title}](#{anchor})")
     parts.append("Sections:\n\n" + "\n".join(toc) + "\n")
     for prefix, cls in sections:
         depth = 2 + prefix.count(".")
@@ -273,8 +277,8 @@ def reference_markdown() -> str:
             lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
         parts.append("\n".join(lines) + "\n")
     for keys, item in item_sections():
-        title = " / ".join(f"`{k}[]`" for k in keys)
-        lines = [f"## Items of {title}", "", _md(section_doc(item)), ""]
+        title = "Items of " + " / ".join(f"`{k}[]`" for k in keys)
+        lines = [f"## {title}", "", _md(section_doc(item)), ""]
         lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         for row in field_docs(item):
             default = "required" if row.default == "" else f"`{row.default}`"

@@ -142,9 +142,10 @@ REGION_VIEW_OPS = frozenset({"crop", "zoom", "mark"})
 
 @dataclass(frozen=True)
 class ViewOpConfig:
-    """One image operation of a role's view: an item of ``processor.student_view`` or
-    ``processor.teacher_view`` (docs/vision-language.md#image-views). A key that does not apply
-    to the item's ``op`` is a config error; a key left null takes the default its row names."""
+    """One image operation of a role's view: an item of ``processor.student_view``,
+    ``processor.teacher_view`` or ``processor.gain_view``
+    (docs/vision-language.md#image-views-privilege-in-the-pixels). A key that does not apply to
+    the item's ``op`` is a config error; a key left null takes the default its row names."""
 
     # The operation. resolution: this role's pixel bounds for the final resize (wherever it
     # stands in the list). crop / zoom: cut the image to its region (the union of its boxes,
@@ -254,8 +255,8 @@ class ProcessorConfig:
     # identical prompts). 0: render every time. Memory: the prompts' ids and pixel tensors.
     prompt_cache: int = 0
     # VL: the student's view, a list of image operations applied to each question image before
-    # the chat template and the image processor (processor.student_view[] below;
-    # docs/vision-language.md#image-views). Empty: the images as they are.
+    # the chat template and the image processor (the items' keys: below;
+    # docs/vision-language.md#image-views-privilege-in-the-pixels). Empty: the images as they are.
     student_view: list[ViewOpConfig] = field(default_factory=list)
     # VL: the teacher's view, like student_view: what the teacher sees of the same images (a
     # higher resolution, a zoomed region, the region marked). Teacher-only images are not
