@@ -88,9 +88,11 @@ def summary_lines(cfg: RunConfig, report: LoadReport, kept: int) -> list[str]:
         if d.preset:
             lines.append(f"preset hub id: {preset.hub_id}")
     lines.append(f"student template: {p.student_template}; teacher template: {p.teacher_template}")
-    if p.student_view or p.teacher_view:
+    if p.student_view or p.teacher_view or p.gain_view is not None:
         lines.append(f"student view: {view_text(p.student_view)}")
         lines.append(f"teacher view: {view_text(p.teacher_view)}")
+    if p.gain_view is not None:
+        lines.append(f"gain view (the view gain's comparison): {view_text(p.gain_view)}")
     lines.append(
         f"rows: {report.rows} read, {report.kept} mapped, {kept} kept "
         f"({len(report.skipped)} skipped, {len(report.dropped)} dropped after mapping)"
@@ -166,6 +168,8 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
         lines.append("NOTE: examples carry images but the model is text-only: images are ignored")
     out = Path(args.output or Path(cfg.run_dir) / "data_inspect.txt")
     image_dir = out.with_name(f"{out.stem}_images")
+    for old in image_dir.glob("[0-9][0-9][0-9]_*_[0-9]*.png"):  # an earlier inspect's images
+        old.unlink()
     for k, (ex, student, teacher) in enumerate(rendered):
         lines.append(f"\n==== example {k + 1}/{min(args.n, len(examples))}: {ex.id} ====")
         for role, prompt in (("student", student), ("teacher", teacher)):

@@ -124,6 +124,9 @@ def test_data_inspect_shows_each_roles_view_and_drops_bad_boxes(tmp_path, tiny_c
         "processor.student_view=[{op: resolution, max_pixels: 784}, {op: grayscale}]",
         f"model.tiny_cache_dir={tiny_cache}", "--n", "2", "--output", str(out),
     ]  # fmt: skip
+    stale = tmp_path / "inspect_images" / "007_teacher_3.png"  # from an earlier inspect
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
     assert main(argv) == 0
     written = out.read_text()
     for line in (
