@@ -109,6 +109,16 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for k, v in raw.items():
         where = f"{prefix}.{k}" if prefix else k
         kwargs[_KEY_TO_FIELD.get(k, k)] = _coerce(v, hints[k], where)
+    required = [
+        _FIELD_TO_KEY.get(f.name, f.name)
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    if required:  # a section without defaults for every key (a view operation's ``op``)
+        where = f"{prefix}: " if prefix else ""
+        raise ConfigError(f"{where}missing required key(s) {', '.join(required)}")
     return cls(**kwargs)
 
 
