@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import Any
 
-from opsd_mm.config.sections import RunConfig, _require
+from opsd_mm.config.sections import RunConfig, ViewOpConfig, _require
 from opsd_mm.errors import ConfigError
 
 
@@ -204,6 +204,12 @@ def validate_config(cfg: RunConfig) -> None:
         ("logging.log_every", lg.log_every, lg.log_every >= 1, at_least_1),
         ("logging.samples_every", lg.samples_every, lg.samples_every >= 0, "must be >= 0 (0: off)"),
         ("logging.samples_n", lg.samples_n, lg.samples_n >= 1, at_least_1),
+        (
+            "logging.view_gain_every",
+            lg.view_gain_every,
+            lg.view_gain_every >= 0,
+            "must be >= 0 (0: never)",
+        ),
     ]
     # A clip <= 0 clips every term (the loss functions allow it; tests use it); from a config
     # it is never meant.
@@ -235,6 +241,7 @@ def validate_config(cfg: RunConfig) -> None:
         _require(key, value, ok, allowed)
     if te.scoring == "server":
         _check_server_scoring(cfg)
+    _check_views(cfg)
     if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
         raise ConfigError(
             f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
@@ -337,3 +344,116 @@ def _check_server_scoring(cfg: RunConfig) -> None:
 
 def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# The keys each view operation reads (besides ``op``); any other key set is an error.
+VIEW_OP_KEYS: dict[str, frozenset[str]] = {
+    "resolution": frozenset({"min_pixels", "max_pixels"}),
+    "crop": frozenset({"margin", "placement"}),
+    "zoom": frozenset({"margin", "placement", "pixels"}),
+    "mark": frozenset({"margin", "style", "color", "width"}),
+    "downscale": frozenset({"factor", "p"}),
+    "jpeg": frozenset({"quality", "p"}),
+    "blur": frozenset({"radius", "p"}),
+    "grayscale": frozenset({"p"}),
+    "random_crop": frozenset({"scale"}),
+}
+_VIEW_RANGES: dict[str, tuple[Any, str]] = {
+    "min_pixels": (lambda v: v >= 1, "must be >= 1"),
+    "max_pixels": (lambda v: v >= 1, "must be >= 1"),
+    "margin": (lambda v: v >= 0, "must be >= 0"),
+    "pixels": (lambda v: v >= 1, "must be >= 1"),
+    "width": (lambda v: v >= 1, "must be >= 1"),
+    "factor": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "quality": (lambda v: 1 <= v <= 95, "must lie in [1, 95]"),
+    "radius": (lambda v: v > 0, "must be > 0"),
+    "scale": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "p": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+}
+
+
+def check_view(key: str, ops: list[ViewOpConfig]) -> None:
+    """A ConfigError naming ``key[i].field`` for a key the operation does not read, a value out
+    of range, a random operation in the teacher's view, or two resolutions in one view."""
+    resolutions = 0
+    for i, op in enumerate(ops):
+        where = f"{key}[{i}]"
+        allowed = VIEW_OP_KEYS[op.op]
+        for f in dataclasses.fields(op):
+            value = getattr(op, f.name)
+            if f.name == "op" or value is None:
+                continue
+            if f.name not in allowed:
+                raise ConfigError(
+                    f"{where}.{f.name} does not apply to op={op.op} (it reads "
+                    f"{', '.join(sorted(allowed)) or 'no other key'})"
+                )
+            if f.name in _VIEW_RANGES:
+                ok, allowed_range = _VIEW_RANGES[f.name]
+                _require(f"{where}.{f.name}", value, ok(value), allowed_range)
+        if op.min_pixels is not None and op.max_pixels is not None:
+            _require(
+                f"{where}.max_pixels",
+                op.max_pixels,
+                op.min_pixels <= op.max_pixels,
+                f"must be >= {where}.min_pixels ({op.min_pixels})",
+            )
+        if op.color is not None:
+            from PIL import ImageColor
+
+            try:
+                ImageColor.getrgb(op.color)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}.color={op.color!r} is not a colour (a name such as red, or #rrggbb)"
+                ) from None
+        if op.random and not key.endswith("student_view"):
+            raise ConfigError(
+                f"{where}: op={op.op}{'' if op.p is None else f' with p={op.p}'} is random; "
+                "random operations belong in processor.student_view (the teacher's views are "
+                "fixed, so that every sample of a prompt is scored in the same context)"
+            )
+        resolutions += op.op == "resolution"
+        if resolutions > 1:
+            raise ConfigError(f"{where}: a view takes one resolution operation, this is a second")
+
+
+def _check_views(cfg: RunConfig) -> None:
+    """Views need a vision-language processor; the view gain (the metric, and VA-OPD's
+    weighting) needs a view to compare and the teacher in this process."""
+    p, lo, lg = cfg.processor, cfg.loss, cfg.logging
+    views = {
+        "processor.student_view": p.student_view,
+        "processor.teacher_view": p.teacher_view,
+        "processor.gain_view": p.gain_view,
+    }
+    for key, ops in views.items():
+        check_view(key, ops or [])
+    set_keys = [key for key, ops in views.items() if ops]
+    has_view = bool(set_keys)
+    if has_view and p.kind == "text":
+        raise ConfigError(
+            f"{set_keys[0]}: image views need a vision-language model, not processor.kind=text"
+        )
+    for key, on in (
+        ("loss.view_weighting", lo.view_weighting != "none"),
+        ("logging.view_gain_every", lg.view_gain_every > 0),
+    ):
+        if not on:
+            continue
+        value = lo.view_weighting if key.startswith("loss") else lg.view_gain_every
+        if not has_view:
+            raise ConfigError(
+                f"{key}={value}: the view gain compares the teacher's view with the student's "
+                "(or processor.gain_view); set processor.teacher_view, student_view or gain_view"
+            )
+        if cfg.teacher.scoring != "local":
+            raise ConfigError(
+                f"{key}={value} needs teacher.scoring=local: the gain takes two more teacher "
+                "forwards in the trainer"
+            )
+    if lo.view_weighting != "none" and lo.distill_weight == 0:
+        raise ConfigError(
+            f"loss.view_weighting={lo.view_weighting} weights the distillation term, which "
+            "loss.distill_weight=0 turns off"
+        )

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +119,16 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for k, v in raw.items():
         where = f"{prefix}.{k}" if prefix else k
         kwargs[_KEY_TO_FIELD.get(k, k)] = _coerce(v, hints[k], where)
+    required = [
+        _FIELD_TO_KEY.get(f.name, f.name)
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    if required:  # a section without defaults for every key (a view operation's ``op``)
+        where = f"{prefix}: " if prefix else ""
+        raise ConfigError(f"{where}missing required key(s) {', '.join(required)}")
     return cls(**kwargs)
 
 
@@ -306,12 +317,21 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every non-mapping value in nested mappings, in order."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key + "."))
+        if isinstance(v, Mapping):
+            out.update(leaves(v, key + "."))
         else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            out[key] = v
     return out
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """:func:`leaves` with every value a scalar a tracker accepts (others as their str)."""
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in leaves(d, prefix).items()
+    }

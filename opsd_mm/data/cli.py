@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from opsd_mm.config import RunConfig, load_config
+from opsd_mm.config.sections import ViewOpConfig, view_is_random
 from opsd_mm.data.contamination import ContaminationIndex, ReferenceItem, find_contaminated
 from opsd_mm.data.load import LoadReport, load_examples, preset_for
 from opsd_mm.data.presets import resolve_data
 from opsd_mm.errors import ConfigError, UserError
-from opsd_mm.types import Example
+from opsd_mm.types import Example, view_seed
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ def summary_lines(cfg: RunConfig, report: LoadReport, kept: int) -> list[str]:
         if d.preset:
             lines.append(f"preset hub id: {preset.hub_id}")
     lines.append(f"student template: {p.student_template}; teacher template: {p.teacher_template}")
+    if p.student_view or p.teacher_view or p.gain_view is not None:
+        lines.append(f"student view: {view_text(p.student_view)}")
+        lines.append(f"teacher view: {view_text(p.teacher_view)}")
+    if p.gain_view is not None:
+        lines.append(f"gain view (the view gain's comparison): {view_text(p.gain_view)}")
     lines.append(
         f"rows: {report.rows} read, {report.kept} mapped, {kept} kept "
         f"({len(report.skipped)} skipped, {len(report.dropped)} dropped after mapping)"
@@ -113,6 +119,27 @@ def summary_lines(cfg: RunConfig, report: LoadReport, kept: int) -> list[str]:
     for ex_id, why in (report.skipped + report.dropped)[:10]:
         lines.append(f"    e.g. {ex_id}: {why}")
     return lines
+
+
+def view_text(ops: Sequence[ViewOpConfig]) -> str:
+    """A view as one line: ``zoom(margin=0.1, placement=extra), mark`` (``-``: none)."""
+    parts = []
+    for op in ops:
+        keys = [f"{k}={v}" for k, v in vars(op).items() if k != "op" and v is not None]
+        parts.append(f"{op.op}({', '.join(keys)})" if keys else op.op)
+    return ", ".join(parts) or "-"
+
+
+def write_images(prompt: Any, folder: Path, stem: str) -> list[str]:
+    """The prompt's images as they were encoded (after the view and the final resize), as
+    ``folder/stem_N.png``; their paths."""
+    paths = []
+    for i, img in enumerate(prompt.images):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}_{i + 1}.png"
+        img.save(path)
+        paths.append(str(path))
+    return paths
 
 
 def render_prompt(prompt: Any) -> list[str]:
@@ -140,20 +167,35 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     examples, report, processor = load_training_data(cfg, wiring)
     lines = [f"config: {args.config} {' '.join(args.overrides)}".rstrip()]
     lines += summary_lines(cfg, report, len(examples))
+    # A random student view is drawn as training's first step would draw it.
+    random_view = view_is_random(cfg.processor.student_view)
+    if random_view:
+        lines.append("student view: random operations drawn as at training step 1")
     rendered = [
-        (ex, processor.student_prompt(ex), processor.teacher_prompt(ex))
+        (
+            ex,
+            processor.student_prompt(ex, seed=view_seed(cfg.seed, 1, ex.id))
+            if random_view
+            else processor.student_prompt(ex),
+            processor.teacher_prompt(ex),
+        )
         for ex in examples[: args.n]
     ]
     if rendered and rendered[0][0].images and not rendered[0][1].mm_inputs:
         lines.append("NOTE: examples carry images but the model is text-only: images are ignored")
+    out = Path(args.output or Path(cfg.run_dir) / "data_inspect.txt")
+    image_dir = out.with_name(f"{out.stem}_images")
+    for old in image_dir.glob("[0-9][0-9][0-9]_*_[0-9]*.png"):  # an earlier inspect's images
+        old.unlink()
     for k, (ex, student, teacher) in enumerate(rendered):
         lines.append(f"\n==== example {k + 1}/{min(args.n, len(examples))}: {ex.id} ====")
-        lines.append(f"---- student prompt ({len(student.input_ids)} tokens) ----")
-        lines += render_prompt(student)
-        lines.append(f"---- teacher prompt ({len(teacher.input_ids)} tokens) ----")
-        lines += render_prompt(teacher)
+        for role, prompt in (("student", student), ("teacher", teacher)):
+            lines.append(f"---- {role} prompt ({len(prompt.input_ids)} tokens) ----")
+            lines += render_prompt(prompt)
+            files = write_images(prompt, image_dir, f"{k + 1:03d}_{role}")
+            if files:
+                lines.append(f"[{role} images as encoded: {', '.join(files)}]")
     text = "\n".join(lines) + "\n"
-    out = Path(args.output or Path(cfg.run_dir) / "data_inspect.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text + f"(written to {out})")

@@ -35,12 +35,20 @@ from typing import Any
 import torch
 
 from opsd_mm.config import RunConfig, config_to_dict, flatten_config, save_config
+from opsd_mm.config.sections import view_is_random
 from opsd_mm.data.stream import ExampleStream
 from opsd_mm.errors import UserError
 from opsd_mm.loss.divergences import DivergenceOut, loss_mask
 from opsd_mm.loss.importance import importance_metrics
 from opsd_mm.loss.micro_batch import micro_batch_loss
 from opsd_mm.loss.rewards import Reward
+from opsd_mm.loss.view_gain import (
+    gain_metrics,
+    gain_sums,
+    teacher_view_logprobs,
+    token_multipliers,
+    va_opd_coefficients,
+)
 from opsd_mm.model.forward import unwrap
 from opsd_mm.model.packing import packable
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
@@ -62,7 +70,7 @@ from opsd_mm.train.metrics import (
 )
 from opsd_mm.train.prompt_cache import PromptCache
 from opsd_mm.train.signals import StopSignals, TrainingInterrupted
-from opsd_mm.types import Example, PairBatch, Processor, TeacherLogprobs
+from opsd_mm.types import Example, Pair, PairBatch, Processor, Prompt, TeacherLogprobs, view_seed
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +174,7 @@ class Trainer:
             cfg.processor.bad_image_policy, load_skips, reward=self.reward is not None
         )
         self._bad_in_row = 0
+        self._gain_metrics: dict[str, float] = {}  # view_gain/* of the step, when computed
         self.run_id: str | None = None
         self.signals = StopSignals()
         self.timer_cuda = acc.device.type == "cuda"
@@ -252,11 +261,17 @@ class Trainer:
         if self.score_on_server:
             with timer.phase("teacher_score"):
                 score_pairs(self.engine, paired.pairs, cfg.loss.top_k)
+        # 2c. the view gain (logging.view_gain_every, loss.view_weighting): each example's
+        # teacher context once more, in the student's view of the images (or
+        # processor.gain_view).
+        in_student_view = self._student_view_teacher_prompts(batch, paired)
         # The step's micro-batches, padded to the busiest process, and its global token count.
         plan = batches.plan_micro_batches(paired, cfg, self.packing, acc)
 
         # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
-        loss_total, terms_total, outs, logprobs = self._forward_backward(plan, timer)
+        loss_total, terms_total, outs, logprobs = self._forward_backward(
+            plan, timer, in_student_view
+        )
 
         # 6. optimizer step, unless the step is bad.
         with timer.phase("optimizer"):
@@ -304,6 +319,7 @@ class Trainer:
             "tokens_per_s": sum(lengths) / wall,
             "step_time": wall,
             **timer.as_metrics(),
+            **self._gain_metrics,
             **self.counters.values,
         }
         self._last_step = (batch.examples, plan.pairs, div_N)  # for _log_samples
@@ -333,16 +349,108 @@ class Trainer:
         return batch
 
     def _draw(self, step: int) -> RolloutBatch:
-        return batches.draw(self.stream, step, self.student_prompt, self.counters)
+        return batches.draw(self.stream, step, self._student_renderer(step), self.counters)
+
+    def _student_renderer(self, step: int) -> Any:
+        """How the batch trained at ``step`` renders its student prompts: with a random student
+        view (``random_crop``, ``p`` < 1), each example's operations draw from
+        ``view_seed(seed, step, example id)`` - the same pixels for all its samples, on any
+        number of processes and after a resume - and are rendered afresh (never from the prompt
+        cache); otherwise the (cached) rendering."""
+        if not view_is_random(self.cfg.processor.student_view):
+            return self.student_prompt
+        seed = self.cfg.seed
+        return lambda ex: self.processor.student_prompt(ex, seed=view_seed(seed, step, ex.id))
+
+    def _view_gain_due(self) -> bool:
+        """The view gain is computed at this step: every step for ``loss.view_weighting``,
+        else every ``logging.view_gain_every`` steps."""
+        every = self.cfg.logging.view_gain_every
+        return self.cfg.loss.view_weighting != "none" or bool(
+            every and (self.step + 1) % every == 0
+        )
+
+    def _student_view_teacher_prompts(
+        self, batch: RolloutBatch, paired: batches.PairedStep
+    ) -> dict[int, Prompt] | None:
+        """When the view gain is due: each example's teacher context in the student's view (the
+        pixels of the student prompt its rollouts were sampled from; or ``processor.gain_view``),
+        keyed by ``id`` of that student prompt, which all its pairs share. An example whose prompt cannot be built is
+        left out of the step (counted as ``skipped/run/view_gain_prompt``)."""
+        self._gain_metrics = {}
+        if not self._view_gain_due():
+            return None
+        out: dict[int, Prompt] = {}
+        paired_ids = {id(p.student) for p in paired.pairs}
+        for ex, prompt in zip(batch.examples, batch.prompts):
+            if id(prompt) not in paired_ids:  # skipped while pairing (and counted there)
+                continue
+            try:
+                seed = prompt.meta.get("view_seed")
+                out[id(prompt)] = self.processor.gain_prompt(ex, seed=seed)
+            except ValueError as e:
+                self.counters.raise_if_policy(e)
+                self.counters.skip_example(e, "view_gain_prompt")
+                log.warning("skipped example: %s", e)
+        keep = [i for i, p in enumerate(paired.pairs) if id(p.student) in out]
+        paired.pairs = [paired.pairs[i] for i in keep]
+        paired.advantages = [paired.advantages[i] for i in keep]
+        return out
+
+    def _view_gains(
+        self, plan: StepPlan, in_student_view: dict[int, Prompt], timer: PhaseTimer
+    ) -> dict[int, torch.Tensor]:
+        """The per-token view gain of every pair of the plan (``opsd_mm.loss.view_gain``: two
+        teacher forwards, inside the step's vision cache), its metrics (summed over processes),
+        and with ``loss.view_weighting=va_opd`` the factor on each token's loss, keyed by
+        ``id`` of the pair ({} without the weighting)."""
+        cfg, acc = self.cfg, self.accelerator
+        pairs, gains = [], []
+        with timer.phase("view_gain"):
+            for mb in plan.micro:
+                # A padding micro-batch runs too (its gains unused): under FSDP2 every process
+                # must run as many forwards as the busiest, as in the loss's loop.
+                rows = [
+                    Pair(p.example_id, in_student_view[id(p.student)], p.teacher, p.completion_ids)
+                    for p in mb.pairs
+                ]
+                batch = self.processor.collate(rows).to(acc.device)
+                mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
+                with acc.autocast():
+                    own_N, student_view_N = teacher_view_logprobs(
+                        batch, self.model, self.teacher, mask_BC, self.packing
+                    )
+                if mb.padding:
+                    continue
+                gain_N = (own_N - student_view_N).cpu()
+                pairs += mb.pairs
+                gains += list(gain_N.split(mask_BC.sum(1).tolist()))
+        groups = [id(p.student) for p in pairs]
+        prompts = len({g for g, gain in zip(groups, gains) if gain.numel()})
+        sums = torch.cat([gain_sums(gains), torch.tensor([float(prompts)], dtype=torch.float64)])
+        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+        self._gain_metrics = gain_metrics(sums[:3])
+        if cfg.loss.view_weighting == "none":
+            return {}
+        lo = cfg.loss
+        coeffs, va_metrics = va_opd_coefficients(
+            gains, groups, lo.va_temperature, lo.va_high_fraction, lo.va_high_weight
+        )
+        self._gain_metrics.update(va_metrics)
+        factors = token_multipliers(coeffs, plan.tokens_global, float(sums[3]))
+        return {id(p): f for p, f in zip(pairs, factors)}
 
     def _forward_backward(
-        self, plan: StepPlan, timer: PhaseTimer
+        self,
+        plan: StepPlan,
+        timer: PhaseTimer,
+        in_student_view: dict[int, Prompt] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[DivergenceOut], list[tuple[torch.Tensor, ...]]]:
         """Teacher forward, student forward, loss and backward for every micro-batch of the
         plan (gradients reduced across processes in the last backward only). Returns the summed
         loss and the two weighted terms (distillation, reward policy gradient), the per-token
         stats of each real micro-batch, and its (engine, trainer) log-probs where the engine
-        reports them."""
+        reports them. ``in_student_view``: the view gain is due (:meth:`_view_gains`)."""
         acc = self.accelerator
         self.model.train()
         loss_total = torch.zeros((), device=acc.device)
@@ -351,11 +459,15 @@ class Trainer:
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processor's step context (VL: each image encoded once for the whole step).
         with self.processor.step_context(unwrap(self.model)):
+            factors: dict[int, torch.Tensor] = {}
+            if in_student_view is not None and plan.micro:
+                factors = self._view_gains(plan, in_student_view, timer)
             for i, mb in enumerate(plan.micro):
                 batch = self.processor.collate(mb.pairs).to(acc.device)
                 last = i == len(plan.micro) - 1
                 with acc.no_sync(self.model) if not last else nullcontext():
-                    loss, out, terms, engine_N = self._micro_step(mb, batch, plan, timer)
+                    weight_N = torch.cat([factors[id(p)] for p in mb.pairs]) if factors else None
+                    loss, out, terms, engine_N = self._micro_step(mb, batch, plan, timer, weight_N)
                     if mb.padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -369,11 +481,17 @@ class Trainer:
         return loss_total, terms_total, outs, logprobs
 
     def _micro_step(
-        self, mb: MicroBatch, batch: PairBatch, plan: StepPlan, timer: PhaseTimer
+        self,
+        mb: MicroBatch,
+        batch: PairBatch,
+        plan: StepPlan,
+        timer: PhaseTimer,
+        token_weight_N: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor, torch.Tensor | None]:
         """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the teacher
         forward (none when the server scored it), the student forward, the loss times its
-        normalisation; also the two weighted terms and the engine's log-probs of its tokens."""
+        normalisation; also the two weighted terms and the engine's log-probs of its tokens.
+        ``token_weight_N``: ``loss.view_weighting``'s factor on each loss token."""
         cfg = self.cfg
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
         engine_N = self._engine_logprobs(mb, batch, mask_BC)
@@ -392,6 +510,7 @@ class Trainer:
                 torch.tensor(mb.advantages, device=self.accelerator.device),
                 packed=self.packing,
                 teacher_logprobs=teacher_N,
+                token_weight_N=token_weight_N,
             )
         return loss, out, terms, engine_N
 
