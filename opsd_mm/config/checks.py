@@ -49,13 +49,18 @@ INFINITE_FLOAT_KEYS: frozenset[str] = frozenset()
 
 
 def _float_values(section: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """(dotted key, value) of every float value in a config (the sections' float fields)."""
+    """(dotted key, value) of every float value in a config (the sections' float fields, and
+    those of the items of a list of them, ``processor.student_view[0].radius``)."""
     out = []
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         key = prefix + ("async" if f.name == "async_" else f.name)
         if dataclasses.is_dataclass(value):
             out += _float_values(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    out += _float_values(item, f"{key}[{i}].")
         elif isinstance(value, float):
             out.append((key, value))
     return out

@@ -250,7 +250,8 @@ def test_float_keys_must_be_finite(key, value):
 def test_non_finite_floats_in_yaml_and_library_configs(tmp_path):
     import dataclasses
 
-    from opsd_mm.config import validate_config
+    from opsd_mm.config import resolve_config, validate_config
+    from opsd_mm.config.sections import ViewOpConfig
 
     p = tmp_path / "c.yaml"
     p.write_text("loss:\n  distill_weight: .inf\n")
@@ -260,6 +261,15 @@ def test_non_finite_floats_in_yaml_and_library_configs(tmp_path):
     bad = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, lr=float("nan")))
     with pytest.raises(ConfigError, match=r"^trainer\.lr=nan.*finite"):
         validate_config(bad)
+    # The items of a list of views, from an override and from code.
+    with pytest.raises(ConfigError, match=r"^processor\.student_view\[0\]\.radius=inf.*finite"):
+        load_config(None, ["processor.student_view=[{op: blur, radius: .inf}]"])
+    blur = ViewOpConfig(op="blur", radius=float("inf"))
+    bad = dataclasses.replace(
+        cfg, processor=dataclasses.replace(cfg.processor, student_view=[blur])
+    )
+    with pytest.raises(ConfigError, match=r"^processor\.student_view\[0\]\.radius=inf.*finite"):
+        resolve_config(bad)
 
 
 @pytest.mark.parametrize(
