@@ -5,6 +5,7 @@ cross-key rule, before anything loads. A :class:`~opsd_mm.errors.ConfigError` na
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from opsd_mm.config.sections import RunConfig, ViewOpConfig, _require
@@ -38,12 +39,42 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# Float keys for which infinity means something, and is therefore allowed: none. Every key
+# whose "off" could be read as infinity spells it otherwise (null: no clip, no gradient-norm
+# clipping, no importance weights; 0: no reward), and infinity in any other float key (a weight,
+# a learning rate, a temperature, a timeout) only turns the run into NaNs or hangs later, where
+# the error would blame something else. Loading refuses them (``opsd_mm.config.load``), and
+# :func:`validate_config` checks configs made in code.
+INFINITE_FLOAT_KEYS: frozenset[str] = frozenset()
+
+
+def _float_values(section: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float value in a config (the sections' float fields, and
+    those of the items of a list of them, ``processor.student_view[0].radius``)."""
+    out = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = prefix + ("async" if f.name == "async_" else f.name)
+        if dataclasses.is_dataclass(value):
+            out += _float_values(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    out += _float_values(item, f"{key}[{i}].")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Every check that needs the config alone, at load time (before any data or model loads):
-    the range of every numeric key, the cross-key rules and the loss settings; a ConfigError
+    every float finite, the range of every numeric key, the cross-key rules and the loss settings; a ConfigError
     names the first key out of range and what it allows. Checks that need the model's family
     run right after its config.json is read (``opsd_mm.model.load.check_model_family``); those that
     need the process layout when the Accelerator exists (``opsd_mm.train.distributed``)."""
+    for key, value in _float_values(cfg):
+        finite = math.isfinite(value) or key in INFINITE_FLOAT_KEYS
+        _require(key, value, finite, "must be a finite number")
     t, r, p, te, lg = cfg.trainer, cfg.rollout, cfg.processor, cfg.teacher, cfg.logging
     at_least_1 = "must be >= 1"
     checks = [

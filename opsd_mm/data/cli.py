@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from opsd_mm.config.sections import ViewOpConfig, view_is_random
 from opsd_mm.data.contamination import ContaminationIndex, ReferenceItem, find_contaminated
 from opsd_mm.data.load import LoadReport, load_examples, preset_for
 from opsd_mm.data.presets import resolve_data
+from opsd_mm.errors import ConfigError, UserError
 from opsd_mm.types import Example, view_seed
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataWiring:
-    """What the data commands need from outside the core."""
+    """What the data commands need from outside the core. ``benchmark_names``: the benchmarks
+    ``load_references`` knows (checked before any data loads)."""
 
     build_processor: Callable[[RunConfig], Any]
     template_fields: Callable[[str], frozenset[str]]
     load_references: Callable[[Sequence[str], str | None], list[ReferenceItem]]
+    benchmark_names: Callable[[], Sequence[str]] = lambda: ()
+
+
+def check_benchmarks(names: Sequence[str], wiring: DataWiring, where: str) -> None:
+    """A :class:`~opsd_mm.errors.UserError` (a ConfigError when ``where`` is a config key)
+    naming the first of ``names`` that is not a known benchmark, and the known ones."""
+    known = list(wiring.benchmark_names())
+    for name in names:
+        if known and name not in known:
+            error = ConfigError if where.startswith("data.") else UserError
+            raise error(f"{where}: unknown benchmark {name!r}; known: {', '.join(known)}")
 
 
 def load_training_data(
@@ -44,6 +58,9 @@ def load_training_data(
     model loads), then images checked by the processor, then contaminated rows dropped when
     ``data.exclude_contaminated`` (or ``exclude``); every drop is counted in the report with its
     reason. ``cfg`` is resolved (``opsd_mm.data.presets.resolve_data``)."""
+    exclude = cfg.data.exclude_contaminated if exclude is None else exclude
+    if exclude:
+        check_benchmarks(cfg.data.contamination_benchmarks, wiring, "data.contamination_benchmarks")
     fields = wiring.template_fields(cfg.processor.teacher_template)
     examples, report = load_examples(cfg.data, seed=cfg.seed, teacher_fields=fields)
     processor = wiring.build_processor(cfg) if with_processor else None
@@ -51,7 +68,7 @@ def load_training_data(
         examples = processor.prepare_examples(examples, data_dir=cfg.data.data_dir)
         for err in processor.bad_images:
             report.dropped.append((err.example_id, f"bad image: {err.source}: {err.reason}"))
-    if cfg.data.exclude_contaminated if exclude is None else exclude:
+    if exclude:
         refs = wiring.load_references(
             cfg.data.contamination_benchmarks, cfg.data.contamination_data_dir
         )
@@ -187,7 +204,11 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
 
 def cmd_check(args: argparse.Namespace, wiring: DataWiring) -> int:
     cfg = _config(args)
-    names = [n for n in (args.against or "").split(",") if n] or cfg.data.contamination_benchmarks
+    against = [n.strip() for n in (args.against or "").split(",") if n.strip()]
+    names = against or cfg.data.contamination_benchmarks
+    check_benchmarks(
+        names, wiring, "data check --against" if against else "data.contamination_benchmarks"
+    )
     data_dir = args.data_dir or cfg.data.contamination_data_dir
     examples, report, _ = load_training_data(cfg, wiring, with_processor=False, exclude=False)
     refs = wiring.load_references(names, data_dir)
@@ -213,6 +234,41 @@ def cmd_check(args: argparse.Namespace, wiring: DataWiring) -> int:
     return 0
 
 
+# ``data check``'s numeric flags. Out of range they silently mean nothing useful: an n-gram of
+# 0 words or a threshold of 0 matches every row, a negative one or a distance under 0 none, a
+# distance of 128 every image. argparse turns the ArgumentTypeError into "argument FLAG: ...".
+
+
+def _ngram(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 128:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 128], got {text!r}")
+    return value
+
+
 def add_data_parser(sub: Any, run: Callable[[str, argparse.Namespace], int]) -> None:
     """``opsd-mm data inspect|check``; ``run(command, args)`` is the CLI's wired handler."""
     data = sub.add_parser("data", help="inspect training data; check it against benchmarks")
@@ -231,8 +287,20 @@ def add_data_parser(sub: Any, run: Callable[[str, argparse.Namespace], int]) -> 
     inspect.add_argument("--n", type=int, default=3, help="examples to render (default 3)")
     check.add_argument("--against", help="benchmarks, comma-separated (default: config's list)")
     check.add_argument("--data-dir", help="local save_to_disk copies named after the benchmarks")
-    check.add_argument("--ngram", type=int, default=8, help="word n-gram length (default 8)")
-    check.add_argument("--text-threshold", type=float, default=0.5, help="n-gram share (0.5)")
-    check.add_argument("--max-distance", type=int, default=10, help="hash bits of 128 (10)")
+    check.add_argument(
+        "--ngram", type=_ngram, default=8, help="word n-gram length, >= 1 (default 8)"
+    )
+    check.add_argument(
+        "--text-threshold",
+        type=_share,
+        default=0.5,
+        help="the share of a benchmark question's n-grams that makes a match, in (0, 1] (0.5)",
+    )
+    check.add_argument(
+        "--max-distance",
+        type=_bits,
+        default=10,
+        help="image hash bits (of 128) that may differ in a match, in [0, 128] (10)",
+    )
     inspect.set_defaults(func=lambda a: run("inspect", a))
     check.set_defaults(func=lambda a: run("check", a))

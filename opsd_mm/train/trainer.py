@@ -8,9 +8,9 @@ resuming by ``opsd_mm.train.state`` and ``opsd_mm.train.checkpoint``. With
 ``teacher.scoring=server`` the teacher forward is one request to the generation server per
 step, right after pairing (``opsd_mm.teacher.scoring``).
 
-Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir; resume falls
-back past an unloadable newest checkpoint and applies changed optimizer settings with a
-warning; SIGTERM/SIGINT finish the step, checkpoint and raise
+Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir, any run an
+unwritable one; resume falls back past an unloadable newest checkpoint (or one whose state.json
+does not check) and applies changed optimizer settings with a warning; SIGTERM/SIGINT finish the step, checkpoint and raise
 :class:`~opsd_mm.train.signals.TrainingInterrupted`; a step without usable completions, or with
 a non-finite loss, is a bad step, and ``trainer.max_bad_steps_in_row`` of them abort; skipped
 rows and examples are counted by reason (``skipped/load/*``, ``skipped/run/*``) in every
@@ -52,13 +52,7 @@ from opsd_mm.loss.view_gain import (
 from opsd_mm.model.forward import unwrap
 from opsd_mm.model.packing import packable
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
-from opsd_mm.rollout.prefetch import (
-    RolloutBatch,
-    RolloutPrefetcher,
-    rollouts_from_state,
-    rollouts_to_state,
-    staleness_metrics,
-)
+from opsd_mm.rollout.prefetch import RolloutBatch, RolloutPrefetcher, staleness_metrics
 from opsd_mm.teacher.scoring import score_pairs, teacher_logprobs
 from opsd_mm.teacher.weights import Teacher
 from opsd_mm.train import batches
@@ -675,21 +669,22 @@ class Trainer:
         # rollout.async: the next step's batch, sampled from weights this checkpoint does not
         # hold, is recorded with the data position before it (opsd_mm.rollout.prefetch).
         ahead = self.prefetcher.wait() if self.prefetcher is not None else None
-        state = {
-            "data": ahead.data_before if ahead else self.stream.state(),
-            "counters": self.counters.values,
-            "bad_in_row": self._bad_in_row,
-            "num_processes": acc.num_processes,
-            "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
-            "settings": run_state.recorded_settings(self.cfg, acc.num_processes),
-        }
-        if ahead:
-            state["ahead"] = {"step": ahead.step, "rollouts": rollouts_to_state(ahead.rollouts_P_G)}
+        state = run_state.CheckpointState(
+            step=self.step,
+            run_id=self.run_id,
+            consumed=(ahead.data_before if ahead else self.stream.state())["consumed"],
+            counters=dict(self.counters.values),
+            bad_in_row=self._bad_in_row,
+            num_processes=acc.num_processes,
+            global_batch_size=self.cfg.trainer.batch_size * acc.num_processes,
+            settings=run_state.recorded_settings(self.cfg, acc.num_processes),
+            ahead=(ahead.step, ahead.rollouts_P_G) if ahead else None,
+        )
         common = {
             "model": unwrap(self.model),
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
-            "state": state,
+            "state": state.to_dict(),
             "rng_states": rng_states,
             "keep_last": self.cfg.trainer.keep_last,
             "run_id": self.run_id,
@@ -754,10 +749,10 @@ class Trainer:
         if found is None:
             log.warning("trainer.resume: no checkpoint in %s; starting from step 0", self.run_dir)
             return
-        path, state, teacher_state = found
+        path, state, teacher_state = found  # state: checked (run_state.CheckpointState)
         if teacher_state:
             self.teacher.load_state_dict(teacher_state)
-        self.step = int(state["step"])
+        self.step = state.step
         acc = self.accelerator
         run_state.apply_settings(
             run_state.saved_settings(state),
@@ -768,21 +763,20 @@ class Trainer:
             self.step,
             path,
         )
-        self.stream.load_state(state["data"])
-        self.counters.restore(state.get("counters", {}))
-        self._bad_in_row = int(state.get("bad_in_row", state.get("nonfinite_in_row", 0)))
+        self.stream.load_state({"consumed": state.consumed})
+        self.counters.restore(state.counters)
+        self._bad_in_row = state.bad_in_row
         self._sync_engine()
-        ahead = state.get("ahead")
-        if ahead and self.prefetcher is not None:  # the batch the run generated ahead
-            batch = self._draw(int(ahead["step"]))
-            batch.rollouts_P_G = rollouts_from_state(ahead["rollouts"])
+        if state.ahead and self.prefetcher is not None:  # the batch the run generated ahead
+            batch = self._draw(state.ahead[0])
+            batch.rollouts_P_G = state.ahead[1]
             if len(batch.rollouts_P_G) != len(batch.prompts):
                 raise RuntimeError(
                     f"{path}: the batch generated ahead has {len(batch.rollouts_P_G)} prompts' "
                     f"rollouts, the data gives {len(batch.prompts)} prompts at this position"
                 )
             self.prefetcher.put(batch)
-        elif ahead:
+        elif state.ahead:
             log.info("%s: rollout.async=false samples the batch generated ahead afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
 

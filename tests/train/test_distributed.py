@@ -143,6 +143,7 @@ def _assert_matches(one: dict, two: list[dict]) -> None:
     assert one["params"].keys() == r0["params"].keys()
     moved = 0.0
     for n, p in one["params"].items():
+        # Exactly: both processes apply the same all-reduced gradients to the same weights.
         assert torch.equal(r0["params"][n], r1["params"][n]), n
         torch.testing.assert_close(r0["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
         if "lora_B" in n:  # zero at init: the distance moved
