@@ -26,7 +26,11 @@ LABELS = {"opsd": "OPSD", "grpo": "GRPO", "hybrid": "OPSD + reward", "sft": "SFT
 # Overrides after the recipe's. The vision recipe samples once per prompt (32 prompts); a group
 # needs several samples, so the reward runs take 8 prompts x 4 samples: the same 32 rollouts.
 _REWARD = ("loss.reward=math", "loss.reward_timeout=10")
-_GROUPS = {"text": (), "vision": ("rollout.n=4", "trainer.batch_size=8")}
+_GROUPS = {
+    "text": (),
+    "vision": ("rollout.n=4", "trainer.batch_size=8"),
+    "vision_view": ("rollout.n=4", "trainer.batch_size=8"),
+}
 REWARD_RUNS = {
     "grpo": ("loss.reward_weight=1.0", "loss.distill_weight=0.0"),
     "hybrid": ("loss.reward_weight=1.0", "loss.distill_weight=1.0"),

@@ -37,8 +37,17 @@ from typing import Any
 import torch
 
 from opsd_mm.config import ModelConfig, ProcessorConfig, load_config, save_config
+from opsd_mm.config.sections import ViewOpConfig
 from opsd_mm.demo.report import checks, table, time_line
-from opsd_mm.demo.tasks import N_TEST, N_VAL, TaskData, make_text_task, make_vision_task, solution
+from opsd_mm.demo.tasks import (
+    N_TEST,
+    N_VAL,
+    TaskData,
+    make_text_task,
+    make_vision_task,
+    make_vision_view_task,
+    solution,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,38 @@ RECIPES: dict[str, Recipe] = {
         # One 28 px grid cell = one merged vision token; keep the images unresized.
         processor=(("min_pixels", 28 * 28), ("max_pixels", 28 * 28 * 64)),
     ),
+    # The vision task with its privilege in the teacher's pixels (the coded colour's cells
+    # outlined) and no privileged text; otherwise the vision recipe.
+    "vision_view": Recipe(
+        tiny="qwen2.5-vl",
+        threshold=10.0,
+        warm_pre_steps=250,
+        warm_steps=300,
+        warm_lr=3e-3,
+        steps=150,
+        batch=24,
+        opsd=(
+            "loss.divergence=jsd",
+            "loss.beta=0.5",
+            "rollout.n=1",
+            "trainer.batch_size=32",
+            "trainer.lr=2e-3",
+            "trainer.micro_batch_tokens=1000",
+            "processor.prompt_cache=2048",
+        ),
+        processor=(
+            ("min_pixels", 28 * 28),
+            ("max_pixels", 28 * 28 * 64),
+            ("teacher_template", "question_only_v1"),
+            # A 3 px black outline inside each coded cell (the grid lines are 1 px grey).
+            ("teacher_view", [ViewOpConfig("mark", color="black", width=3)]),
+        ),
+    ),
+}
+MAKE_TASK = {
+    "text": make_text_task,
+    "vision": make_vision_task,
+    "vision_view": make_vision_view_task,
 }
 
 DEFAULT_SEEDS = "0"  # one seed: the default `make demo` fits 5 minutes of an idle 2-core CPU
@@ -129,11 +170,14 @@ STEP_COST = {
     ("vision", "warm"): 0.30,
     ("vision", "opsd"): 0.79,
     ("vision", "sft"): 0.19,
+    ("vision_view", "warm"): 0.30,
+    ("vision_view", "opsd"): 0.79,
+    ("vision_view", "sft"): 0.19,
 }
 # --compare-teachers: the 4-layer teacher's warm-start step and a distillation step from it,
 # relative to the student's (estimates: twice the layers in the SFT step and the teacher forward).
 TEACHER_COST = {"warm": 1.8, "run": 1.3}
-EVAL_ITEM_COST = {"text": 0.008, "vision": 0.015}
+EVAL_ITEM_COST = {"text": 0.008, "vision": 0.015, "vision_view": 0.015}
 
 
 class Progress:
@@ -206,7 +250,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"the table of docs/demo.md: seeds {FULL_SEEDS} (unless --seeds is given), ~3x the time",
     )
-    parser.add_argument("--tasks", default="text,vision", help="text, vision or text,vision")
+    parser.add_argument(
+        "--tasks",
+        default="text,vision",
+        help="comma-separated: text, vision, vision_view (the privilege in the teacher's "
+        "pixels; not in the default, see docs/demo.md)",
+    )
     parser.add_argument("--run-dir", default="runs/demo", help="where outputs go (replaced)")
     parser.add_argument("--task-seed", type=int, default=0, help="seed of data and warm start")
     parser.add_argument(
@@ -265,13 +314,13 @@ class Wiring:
 def _processor(path: str, recipe: Recipe, wiring: Wiring) -> Any:
     from opsd_mm.model.load import model_type_of
 
-    cfg = ProcessorConfig(
+    settings = dict(
         student_template="plain",
         teacher_template="hint_v1",
         max_prompt_tokens=256,
         max_teacher_prompt_tokens=512,
-        **dict(recipe.processor),
     )
+    cfg = ProcessorConfig(**{**settings, **dict(recipe.processor)})
     return wiring.build_processor(cfg, path, model_type_of(path))
 
 
@@ -550,7 +599,7 @@ def task_plan(name: str, args: argparse.Namespace) -> TaskPlan:
             batch=8,
         )
         sizes = {k: QUICK[k] for k in ("n_test", "n_val", "n_warm")}
-        if name == "vision":
+        if name != "text":
             sizes["n_train"] = QUICK["n_train"]
     steps = args.steps if args.steps is not None else recipe.steps
     eval_every = QUICK["eval_every"] if args.quick else args.eval_every
@@ -595,8 +644,7 @@ def setup_task(
     if name not in RECIPES:
         raise ValueError(f"unknown demo task {name!r}; choose from {sorted(RECIPES)}")
     wiring = replace(wiring, evaluate=_counted(wiring.evaluate, EVAL_ITEM_COST[name], progress))
-    make = make_text_task if name == "text" else make_vision_task
-    task = make(seed=args.task_seed, **plan.sizes)
+    task = MAKE_TASK[name](seed=args.task_seed, **plan.sizes)
     base = str(resolve_tiny(plan.recipe.tiny, args.tiny_cache))
     return TaskSetup(
         name, plan, task, _processor(base, plan.recipe, wiring), wiring, run_dir / name

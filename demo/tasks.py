@@ -32,6 +32,11 @@ Tasks:
   answer-only completions (some seeds stuck at the majority count) and +27 to +51 with it. The
   named colour itself stays mostly wrong after OPSD while the count becomes right, so why it
   helps is not understood.
+- ``vision_view`` - the vision task with the privilege in the pixels instead of the text: no
+  privileged text at all (the teacher's message is the question, ``question_only_v1``); the
+  teacher's copy of the grid has the cells of the coded colour outlined (``processor.
+  teacher_view: mark``, on the cells the example's regions name). Which colour ``D`` is shows
+  only in the teacher's pixels; OPSD must move it into the student, who sees the plain grid.
 """
 
 from __future__ import annotations
@@ -141,8 +146,12 @@ def make_text_task(
 # ----------------------------------------------------------------------------- vision
 
 
-def _grid_example(rng: random.Random, form: str, idx: str, size: int, fill: float) -> Example:
-    from opsd_mm.data.vl_tasks import draw_grid
+def _grid_example(
+    rng: random.Random, form: str, idx: str, size: int, fill: float, task: str = "vision"
+) -> Example:
+    """One grid. ``task="vision_view"``: no privileged text; the target cells as regions (the
+    teacher's view marks them)."""
+    from opsd_mm.data.vl_tasks import cell_regions, draw_grid
 
     colours = list(COLOUR_CODES)
     cells = {
@@ -158,16 +167,17 @@ def _grid_example(rng: random.Random, form: str, idx: str, size: int, fill: floa
         f"That is {len(hits)}, so the answer is \\boxed{{{len(hits)}}}."
     )
     return Example(
-        id=f"vision-{form}-{idx}",
+        id=f"{task}-{form}-{idx}",
         question=f"<image>\nHow many {name} cells are in this grid?",
-        privileged=trace,
+        privileged=trace if task == "vision" else "",
         answer=str(len(hits)),
         images=(draw_grid(cells, size, size, 28),),
         meta={
             "solution": f"Counting {target} cells: \\boxed{{{len(hits)}}}",
-            "task": "vision",
+            "task": task,
             "form": form,
         },
+        regions=cell_regions(hits, 28) if task == "vision_view" else (),
     )
 
 
@@ -179,15 +189,17 @@ def make_vision_task(
     n_val: int = N_VAL,
     n_test: int = N_TEST,
     n_warm: int = 1200,
+    task: str = "vision",
 ) -> TaskData:
-    """Grid counting with colour codes; each split draws its own images from its own stream."""
+    """Grid counting with colour codes; each split draws its own images from its own stream.
+    ``task="vision_view"``: the same grids (the same draws), privileged by the teacher's view."""
 
     def draw(n: int, form: str, split: str) -> list[Example]:
         rng = random.Random(f"demo-vision-{seed}-{split}")
-        return [_grid_example(rng, form, f"{split}{i}", size, fill) for i in range(n)]
+        return [_grid_example(rng, form, f"{split}{i}", size, fill, task) for i in range(n)]
 
     return TaskData(
-        name="vision",
+        name=task,
         train=draw(n_train, "code", "train"),
         val=draw(n_val, "code", "val"),
         test=draw(n_test, "code", "test"),
@@ -196,3 +208,9 @@ def make_vision_task(
         max_new_tokens=16,
         meta={"grid": f"{size}x{size}", "codes": dict(COLOUR_CODES)},
     )
+
+
+def make_vision_view_task(seed: int = 0, **sizes: int) -> TaskData:
+    """``vision_view``: :func:`make_vision_task`'s grids with the privilege in the teacher's
+    pixels (see the module docstring)."""
+    return make_vision_task(seed=seed, task="vision_view", **sizes)

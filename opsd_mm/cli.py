@@ -43,7 +43,12 @@ def data_wiring() -> Any:
 
         return load(names, data_dir)
 
-    return DataWiring(build, template_fields, load_references)
+    def benchmark_names() -> list[str]:
+        from opsd_mm.eval.registry import list_benchmarks
+
+        return list_benchmarks()
+
+    return DataWiring(build, template_fields, load_references, benchmark_names)
 
 
 def cmd_data(command: str, args: argparse.Namespace) -> int:
@@ -84,10 +89,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overwrite:
         overrides.append("trainer.overwrite=true")
     cfg = load_config(args.config, overrides)
-    if not (cfg.trainer.resume or cfg.trainer.overwrite):
-        from opsd_mm.train.run_dir import check_fresh
+    from opsd_mm.train.run_dir import check_fresh, check_writable
 
-        check_fresh(cfg.run_dir)  # before any data or model loads (the trainer checks again)
+    # Before any data or model loads (the trainer checks again when it claims run_dir).
+    check_writable(cfg.run_dir)
+    if not (cfg.trainer.resume or cfg.trainer.overwrite):
+        check_fresh(cfg.run_dir)
     trainer = build_trainer(cfg)
     from opsd_mm.train.signals import TrainingInterrupted
 

@@ -2,14 +2,18 @@
 
 A :class:`UserError` is a problem with what the user gave (a config key, a data file, a row, a
 flag, a benchmark copy): its message names that thing and says what to do, so the command line
-prints it as one or a few lines and exits 2, without a traceback. Anything else is a bug and
-keeps its traceback. ``--debug`` (or ``OPSD_MM_DEBUG=1``) prints the traceback of user errors
+prints it as one or a few lines and exits 2, without a traceback. So do OS errors about the
+user's files and disks (:data:`USER_ERRNOS`: a missing path, a file where a directory belongs,
+no permission, a read-only filesystem, a full disk or quota). Anything else is a bug and keeps
+its traceback. ``--debug`` (or ``OPSD_MM_DEBUG=1``) prints the traceback of user errors
 too. Ctrl-C exits 130 with one line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -32,8 +36,60 @@ class ConfigError(UserError):
     kind = "config error"
 
 
-# Raised by the standard library with the path in the message; treated as user errors.
-_OS_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# OS errors about the user's files and disks rather than about our code: a path that is missing,
+# is a file where a directory is needed (or the reverse), already exists, cannot be written
+# (permissions, a read-only filesystem), or a disk or quota that is full. The standard library
+# puts the path in the message. Others (EIO, EMFILE, EXDEV, ...) point at the machine or at a
+# bug and keep their traceback.
+USER_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+    }
+)
+# The OSError subclasses of those numbers, which code (ours, libraries') also raises with a
+# message and no number: FileNotFoundError("no weights in DIR").
+_USER_OS_CLASSES = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def is_user_os_error(e: BaseException) -> bool:
+    """``e`` is an OSError about the user's files or disks (:data:`USER_ERRNOS`)."""
+    return isinstance(e, _USER_OS_CLASSES) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
+
+
+def user_os_error(e: BaseException) -> OSError | None:
+    """The OS error behind ``e`` when it is one of :data:`USER_ERRNOS`, else None.
+
+    Looks at ``e`` itself, then at its cause and context (``torch.save`` to a Python file
+    object re-raises a failed write as a RuntimeError whose context is the OSError), and at
+    the ``(os error N)`` that Rust libraries (safetensors) put in their messages."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if is_user_os_error(e):
+            return e
+        found = _RUST_OS_ERROR.search(str(e))
+        if found and int(found.group(1)) in USER_ERRNOS:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -51,7 +107,9 @@ def run_command(func: Callable[[Any], int | None], args: Any, *, debug: bool = F
             traceback.print_exc()
         print("interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UserError, *_OS_USER_ERRORS) as e:
+    except (UserError, OSError) as e:
+        if isinstance(e, OSError) and not is_user_os_error(e):
+            raise
         if debug:
             traceback.print_exc()
         kind = getattr(e, "kind", "error")

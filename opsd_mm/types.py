@@ -56,11 +56,27 @@ class BadImageError(UserError):
 
 
 @dataclass(frozen=True)
+class Region:
+    """A box on one of an example's question images, which image views crop, zoom or mark.
+
+    ``image`` indexes ``Example.images`` (0-based); ``box`` is (x0, y0, x1, y1), x to the
+    right and y down, in pixels of the original image, or with ``normalized`` in fractions
+    [0, 1] of its width and height. A box outside its image or without area is a bad image
+    (``processor.bad_image_policy``), found when the processor checks the example."""
+
+    image: int
+    box: tuple[float, float, float, float]
+    normalized: bool = False
+
+
+@dataclass(frozen=True)
 class Example:
     """One training or evaluation item.
 
     ``privileged`` is what only the teacher sees (a verified trace, a reference solution, or
-    the answer); ``teacher_images`` are extra images only the teacher sees.
+    the answer); ``teacher_images`` are extra images only the teacher sees; ``regions`` are
+    boxes on the question's images that the processor's image views read (the teacher's view
+    may zoom into them, or mark them).
     """
 
     id: str
@@ -70,6 +86,17 @@ class Example:
     images: tuple[Any, ...] = ()
     teacher_images: tuple[Any, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    regions: tuple[Region, ...] = ()
+
+
+def view_seed(seed: int, step: int, example_id: str) -> int:
+    """The seed of an example's random student view at trainer step ``step`` (1-based) of a run
+    seeded ``seed``: a stable 63-bit hash, so a resumed or multi-process run renders the same
+    pixels. One per (step, example): every sample of the example shares the view."""
+    import hashlib
+
+    digest = hashlib.sha256(f"view|{seed}|{step}|{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -249,9 +276,19 @@ class Processor(Protocol):
         student), e.g. to encode each image once for both sides."""
         ...
 
-    def student_prompt(self, ex: Example) -> Prompt: ...
+    def student_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """The student's context. ``seed`` draws the random operations of the student's image
+        view (:func:`view_seed`); without it they are left out (evaluation)."""
+        ...
 
     def teacher_prompt(self, ex: Example) -> Prompt: ...
+
+    def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """The teacher's context with the view the view gain compares the teacher's with
+        (``processor.gain_view``; by default the student's, the same pixels as
+        ``student_prompt(ex, seed)``). A processor without images returns
+        ``teacher_prompt(ex)``."""
+        ...
 
     def pair(
         self,

@@ -109,6 +109,15 @@ _TEMPLATES = (
         description="The teacher sees only the final answer (Example.answer), no solution.",
     ),
     PromptTemplate(
+        name="question_only_v1",
+        role="teacher",
+        text="{question}",
+        description=(
+            "The question verbatim, nothing privileged in the text: for a teacher whose privilege "
+            "is in the pixels (processor.teacher_view) or in teacher-only images."
+        ),
+    ),
+    PromptTemplate(
         name="hint_v1",
         role="teacher",
         text="Problem: {question}\n\nHint: {privileged}\n\n" + _BOXED,

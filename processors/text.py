@@ -81,6 +81,17 @@ class TextProcessor(base.ProcessorBase):
     ) -> None:
         self.tokenizer = tokenizer
         self.cfg = cfg or ProcessorConfig()
+        views = {
+            "student_view": self.cfg.student_view,
+            "teacher_view": self.cfg.teacher_view,
+            "gain_view": self.cfg.gain_view,
+        }
+        if any(views.values()):
+            key = next(k for k, v in views.items() if v)
+            raise ValueError(
+                f"processor.{key}: image views need a vision-language model; this one is "
+                "text-only (set processor.kind to its VL family, or drop the view)"
+            )
         self.bad_images: list[BadImageError] = []  # no images: never filled
         self.student_template: PromptTemplate = get_template(self.cfg.student_template, "student")
         self.teacher_template: PromptTemplate = get_template(self.cfg.teacher_template, "teacher")
@@ -170,8 +181,9 @@ class TextProcessor(base.ProcessorBase):
             )
         return {"think_state": state}
 
-    def student_prompt(self, ex: Example) -> Prompt:
+    def student_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
         """The student's context: the question in the student template, nothing privileged.
+        (``seed`` draws an image view's random operations; text has none.)
 
         ``processor.student_prompt_format``:
 
@@ -244,6 +256,10 @@ class TextProcessor(base.ProcessorBase):
         text = self._render_text(content, thinking)
         meta.update(self.think_meta(ex, "teacher", text))
         return Prompt(input_ids=ids, text=text, meta=meta)
+
+    def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """Without images every view is the teacher's: ``teacher_prompt(ex)``."""
+        return self.teacher_prompt(ex)
 
     # ------------------------------------------------------------------------- pairs
 

@@ -16,6 +16,12 @@ output is split per image along dim 0 - by patch count (e.g. ``last_hidden_state
 token count (``pooler_output``, Qwen3-VL's ``deepstack_features``) - and reassembled in the
 requested order, in the same output structure.
 
+With image views (``processor.student_view`` / ``teacher_view``, :mod:`.views`) an image is
+what its view made of it: the key is the pixels after the view, so the cache is keyed by (image,
+view) without knowing about views. Two roles that see an image the same way share one encoding;
+each role's own view of it is encoded once; the view gain's teacher forward in the student's view
+reuses the student's encodings.
+
 When it stays out of the way (plain re-encoding): a vision parameter requires grad (vision
 tower, projector or LoRA inside it is trained), the model has no ``visual`` module, the call asks
 for extra outputs (attentions, hidden states) or precomputed vision kwargs, or an output cannot

@@ -5,10 +5,12 @@ shape; what differs (the vision patch size) is data in :data:`FAMILIES`. The mod
 own M-RoPE positions per side from that side's tokens, image grids and attention mask, so the
 collated inputs carry ``mm_token_type_ids`` and the grids but no ``position_ids``.
 
-Images: each is validated and converted to RGB (:mod:`.images`), resized with
-``qwen_vl_utils.smart_resize`` between ``min_pixels`` and ``max_pixels`` (config, else the
-model's image processor), and handed to the Hugging Face processor with ``do_resize=False``, so
-the resized image a rollout engine receives (``Prompt.images``) is exactly what was encoded.
+Images: each is validated and converted to RGB (:mod:`.images`), goes through its role's view
+(``processor.student_view`` / ``teacher_view``, :mod:`.views`: crops, zooms, marks,
+degradations; one image may become several), is resized with ``qwen_vl_utils.smart_resize``
+between ``min_pixels`` and ``max_pixels`` (the view's ``resolution``, else config, else the
+model's image processor), and is handed to the Hugging Face processor with ``do_resize=False``,
+so the resized image a rollout engine receives (``Prompt.images``) is exactly what was encoded.
 Images go where ``<image>`` / ``<image N>`` placeholders stand in the question (others before the
 question text); teacher-only images go into the teacher prompt just before the privileged text
 (:mod:`.vl_content`). The rules around rendering are the text processor's (:mod:`.base`); the
@@ -30,7 +32,7 @@ import torch
 from opsd_mm.config import ProcessorConfig
 from opsd_mm.types import Example, Pair, PairBatch, Prompt
 
-from . import base
+from . import base, views
 from .collate import pack_mm_side, pair_batch
 from .images import BadImageError, load_example_images, load_image, resolve_source
 from .templates import SAME_AS_STUDENT, PromptTemplate, get_template
@@ -108,13 +110,28 @@ class QwenVLProcessor(base.ProcessorBase):
         size = dict(getattr(ip, "size", None) or {})
         self.min_pixels: int = self.cfg.min_pixels or size.get("shortest_edge") or ip.min_pixels
         self.max_pixels: int = self.cfg.max_pixels or size.get("longest_edge") or ip.max_pixels
+        # Each role's view of the question images and the bounds of its final resize.
+        self.views = {
+            "student": list(self.cfg.student_view),
+            "teacher": list(self.cfg.teacher_view),
+        }
+        if self.cfg.gain_view is not None:  # the view gain's own view (default: the student's)
+            self.views["gain"] = list(self.cfg.gain_view)
+        self.bounds = {
+            role: views.bounds(ops, self.min_pixels, self.max_pixels)
+            for role, ops in self.views.items()
+        }
+        self.uses_regions = any(views.uses_regions(ops) for ops in self.views.values())
+        self.missing_regions = 0  # examples prepare_examples found without a region
 
         think_states = (
             self._probe_think_state(self.cfg.student_thinking),
             self._probe_think_state(self.cfg.teacher_thinking),
         )
+        # The text rules only: the views are this processor's.
+        text_cfg = dataclasses.replace(self.cfg, student_view=[], teacher_view=[], gain_view=None)
         text = TextProcessor(
-            self.tokenizer, self.cfg, model_vocab_size=model_vocab_size, think_states=think_states
+            self.tokenizer, text_cfg, model_vocab_size=model_vocab_size, think_states=think_states
         )
         self._text = text
         vocab = self.tokenizer.get_vocab()
@@ -174,18 +191,24 @@ class QwenVLProcessor(base.ProcessorBase):
         """Check every image of every example once, before training, under
         ``processor.bad_image_policy``: ``raise`` stops at the first bad image (naming the example
         and file); ``skip`` drops the example and records the error in ``self.bad_images``
-        (logged with the example ids). Kept examples hold their original sources (relative
-        paths made absolute against ``data_dir``), not decoded pixels, so memory stays bounded;
-        images are decoded again when a prompt is built."""
+        (logged with the example ids). When a view reads regions, the example's boxes are
+        checked against its images too (a box outside its image or without area is a bad
+        image). Kept examples hold their original sources (relative paths made absolute against
+        ``data_dir``), not decoded pixels, so memory stays bounded; images are decoded again
+        when a prompt is built."""
         kept: list[Example] = []
         self.bad_images = []
+        self.missing_regions = 0
         for ex in examples:
-            ok = all(
-                load_example_images(ex.id, sources, data_dir, self.cfg, self.bad_images.append)
-                is not None
-                for sources in (ex.images, ex.teacher_images)
-            )
-            if not ok:
+            loaded = []
+            for sources in (ex.images, ex.teacher_images):
+                images = load_example_images(
+                    ex.id, sources, data_dir, self.cfg, self.bad_images.append
+                )
+                if images is None:
+                    break
+                loaded.append(images)
+            if len(loaded) < 2 or not self._regions_ok(ex, loaded[0]):
                 continue
             if data_dir is not None:
                 ex = dataclasses.replace(
@@ -202,23 +225,74 @@ class QwenVLProcessor(base.ProcessorBase):
             log.warning(
                 "skipped %d examples with bad images: %s%s", len(self.bad_images), shown, more
             )
+        if self.missing_regions:
+            log.warning(
+                "%d of %d examples have no region: the views' crop, zoom and mark leave their "
+                "images as they are (data.columns.regions)",
+                self.missing_regions,
+                len(examples),
+            )
         return kept
 
-    def resize(self, image: Any, example_id: str) -> Any:
+    def _regions_ok(self, ex: Example, images: Sequence[Any]) -> bool:
+        """The example's regions fit its images (only checked when a view reads them); a bad
+        box follows ``processor.bad_image_policy`` like a bad image."""
+        if not self.uses_regions:
+            return True
+        if not ex.regions and ex.images:
+            self.missing_regions += 1
+            return True
+        try:
+            views.region_boxes(ex, [im.size for im in images])
+        except BadImageError as err:
+            if self.cfg.bad_image_policy == "raise":
+                raise
+            self.bad_images.append(err)
+            return False
+        return True
+
+    def resize(self, image: Any, example_id: str, bounds: tuple[int, int] | None = None) -> Any:
         """Validated RGB image resized with qwen_vl_utils' rule (sides multiples of
-        patch * merge, pixels within [min_pixels, max_pixels])."""
+        patch * merge, pixels within ``bounds``, by default [min_pixels, max_pixels])."""
+        return self.fit(self.load(image, example_id), bounds)
+
+    def load(self, image: Any, example_id: str) -> Any:
+        """A validated RGB image (:func:`.images.load_image`)."""
+        return load_image(image, example_id, max_image_pixels=self.cfg.max_image_pixels)
+
+    def fit(self, img: Any, bounds: tuple[int, int] | None = None) -> Any:
+        """``img`` resized with qwen_vl_utils' rule within ``bounds`` (min, max pixels)."""
         from PIL import Image
         from qwen_vl_utils import smart_resize
 
-        img = load_image(image, example_id, max_image_pixels=self.cfg.max_image_pixels)
-        h, w = smart_resize(
-            img.height,
-            img.width,
-            factor=self.patch_size * self.merge_size,
-            min_pixels=self.min_pixels,
-            max_pixels=self.max_pixels,
-        )
+        lo, hi = bounds or (self.min_pixels, self.max_pixels)
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(img.height, img.width, factor=factor, min_pixels=lo, max_pixels=hi)
+        # smart_resize floors a side to 0 when max_pixels leaves less than one factor for it
+        # (a view's low resolution); one merged patch is the least an image can be.
+        h, w = max(h, factor), max(w, factor)
         return img if (w, h) == img.size else img.resize((w, h), Image.Resampling.BICUBIC)
+
+    def _image_groups(
+        self, ex: Example, parts: list[dict[str, Any]], view: str, seed: int | None
+    ) -> list[list[Any]]:
+        """Per image part of a message (in order), the final images it stands for: a question
+        image through the ``view`` role's view (one or more images), a teacher-only image
+        resized within the teacher's bounds."""
+        slots = [p["slot"] for p in parts if p["type"] == "image"]
+        viewed: list[list[Any]] = []
+        if any(kind == "question" for kind, _ in slots):
+            loaded = [self.load(src, ex.id) for src in ex.images]
+            lo, hi = self.bounds[view]
+            groups = views.view_images(ex, loaded, self.views[view], seed, hi)
+            viewed = [[self.fit(im, (lo, hi)) for im in group] for group in groups]
+        teacher_bounds = self.bounds["teacher"]
+        return [
+            viewed[i]
+            if kind == "question"
+            else [self.resize(ex.teacher_images[i], ex.id, teacher_bounds)]
+            for kind, i in slots
+        ]
 
     # ------------------------------------------------------------------------- prompts
 
@@ -228,26 +302,45 @@ class QwenVLProcessor(base.ProcessorBase):
         role: str,
         privileged: str,
         thinking: bool,
-        resized: list[Any] | None = None,
-    ) -> tuple[str, dict[str, torch.Tensor], list[Any]]:
-        """One chat-template application and one tokenisation -> (text, encoding, resized
-        images). Pass ``resized`` to skip resizing again when only the text changed."""
+        groups: list[list[Any]] | None = None,
+        view: str | None = None,
+        seed: int | None = None,
+    ) -> tuple[str, dict[str, torch.Tensor], list[list[Any]]]:
+        """One chat-template application and one tokenisation -> (text, encoding, the final
+        images of each image part). The ``role``'s template with the ``view`` role's view of the
+        images (default: its own). Pass ``groups`` to skip the images when only the text
+        changed."""
         template = self.student_template if role == "student" else self.teacher_template
-        parts, images = content(ex, template, privileged, teacher_images=role == "teacher")
+        parts, _ = content(ex, template, privileged, teacher_images=role == "teacher")
+        if groups is None:
+            groups = self._image_groups(ex, parts, view or role, seed)
+        message, images, it = [], [], iter(groups)
+        for part in parts:
+            if part["type"] != "image":
+                message.append(part)
+                continue
+            group = next(it)
+            message += [{"type": "image"}] * len(group)
+            images += group
         text = self.hf.apply_chat_template(
-            [{"role": "user", "content": parts}],
+            [{"role": "user", "content": message}],
             tokenize=False,
             add_generation_prompt=True,
             enable_thinking=thinking,
         )
-        if resized is None:
-            resized = [self.resize(img, ex.id) for img in images]
-        enc = self.hf(text=[text], images=resized or None, return_tensors="pt", do_resize=False)
-        return text, dict(enc), resized
+        enc = self.hf(text=[text], images=images or None, return_tensors="pt", do_resize=False)
+        return text, dict(enc), groups
 
     def _make_prompt(
-        self, ex: Example, role: str, text: str, enc: dict[str, torch.Tensor], resized: list[Any]
+        self,
+        ex: Example,
+        role: str,
+        text: str,
+        enc: dict[str, torch.Tensor],
+        groups: list[list[Any]],
+        view: str | None = None,
     ) -> Prompt:
+        resized = [im for group in groups for im in group]
         ids = enc["input_ids"][0].tolist()
         types = enc.get("mm_token_type_ids")
         token_types = types[0].tolist() if types is not None else self._token_types(ids)
@@ -260,6 +353,7 @@ class QwenVLProcessor(base.ProcessorBase):
         template = self.student_template if role == "student" else self.teacher_template
         prompt.meta.update(
             template=template.name,
+            view=view or role,
             n_images=len(resized),
             image_tokens=self.check_image_tokens(prompt, ex.id, role),
             **self._text.think_meta(ex, role, text),
@@ -295,10 +389,13 @@ class QwenVLProcessor(base.ProcessorBase):
             )
         return n_tokens
 
-    def student_prompt(self, ex: Example) -> Prompt:
-        """The student's context: the question (with its images) in the student template."""
+    def student_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """The student's context: the question (with its images in the student's view) in the
+        student template. ``seed`` draws the view's random operations (the trainer passes
+        :func:`opsd_mm.types.view_seed` of the step and example; ``meta["view_seed"]``
+        records it); without it they are left out."""
         base.check_text(ex, self._control_strings)
-        text, enc, resized = self._render(ex, "student", "", self.cfg.student_thinking)
+        text, enc, groups = self._render(ex, "student", "", self.cfg.student_thinking, seed=seed)
         base.check_length(
             ex.id,
             "student",
@@ -308,25 +405,41 @@ class QwenVLProcessor(base.ProcessorBase):
             "raise the limit, lower processor.max_pixels, or drop the example",
             " (image tokens included)",
         )
-        return self._make_prompt(ex, "student", text, enc, resized)
+        prompt = self._make_prompt(ex, "student", text, enc, groups)
+        if seed is not None:
+            prompt.meta["view_seed"] = seed
+        return prompt
 
     def teacher_prompt(self, ex: Example) -> Prompt:
-        """The teacher's context: question and images, teacher-only images, then the privileged
-        text. Over ``processor.max_teacher_prompt_tokens`` the privileged text alone is cut at a
-        token boundary of its own encoding (the whole prompt re-rendered until it fits);
-        ``meta["privileged_truncated"]`` records it. ``processor.teacher_template=
-        same_as_student``: exactly the student's context (its images only)."""
+        """The teacher's context: question and images (in the teacher's view), teacher-only
+        images, then the privileged text. Over ``processor.max_teacher_prompt_tokens`` the
+        privileged text alone is cut at a token boundary of its own encoding (the whole prompt
+        re-rendered until it fits); ``meta["privileged_truncated"]`` records it.
+        ``processor.teacher_template=same_as_student``: exactly the student's context (its
+        images only, in the student's view)."""
         if self.teacher_template.name == SAME_AS_STUDENT:
             return self.student_prompt(ex)
+        return self._teacher(ex, "teacher", None)
+
+    def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:
+        """The teacher's context (template, teacher-only images, privileged text) with the view
+        the view gain compares the teacher's with: ``processor.gain_view``, by default the
+        student's view of the question images (the same pixels as ``student_prompt(ex,
+        seed)``). The view gain compares the teacher's scores in this context with its own."""
+        return self._teacher(ex, "gain" if "gain" in self.views else "student", seed)
+
+    def _teacher(self, ex: Example, view: str, seed: int | None) -> Prompt:
         base.check_text(ex, self._control_strings)
         template = self.teacher_template
         base.check_teacher_fields(ex, template)
         thinking = self.cfg.teacher_thinking
-        resized: list[Any] | None = None
+        groups: list[list[Any]] | None = None
 
         def render(privileged: str) -> tuple[int, tuple[str, dict[str, torch.Tensor]]]:
-            nonlocal resized  # images are resized once; only the text changes
-            text, enc, resized = self._render(ex, "teacher", privileged, thinking, resized)
+            nonlocal groups  # images are viewed and resized once; only the text changes
+            text, enc, groups = self._render(
+                ex, "teacher", privileged, thinking, groups, view, seed
+            )
             return enc["input_ids"].shape[1], (text, enc)
 
         (text, enc), truncation = base.fit_privileged(
@@ -337,7 +450,7 @@ class QwenVLProcessor(base.ProcessorBase):
             render,
             "raise the limit or lower processor.max_pixels",
         )
-        prompt = self._make_prompt(ex, "teacher", text, enc, resized or [])
+        prompt = self._make_prompt(ex, "teacher", text, enc, groups or [], view)
         prompt.meta.update(truncation)
         return prompt
 

@@ -4,6 +4,8 @@ Images go where ``<image>`` / ``<image N>`` placeholders stand in the question (
 before the question text); teacher-only images go into the teacher prompt just before the
 privileged text (after the question when the template has no ``{privileged}``). Pure functions
 over an :class:`~opsd_mm.types.Example`; the processor renders the parts with the chat template.
+Each image part names its slot (``("question", i)`` or ``("teacher", k)``), so that the
+processor can put a question image's view - one image or several - in its place.
 """
 
 from __future__ import annotations
@@ -65,12 +67,14 @@ def question_parts(ex: Example) -> list[dict[str, Any]]:
         if idx in placed:
             continue
         parts.append({"type": "text", "text": ex.question[pos : m.start()]})
-        parts.append({"type": "image", "src": ex.images[idx]})
+        parts.append({"type": "image", "src": ex.images[idx], "slot": ("question", idx)})
         placed.append(idx)
         pos = m.end()
     parts.append({"type": "text", "text": ex.question[pos:]})
     rest = [
-        {"type": "image", "src": ex.images[i]} for i in range(len(ex.images)) if i not in placed
+        {"type": "image", "src": ex.images[i], "slot": ("question", i)}
+        for i in range(len(ex.images))
+        if i not in placed
     ]
     return rest + parts
 
@@ -82,12 +86,20 @@ def content(
 
     The template is rendered with sentinels for ``{question}`` and ``{privileged}``, which
     are then replaced by the question's parts and by [teacher images, privileged text]
-    (teacher images follow the question when the template has no ``{privileged}``).
+    (teacher images follow the question when the template has no ``{privileged}``). Image
+    parts keep their ``slot`` (see the module docstring); the sources are returned apart.
     """
     if "question" not in template.fields:
         raise ValueError(f"template '{template.name}' has no {{question}}: images need a place")
     q_parts = question_parts(ex)
-    t_parts = [{"type": "image", "src": im} for im in ex.teacher_images] if teacher_images else []
+    t_parts = (
+        [
+            {"type": "image", "src": im, "slot": ("teacher", k)}
+            for k, im in enumerate(ex.teacher_images)
+        ]
+        if teacher_images
+        else []
+    )
     rendered = template.render(question=_Q, privileged=_P, answer=ex.answer)
     has_p = _P in rendered
     parts: list[dict[str, Any]] = []

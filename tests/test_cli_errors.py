@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from opsd_mm import cli
 from opsd_mm.config import ConfigError
 from opsd_mm.data.load import DataError
-from opsd_mm.errors import run_command
+from opsd_mm.errors import run_command, user_os_error
 from opsd_mm.processors.images import BadImageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,15 @@ def test_missing_local_model_path_is_not_a_hub_error(tmp_path, capsys):
             "image error: example 'ex-7': bad image img/7.png: truncated file.",
         ),
         (FileNotFoundError("--adapter: no adapter_config.json in x"), "error: --adapter: no"),
+        (
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "run/metrics.jsonl"),
+            "error: [Errno 28] No space left on device: 'run/metrics.jsonl'",
+        ),
+        (
+            OSError(errno.EROFS, os.strerror(errno.EROFS), "run"),
+            "error: [Errno 30] Read-only file system: 'run'",
+        ),
+        (FileExistsError(errno.EEXIST, "File exists", "run"), "error: [Errno 17] File exists"),
     ],
 )
 def test_user_errors_are_short_messages_with_exit_2(error, line, capsys):
@@ -133,3 +143,28 @@ def test_bugs_keep_their_traceback():
 
     with pytest.raises(ZeroDivisionError):
         run_command(bug, None)
+
+    def machine(_args):  # an I/O error of the device, or too many open files: not the user's
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with pytest.raises(OSError):
+        run_command(machine, None)
+
+
+def test_user_os_errors_found_behind_library_wrappers():
+    """torch.save to a Python file re-raises a failed write as a RuntimeError whose context is
+    the OSError; safetensors (Rust) names the errno in its message."""
+    from safetensors import SafetensorError
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+    except RuntimeError as e:
+        wrapped = e
+    assert wrapped.__cause__ is None and user_os_error(wrapped).errno == errno.ENOSPC
+    rust = SafetensorError("Error while serializing: I/O error: Disk quota exceeded (os error 122)")
+    assert user_os_error(rust).errno == errno.EDQUOT
+    assert user_os_error(RuntimeError("a bug (os error 5)")) is None  # EIO: not the user's
+    assert user_os_error(RuntimeError("a bug")) is None

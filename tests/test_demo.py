@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from opsd_mm.demo.tasks import make_text_task, make_vision_task, solution
+from opsd_mm.demo.tasks import make_text_task, make_vision_task, make_vision_view_task, solution
 
 
 def test_text_task_holds_out_expressions():
@@ -35,6 +35,31 @@ def test_vision_task_codes_and_traces():
     assert "red" not in ex.question and "cells" in ex.question
     assert f"\\boxed{{{ex.answer}}}" in ex.privileged and "Colour code" in ex.privileged
     assert all(e.meta["form"] == "named" for e in task.warm_student)
+
+
+def test_vision_view_task_privilege_is_only_in_the_pixels(tiny_cache):
+    """vision_view: the vision task's grids, no privileged text, the coded cells as regions; the
+    teacher's image has them outlined, the student's is the plain grid."""
+    from opsd_mm.demo.run import RECIPES, Wiring, _processor
+    from opsd_mm.model.tiny import resolve_tiny
+    from opsd_mm.processors import build_processor
+
+    sizes = dict(n_train=4, n_val=2, n_test=3, n_warm=3)
+    view, plain = make_vision_view_task(seed=0, **sizes), make_vision_task(seed=0, **sizes)
+    ex, twin = view.test[0], plain.test[0]
+    assert ex.privileged == "" and ex.question == twin.question and ex.answer == twin.answer
+    assert ex.images[0].tobytes() == twin.images[0].tobytes()
+    assert len(ex.regions) == int(ex.answer)  # one box per coded cell, 28 px cells
+    assert all(r.box[2] - r.box[0] == 28 for r in ex.regions)
+    path = resolve_tiny("qwen2.5-vl", tiny_cache)
+    proc = _processor(str(path), RECIPES["vision_view"], Wiring(build_processor, None))
+    student, teacher = proc.student_prompt(ex), proc.teacher_prompt(ex)
+    assert teacher.text == student.text  # the same message: the question alone
+    assert student.images[0].tobytes() == twin.images[0].tobytes()
+    marked = [e for e in view.test if e.regions][0]
+    t_img = proc.teacher_prompt(marked).images[0]
+    x0, y0 = (int(v) for v in marked.regions[0].box[:2])
+    assert t_img.getpixel((x0, y0)) == (0, 0, 0)  # the black outline on a coded cell
 
 
 def test_sft_trains_on_completion_tokens_only(tiny_text_dir):

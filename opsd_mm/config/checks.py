@@ -5,10 +5,18 @@ cross-key rule, before anything loads. A :class:`~opsd_mm.errors.ConfigError` na
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
-from opsd_mm.config.sections import RunConfig, _require, teacher_key, teacher_specs
+from opsd_mm.config.sections import (
+    RunConfig,
+    ViewOpConfig,
+    _require,
+    teacher_key,
+    teacher_specs,
+    view_is_random,
+)
 from opsd_mm.errors import ConfigError
 
 
@@ -39,12 +47,42 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# Float keys for which infinity means something, and is therefore allowed: none. Every key
+# whose "off" could be read as infinity spells it otherwise (null: no clip, no gradient-norm
+# clipping, no importance weights; 0: no reward), and infinity in any other float key (a weight,
+# a learning rate, a temperature, a timeout) only turns the run into NaNs or hangs later, where
+# the error would blame something else. Loading refuses them (``opsd_mm.config.load``), and
+# :func:`validate_config` checks configs made in code.
+INFINITE_FLOAT_KEYS: frozenset[str] = frozenset()
+
+
+def _float_values(section: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float value in a config (the sections' float fields, and
+    those of the items of a list of them, ``processor.student_view[0].radius``)."""
+    out = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = prefix + ("async" if f.name == "async_" else f.name)
+        if dataclasses.is_dataclass(value):
+            out += _float_values(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    out += _float_values(item, f"{key}[{i}].")
+        elif isinstance(value, float):
+            out.append((key, value))
+    return out
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Every check that needs the config alone, at load time (before any data or model loads):
-    the range of every numeric key, the cross-key rules and the loss settings; a ConfigError
+    every float finite, the range of every numeric key, the cross-key rules and the loss settings; a ConfigError
     names the first key out of range and what it allows. Checks that need the model's family
     run right after its config.json is read (``opsd_mm.model.load.check_model_family``); those that
     need the process layout when the Accelerator exists (``opsd_mm.train.distributed``)."""
+    for key, value in _float_values(cfg):
+        finite = math.isfinite(value) or key in INFINITE_FLOAT_KEYS
+        _require(key, value, finite, "must be a finite number")
     t, r, p, te, lg = cfg.trainer, cfg.rollout, cfg.processor, cfg.teacher, cfg.logging
     at_least_1 = "must be >= 1"
     checks = [
@@ -179,6 +217,12 @@ def validate_config(cfg: RunConfig) -> None:
         ("logging.log_every", lg.log_every, lg.log_every >= 1, at_least_1),
         ("logging.samples_every", lg.samples_every, lg.samples_every >= 0, "must be >= 0 (0: off)"),
         ("logging.samples_n", lg.samples_n, lg.samples_n >= 1, at_least_1),
+        (
+            "logging.view_gain_every",
+            lg.view_gain_every,
+            lg.view_gain_every >= 0,
+            "must be >= 0 (0: never)",
+        ),
     ]
     # A clip <= 0 clips every term (the loss functions allow it; tests use it); from a config
     # it is never meant.
@@ -209,6 +253,7 @@ def validate_config(cfg: RunConfig) -> None:
     for key, value, ok, allowed in checks:
         _require(key, value, ok, allowed)
     _check_teachers(cfg)
+    _check_views(cfg)
     if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
         raise ConfigError(
             f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
@@ -258,6 +303,20 @@ def _check_teachers(cfg: RunConfig) -> None:
                 )
     if selfs and te.scoring == "server":
         _check_server_scoring(cfg)
+    p = cfg.processor
+    if p.teacher_template == "same_as_student":
+        # The teacher renders the student prompt without the step's view seed.
+        if p.teacher_view:
+            raise ConfigError(
+                "processor.teacher_view: processor.teacher_template=same_as_student gives the "
+                "teacher exactly the student's context, its view included; unset teacher_view"
+            )
+        if view_is_random(p.student_view or []):
+            raise ConfigError(
+                "processor.student_view: a random view (drawn per step and example) with "
+                "processor.teacher_template=same_as_student is not supported: the teacher could "
+                "not see the student's exact pixels"
+            )
     if not cfg.teachers:
         for field, value, default in (
             ("teacher.route_by", te.route_by, None),
@@ -464,3 +523,121 @@ def _check_server_scoring(cfg: RunConfig) -> None:
 
 def _show(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# The keys each view operation reads (besides ``op``); any other key set is an error.
+VIEW_OP_KEYS: dict[str, frozenset[str]] = {
+    "resolution": frozenset({"min_pixels", "max_pixels"}),
+    "crop": frozenset({"margin", "placement"}),
+    "zoom": frozenset({"margin", "placement", "pixels"}),
+    "mark": frozenset({"margin", "style", "color", "width"}),
+    "downscale": frozenset({"factor", "p"}),
+    "jpeg": frozenset({"quality", "p"}),
+    "blur": frozenset({"radius", "p"}),
+    "grayscale": frozenset({"p"}),
+    "random_crop": frozenset({"scale"}),
+}
+_VIEW_RANGES: dict[str, tuple[Any, str]] = {
+    "min_pixels": (lambda v: v >= 1, "must be >= 1"),
+    "max_pixels": (lambda v: v >= 1, "must be >= 1"),
+    "margin": (lambda v: v >= 0, "must be >= 0"),
+    "pixels": (lambda v: v >= 1, "must be >= 1"),
+    "width": (lambda v: v >= 1, "must be >= 1"),
+    "factor": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "quality": (lambda v: 1 <= v <= 95, "must lie in [1, 95]"),
+    "radius": (lambda v: v > 0, "must be > 0"),
+    "scale": (lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+    "p": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+}
+
+
+def check_view(key: str, ops: list[ViewOpConfig]) -> None:
+    """A ConfigError naming ``key[i].field`` for a key the operation does not read, a value out
+    of range, a random operation in the teacher's view, or two resolutions in one view."""
+    resolutions = 0
+    for i, op in enumerate(ops):
+        where = f"{key}[{i}]"
+        allowed = VIEW_OP_KEYS[op.op]
+        for f in dataclasses.fields(op):
+            value = getattr(op, f.name)
+            if f.name == "op" or value is None:
+                continue
+            if f.name not in allowed:
+                raise ConfigError(
+                    f"{where}.{f.name} does not apply to op={op.op} (it reads "
+                    f"{', '.join(sorted(allowed)) or 'no other key'})"
+                )
+            if f.name in _VIEW_RANGES:
+                ok, allowed_range = _VIEW_RANGES[f.name]
+                _require(f"{where}.{f.name}", value, ok(value), allowed_range)
+        if op.min_pixels is not None and op.max_pixels is not None:
+            _require(
+                f"{where}.max_pixels",
+                op.max_pixels,
+                op.min_pixels <= op.max_pixels,
+                f"must be >= {where}.min_pixels ({op.min_pixels})",
+            )
+        if op.color is not None:
+            from PIL import ImageColor
+
+            try:
+                ImageColor.getrgb(op.color)
+            except ValueError:
+                raise ConfigError(
+                    f"{where}.color={op.color!r} is not a colour (a name such as red, or #rrggbb)"
+                ) from None
+        if op.random and not key.endswith("student_view"):
+            raise ConfigError(
+                f"{where}: op={op.op}{'' if op.p is None else f' with p={op.p}'} is random; "
+                "random operations belong in processor.student_view (the teacher's views are "
+                "fixed, so that every sample of a prompt is scored in the same context)"
+            )
+        resolutions += op.op == "resolution"
+        if resolutions > 1:
+            raise ConfigError(f"{where}: a view takes one resolution operation, this is a second")
+
+
+def _check_views(cfg: RunConfig) -> None:
+    """Views need a vision-language processor; the view gain (the metric, and VA-OPD's
+    weighting) needs a view to compare and the teacher in this process."""
+    p, lo, lg = cfg.processor, cfg.loss, cfg.logging
+    views = {
+        "processor.student_view": p.student_view,
+        "processor.teacher_view": p.teacher_view,
+        "processor.gain_view": p.gain_view,
+    }
+    for key, ops in views.items():
+        check_view(key, ops or [])
+    set_keys = [key for key, ops in views.items() if ops]
+    has_view = bool(set_keys)
+    if has_view and p.kind == "text":
+        raise ConfigError(
+            f"{set_keys[0]}: image views need a vision-language model, not processor.kind=text"
+        )
+    for key, on in (
+        ("loss.view_weighting", lo.view_weighting != "none"),
+        ("logging.view_gain_every", lg.view_gain_every > 0),
+    ):
+        if not on:
+            continue
+        value = lo.view_weighting if key.startswith("loss") else lg.view_gain_every
+        if not has_view:
+            raise ConfigError(
+                f"{key}={value}: the view gain compares the teacher's view with the student's "
+                "(or processor.gain_view); set processor.teacher_view, student_view or gain_view"
+            )
+        if cfg.teacher.scoring != "local":
+            raise ConfigError(
+                f"{key}={value} needs teacher.scoring=local: the gain takes two more teacher "
+                "forwards in the trainer"
+            )
+        if cfg.teacher.kind == "model" or cfg.teachers:
+            raise ConfigError(
+                f"{key}={value}: the view gain is computed with the student's own weights as "
+                "the teacher; it is not supported with teacher.kind=model or a teachers mapping"
+            )
+    if lo.view_weighting != "none" and lo.distill_weight == 0:
+        raise ConfigError(
+            f"loss.view_weighting={lo.view_weighting} weights the distillation term, which "
+            "loss.distill_weight=0 turns off"
+        )

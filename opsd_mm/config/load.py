@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,10 @@ from opsd_mm.errors import ConfigError
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _NotFinite(ConfigError):
+    """A float key given infinity or NaN."""
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -41,6 +47,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
+            except _NotFinite:
+                raise  # a number, the right type: the message says what is wrong with it
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -79,12 +87,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):  # .inf, .nan, 1e400 (checks.INFINITE_FLOAT_KEYS: none)
+            raise _NotFinite(f"{key}={number!r} is out of range: must be a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -115,6 +126,16 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     for k, v in raw.items():
         where = f"{prefix}.{k}" if prefix else k
         kwargs[_KEY_TO_FIELD.get(k, k)] = _coerce(v, hints[k], where)
+    required = [
+        _FIELD_TO_KEY.get(f.name, f.name)
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in kwargs
+    ]
+    if required:  # a section without defaults for every key (a view operation's ``op``)
+        where = f"{prefix}: " if prefix else ""
+        raise ConfigError(f"{where}missing required key(s) {', '.join(required)}")
     return cls(**kwargs)
 
 
@@ -155,9 +176,45 @@ def parse_override(item: str) -> tuple[str, Any]:
     if accepts_str and text not in ("null", "None", "~"):
         return key, text
     try:
-        return key, yaml.safe_load(text) if text != "" else ""
+        return key, _safe_load(text, key) if text != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {text!r}: {e}") from e
+
+
+# The deepest nesting a config can mean: a section, a nested section (model.lora), a list, its
+# items. Deeper YAML is refused before anything walks it (Python's recursion would end in a
+# RecursionError around a few hundred levels).
+MAX_DEPTH = 8
+
+
+def _check_depth(value: Any, where: str) -> None:
+    """A ConfigError naming ``where`` when ``value`` nests more than :data:`MAX_DEPTH` levels
+    of mappings and lists (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ConfigError(
+                    f"{where}: nested more than {MAX_DEPTH} levels deep; a config is a mapping of "
+                    "sections of keys and values"
+                )
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+
+
+def _safe_load(text: str, where: str) -> Any:
+    """``yaml.safe_load``, with YAML nested too deep to compose (RecursionError) and YAML
+    nested deeper than a config can mean both a ConfigError naming ``where``."""
+    try:
+        loaded = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: nested more than {MAX_DEPTH} levels deep; a config is a mapping of "
+            "sections of keys and values"
+        ) from None
+    _check_depth(loaded, where)
+    return loaded
 
 
 def _read_yaml(path: Path) -> Any:
@@ -173,7 +230,7 @@ def _read_yaml(path: Path) -> Any:
             "as UTF-8"
         ) from None
     try:
-        return yaml.safe_load(text)
+        return _safe_load(text, str(path))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
@@ -201,16 +258,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
     """A copy of ``raw`` with each parsed override (:func:`parse_override`) set at its dotted
     key, in order: a later one wins, and one that sets a whole section (``model.lora={r: 4}``)
-    replaces that section's mapping. ``raw`` itself is left as it was."""
+    replaces that section's mapping. An override inside a section that is not a mapping
+    (``lora: 8`` and ``model.lora.r=4``) is a ConfigError naming the section: the value would
+    be lost. An empty section (YAML null) takes it. ``raw`` itself is left as it was."""
     raw = copy.deepcopy(raw)
     for key, value in overrides:
         node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
-            if not isinstance(child, dict):
+            if child is None:
                 child = {}
                 node[part] = child
+            elif not isinstance(child, dict):
+                section = ".".join(parts[: i + 1])
+                shown = str(value)[:40]
+                raise ConfigError(
+                    f"{section}: is {child!r:.40}, not a mapping, so the override "
+                    f"{key}={shown} has no section to go into; write {section} as a mapping of "
+                    "its keys (or set the whole section with one override)"
+                )
             node = child
         node[parts[-1]] = value
     return raw
@@ -261,12 +328,22 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value of every non-mapping value in nested mappings, in order; an empty
+    mapping (``teachers: {}``) is a value too."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_config(v, key + "."))
+        if isinstance(v, Mapping) and v:
+            out.update(leaves(v, key + "."))
         else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            out[key] = v
     return out
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """:func:`leaves` with every value a scalar a tracker accepts (others as their str)."""
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in leaves(d, prefix).items()
+    }

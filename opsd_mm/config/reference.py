@@ -76,6 +76,24 @@ def config_sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, 
     return out
 
 
+def item_sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[list[str], type]]:
+    """The dataclasses that list-valued keys hold (``processor.student_view`` and
+    ``processor.teacher_view`` hold view operations): ``([keys holding it], item class)``, each
+    class once, in field order. They are documented after the sections, one table each."""
+    found: dict[type, list[str]] = {}
+    for section_prefix, section in config_sections(cls, prefix):
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            tp = hints[f.name]
+            if typing.get_origin(tp) in (typing.Union, types.UnionType):  # list[...] | None
+                tp = next(a for a in typing.get_args(tp) if a is not type(None))
+            args = typing.get_args(tp)
+            if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+                key = f"{section_prefix}.{config_key(f.name)}".lstrip(".")
+                found.setdefault(args[0], []).append(key)
+    return [(keys, item) for item, keys in found.items()]
+
+
 def _class_node(cls: type) -> tuple[ast.ClassDef, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     node = ast.parse(source).body[0]
@@ -166,14 +184,16 @@ def field_docs(cls: type, prefix: str = "") -> list[FieldDoc]:
             rows.append(FieldDoc(key, type_text(tp), "", comments.get(f.name, ""), section=tp))
             continue
         if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+            default = yaml_value(f.default_factory())
+        elif f.default is dataclasses.MISSING:
+            default = ""  # a required key (a view operation's ``op``)
         else:
-            default = f.default
+            default = yaml_value(f.default)
         rows.append(
             FieldDoc(
                 key,
                 type_text(tp),
-                yaml_value(default),
+                default,
                 comments.get(f.name, ""),
                 mapped=mapped_section(tp) is not None,
             )
@@ -263,6 +283,10 @@ def reference_markdown() -> str:
     toc = [f"- [Top level](#{_anchor('')})"]
     for prefix, _ in sections[1:]:
         toc.append("  " * prefix.count(".") + f"- {_link(prefix)}")
+    for keys, _ in item_sections():
+        title = "Items of " + " / ".join(f"`{k}[]`" for k in keys)
+        anchor = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")  # GitHub's rule
+        toc.append(f"- [{title}](#{anchor})")
     parts.append("Sections:\n\n" + "\n".join(toc) + "\n")
     for prefix, cls in sections:
         depth = 2 + prefix.count(".")
@@ -281,6 +305,15 @@ def reference_markdown() -> str:
             else:
                 kind, default = row.type, f"`{row.default}`"
             cells = [f"`{row.key}`", kind, default, row.doc]
+            lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    for keys, item in item_sections():
+        title = "Items of " + " / ".join(f"`{k}[]`" for k in keys)
+        lines = [f"## {title}", "", _md(section_doc(item)), ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for row in field_docs(item):
+            default = "required" if row.default == "" else f"`{row.default}`"
+            cells = [f"`{row.key}`", row.type, default, row.doc]
             lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)

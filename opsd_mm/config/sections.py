@@ -78,6 +78,10 @@ class ColumnsConfig:
     images: str | None = None
     # Column of extra images only the teacher sees (null: none).
     teacher_images: str | None = None
+    # Column of regions on the question's images, which the crop, zoom and mark view operations
+    # read: per image a box [x0, y0, x1, y1] or a list of boxes (data.region_coords says their
+    # units); see docs/vision-language.md#regions (null: none).
+    regions: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     # A known dataset (opsd_mm.data.presets): its row mapping, split and teacher template.
     preset: str | None = None
+    # Units of the boxes in data.columns.regions: pixel (of the original image), normalized
+    # (fractions in [0, 1]) or normalized_1000 (0-1000, as Qwen2-VL grounding writes them).
+    region_coords: Literal["pixel", "normalized", "normalized_1000"] = "pixel"
     # Base directory for relative image paths (null: the directory of data.source).
     data_dir: str | None = None
     # A bad row (missing what the teacher template shows, or an image that is not found):
@@ -126,6 +133,75 @@ class DataConfig:
     contamination_data_dir: str | None = None
 
 
+# View operations that draw random numbers: they apply only where the trainer passes a seed (its
+# student prompts, seeded per step and example), never in the teacher's view.
+RANDOM_VIEW_OPS = frozenset({"random_crop"})
+# View operations that read the example's regions (``data.columns.regions``).
+REGION_VIEW_OPS = frozenset({"crop", "zoom", "mark"})
+
+
+@dataclass(frozen=True)
+class ViewOpConfig:
+    """One image operation of a role's view: an item of ``processor.student_view``,
+    ``processor.teacher_view`` or ``processor.gain_view``
+    (docs/vision-language.md#image-views-privilege-in-the-pixels). A key that does not apply to
+    the item's ``op`` is a config error; a key left null takes the default its row names."""
+
+    # The operation. resolution: this role's pixel bounds for the final resize (wherever it
+    # stands in the list). crop / zoom: cut the image to its region (the union of its boxes,
+    # plus margin); zoom then resizes the cut to ``pixels``. mark: draw each box on the image.
+    # downscale, jpeg, blur, grayscale: degradations. random_crop: a random window (student
+    # view only; seeded per step and example).
+    op: Literal[
+        "resolution", "crop", "zoom", "mark", "downscale", "jpeg", "blur", "grayscale",
+        "random_crop",
+    ]  # fmt: skip
+    # resolution: the fewest pixels an image of this role is resized to (null:
+    # processor.min_pixels, or this view's max_pixels if that is lower).
+    min_pixels: int | None = None
+    # resolution: the most pixels an image of this role is resized to (null:
+    # processor.max_pixels).
+    max_pixels: int | None = None
+    # crop, zoom, mark: room added around the region on each side, as a fraction of its width
+    # and height (null: 0).
+    margin: float | None = None
+    # zoom: the cut region is resized to about this many pixels, aspect ratio kept (null: the
+    # role's max_pixels); the final resize still keeps it within the role's bounds.
+    pixels: int | None = None
+    # crop, zoom: replace puts the cut in place of the image; extra keeps the image and adds the
+    # cut right after it (null: replace). An image without a region is left as it is.
+    placement: Literal["replace", "extra"] | None = None
+    # mark: box draws each box's outline; dim darkens everything outside the boxes (null: box).
+    style: Literal["box", "dim"] | None = None
+    # mark: the outline's colour, a PIL colour name or #rrggbb (null: red).
+    color: str | None = None
+    # mark: the outline's width in pixels of the image as it is at that point (null: 3).
+    width: int | None = None
+    # downscale: each side is scaled by this factor in (0, 1] (bilinear) and restored to its
+    # size (nearest): pixelation at an unchanged token count (null: 0.25).
+    factor: float | None = None
+    # jpeg: the JPEG quality, 1-95, the image is encoded and decoded at (null: 30).
+    quality: int | None = None
+    # blur: the Gaussian blur radius in pixels (null: 2.0).
+    radius: float | None = None
+    # random_crop: the smallest fraction of each side the random window keeps, in (0, 1]
+    # (null: 0.8).
+    scale: float | None = None
+    # downscale, jpeg, blur, grayscale: the probability, drawn per step, example and image, that
+    # the operation applies (null: 1, always). Below 1 it is random: student view only.
+    p: float | None = None
+
+    @property
+    def random(self) -> bool:
+        """Draws random numbers: random_crop, or a probability below 1."""
+        return self.op in RANDOM_VIEW_OPS or (self.p is not None and self.p < 1)
+
+
+def view_is_random(ops: list[ViewOpConfig]) -> bool:
+    """A view some of whose operations draw random numbers (seeded per step and example)."""
+    return any(op.random for op in ops)
+
+
 @dataclass(frozen=True)
 class ProcessorConfig:
     """How examples become prompts: chat templates, thinking mode, token budgets, images."""
@@ -137,8 +213,9 @@ class ProcessorConfig:
     # reference's) or plain (the question verbatim).
     student_template: str = "opsd_student_v1"
     # The teacher's message template, which shows the privileged information: opsd_teacher_v1
-    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer) or hint_v1;
-    # or same_as_student: exactly the student's context, nothing privileged (plain on-policy
+    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer), hint_v1,
+    # question_only_v1 (no privileged text: the privilege is in teacher_view's pixels), or
+    # same_as_student: exactly the student's context, nothing privileged (plain on-policy
     # distillation from another model). Left at this default, a data.preset sets its own.
     teacher_template: str = "opsd_teacher_v1"
     # Thinking mode of the student prompt (the chat template's ``enable_thinking``).
@@ -178,6 +255,19 @@ class ProcessorConfig:
     # multi-epoch run tokenises and image-processes each example once (opsd_mm/train/prompt_cache.py;
     # identical prompts). 0: render every time. Memory: the prompts' ids and pixel tensors.
     prompt_cache: int = 0
+    # VL: the student's view, a list of image operations applied to each question image before
+    # the chat template and the image processor (the items' keys: below;
+    # docs/vision-language.md#image-views-privilege-in-the-pixels). Empty: the images as they are.
+    student_view: list[ViewOpConfig] = field(default_factory=list)
+    # VL: the teacher's view, like student_view: what the teacher sees of the same images (a
+    # higher resolution, a zoomed region, the region marked). Teacher-only images are not
+    # viewed (only resized to the view's resolution).
+    teacher_view: list[ViewOpConfig] = field(default_factory=list)
+    # VL: the view the view gain (logging.view_gain_every, loss.view_weighting) compares the
+    # teacher's with, rendered in the teacher's context; null: the student's view (the same
+    # pixels the student saw). VA-OPD's setting: the student and teacher see the image, the
+    # gain's view is a pixelated copy.
+    gain_view: list[ViewOpConfig] | None = None
 
 
 @dataclass(frozen=True)
@@ -296,6 +386,19 @@ class LossConfig:
     # Seconds each item has in the grading worker; a timeout scores 0 and is counted
     # (reward/failed_timeout).
     reward_timeout: float = 10.0
+    # va_opd: weight the distillation term as VA-OPD does (arXiv 2605.21924) with the view gain
+    # (logging.view_gain_every), computed every step: each prompt's rollouts reweighted by a
+    # softmax of their mean positive gain, and within a rollout the high-gain and low-gain
+    # tokens averaged as two groups. none: every token weighs the same.
+    view_weighting: Literal["none", "va_opd"] = "none"
+    # va_opd: the softmax temperature over a prompt's z-scored rollout means, > 0.
+    va_temperature: float = 1.0
+    # va_opd: the share of each rollout's tokens, by gain, in the high group (rounded up), in
+    # (0, 1].
+    va_high_fraction: float = 0.2
+    # va_opd: the share of each rollout's weight the high group gets (the low group the rest),
+    # in [0, 1].
+    va_high_weight: float = 0.5
 
     def __post_init__(self) -> None:
         validate_loss_config(self)
@@ -473,6 +576,11 @@ class LoggingConfig:
     samples_every: int = 10
     # Records written each time (see samples_every).
     samples_n: int = 2
+    # Every this many steps (0: never), the teacher scores the step's completions once more with
+    # the student's view of the images, and metrics.jsonl gets the view gain: the teacher's
+    # per-token log-prob with its own view minus with the student's (view_gain/mean,
+    # view_gain/positive_share). Two extra teacher forwards on those steps.
+    view_gain_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -576,3 +684,16 @@ def validate_loss_config(cfg: LossConfig) -> None:
                 "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
                 "token only); set loss.top_k=0"
             )
+    _require("loss.va_temperature", cfg.va_temperature, cfg.va_temperature > 0, "must be > 0")
+    _require(
+        "loss.va_high_fraction",
+        cfg.va_high_fraction,
+        0 < cfg.va_high_fraction <= 1,
+        "must lie in (0, 1]",
+    )
+    _require(
+        "loss.va_high_weight",
+        cfg.va_high_weight,
+        0 <= cfg.va_high_weight <= 1,
+        "must lie in [0, 1]",
+    )

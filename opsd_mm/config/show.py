@@ -22,6 +22,7 @@ from opsd_mm.config.load import (
     apply_overrides,
     build_config,
     config_to_dict,
+    leaves,
     parse_override,
     read_config_file,
 )
@@ -29,19 +30,6 @@ from opsd_mm.config.reference import yaml_value
 from opsd_mm.config.sections import RunConfig
 
 ORIGINS = ("default", "file", "override", "resolved")
-
-
-def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of every non-mapping value in nested mappings, in order; an empty
-    mapping (``teachers: {}``) is a value too."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(leaves(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def set_keys(file_raw: Mapping[str, Any], overrides: Sequence[tuple[str, Any]]) -> dict[str, str]:

@@ -12,27 +12,42 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from opsd_mm.config import RunConfig, load_config
+from opsd_mm.config.sections import ViewOpConfig, view_is_random
 from opsd_mm.data.contamination import ContaminationIndex, ReferenceItem, find_contaminated
 from opsd_mm.data.load import LoadReport, load_examples, preset_for
 from opsd_mm.data.presets import resolve_data
-from opsd_mm.types import Example
+from opsd_mm.errors import ConfigError, UserError
+from opsd_mm.types import Example, view_seed
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DataWiring:
-    """What the data commands need from outside the core."""
+    """What the data commands need from outside the core. ``benchmark_names``: the benchmarks
+    ``load_references`` knows (checked before any data loads)."""
 
     build_processor: Callable[[RunConfig], Any]
     template_fields: Callable[[str], frozenset[str]]
     load_references: Callable[[Sequence[str], str | None], list[ReferenceItem]]
+    benchmark_names: Callable[[], Sequence[str]] = lambda: ()
+
+
+def check_benchmarks(names: Sequence[str], wiring: DataWiring, where: str) -> None:
+    """A :class:`~opsd_mm.errors.UserError` (a ConfigError when ``where`` is a config key)
+    naming the first of ``names`` that is not a known benchmark, and the known ones."""
+    known = list(wiring.benchmark_names())
+    for name in names:
+        if known and name not in known:
+            error = ConfigError if where.startswith("data.") else UserError
+            raise error(f"{where}: unknown benchmark {name!r}; known: {', '.join(known)}")
 
 
 def load_training_data(
@@ -43,6 +58,9 @@ def load_training_data(
     model loads), then images checked by the processor, then contaminated rows dropped when
     ``data.exclude_contaminated`` (or ``exclude``); every drop is counted in the report with its
     reason. ``cfg`` is resolved (``opsd_mm.data.presets.resolve_data``)."""
+    exclude = cfg.data.exclude_contaminated if exclude is None else exclude
+    if exclude:
+        check_benchmarks(cfg.data.contamination_benchmarks, wiring, "data.contamination_benchmarks")
     fields = wiring.template_fields(cfg.processor.teacher_template)
     route_by = cfg.teacher.route_by if cfg.teachers else None
     examples, report = load_examples(
@@ -53,7 +71,7 @@ def load_training_data(
         examples = processor.prepare_examples(examples, data_dir=cfg.data.data_dir)
         for err in processor.bad_images:
             report.dropped.append((err.example_id, f"bad image: {err.source}: {err.reason}"))
-    if cfg.data.exclude_contaminated if exclude is None else exclude:
+    if exclude:
         refs = wiring.load_references(
             cfg.data.contamination_benchmarks, cfg.data.contamination_data_dir
         )
@@ -90,6 +108,11 @@ def summary_lines(cfg: RunConfig, report: LoadReport, kept: int) -> list[str]:
         if d.preset:
             lines.append(f"preset hub id: {preset.hub_id}")
     lines.append(f"student template: {p.student_template}; teacher template: {p.teacher_template}")
+    if p.student_view or p.teacher_view or p.gain_view is not None:
+        lines.append(f"student view: {view_text(p.student_view)}")
+        lines.append(f"teacher view: {view_text(p.teacher_view)}")
+    if p.gain_view is not None:
+        lines.append(f"gain view (the view gain's comparison): {view_text(p.gain_view)}")
     lines.append(
         f"rows: {report.rows} read, {report.kept} mapped, {kept} kept "
         f"({len(report.skipped)} skipped, {len(report.dropped)} dropped after mapping)"
@@ -99,6 +122,27 @@ def summary_lines(cfg: RunConfig, report: LoadReport, kept: int) -> list[str]:
     for ex_id, why in (report.skipped + report.dropped)[:10]:
         lines.append(f"    e.g. {ex_id}: {why}")
     return lines
+
+
+def view_text(ops: Sequence[ViewOpConfig]) -> str:
+    """A view as one line: ``zoom(margin=0.1, placement=extra), mark`` (``-``: none)."""
+    parts = []
+    for op in ops:
+        keys = [f"{k}={v}" for k, v in vars(op).items() if k != "op" and v is not None]
+        parts.append(f"{op.op}({', '.join(keys)})" if keys else op.op)
+    return ", ".join(parts) or "-"
+
+
+def write_images(prompt: Any, folder: Path, stem: str) -> list[str]:
+    """The prompt's images as they were encoded (after the view and the final resize), as
+    ``folder/stem_N.png``; their paths."""
+    paths = []
+    for i, img in enumerate(prompt.images):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}_{i + 1}.png"
+        img.save(path)
+        paths.append(str(path))
+    return paths
 
 
 def render_prompt(prompt: Any) -> list[str]:
@@ -126,20 +170,35 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     examples, report, processor = load_training_data(cfg, wiring)
     lines = [f"config: {args.config} {' '.join(args.overrides)}".rstrip()]
     lines += summary_lines(cfg, report, len(examples))
+    # A random student view is drawn as training's first step would draw it.
+    random_view = view_is_random(cfg.processor.student_view)
+    if random_view:
+        lines.append("student view: random operations drawn as at training step 1")
     rendered = [
-        (ex, processor.student_prompt(ex), processor.teacher_prompt(ex))
+        (
+            ex,
+            processor.student_prompt(ex, seed=view_seed(cfg.seed, 1, ex.id))
+            if random_view
+            else processor.student_prompt(ex),
+            processor.teacher_prompt(ex),
+        )
         for ex in examples[: args.n]
     ]
     if rendered and rendered[0][0].images and not rendered[0][1].mm_inputs:
         lines.append("NOTE: examples carry images but the model is text-only: images are ignored")
+    out = Path(args.output or Path(cfg.run_dir) / "data_inspect.txt")
+    image_dir = out.with_name(f"{out.stem}_images")
+    for old in image_dir.glob("[0-9][0-9][0-9]_*_[0-9]*.png"):  # an earlier inspect's images
+        old.unlink()
     for k, (ex, student, teacher) in enumerate(rendered):
         lines.append(f"\n==== example {k + 1}/{min(args.n, len(examples))}: {ex.id} ====")
-        lines.append(f"---- student prompt ({len(student.input_ids)} tokens) ----")
-        lines += render_prompt(student)
-        lines.append(f"---- teacher prompt ({len(teacher.input_ids)} tokens) ----")
-        lines += render_prompt(teacher)
+        for role, prompt in (("student", student), ("teacher", teacher)):
+            lines.append(f"---- {role} prompt ({len(prompt.input_ids)} tokens) ----")
+            lines += render_prompt(prompt)
+            files = write_images(prompt, image_dir, f"{k + 1:03d}_{role}")
+            if files:
+                lines.append(f"[{role} images as encoded: {', '.join(files)}]")
     text = "\n".join(lines) + "\n"
-    out = Path(args.output or Path(cfg.run_dir) / "data_inspect.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text + f"(written to {out})")
@@ -148,7 +207,11 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
 
 def cmd_check(args: argparse.Namespace, wiring: DataWiring) -> int:
     cfg = _config(args)
-    names = [n for n in (args.against or "").split(",") if n] or cfg.data.contamination_benchmarks
+    against = [n.strip() for n in (args.against or "").split(",") if n.strip()]
+    names = against or cfg.data.contamination_benchmarks
+    check_benchmarks(
+        names, wiring, "data check --against" if against else "data.contamination_benchmarks"
+    )
     data_dir = args.data_dir or cfg.data.contamination_data_dir
     examples, report, _ = load_training_data(cfg, wiring, with_processor=False, exclude=False)
     refs = wiring.load_references(names, data_dir)
@@ -174,6 +237,41 @@ def cmd_check(args: argparse.Namespace, wiring: DataWiring) -> int:
     return 0
 
 
+# ``data check``'s numeric flags. Out of range they silently mean nothing useful: an n-gram of
+# 0 words or a threshold of 0 matches every row, a negative one or a distance under 0 none, a
+# distance of 128 every image. argparse turns the ArgumentTypeError into "argument FLAG: ...".
+
+
+def _ngram(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 128:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 128], got {text!r}")
+    return value
+
+
 def add_data_parser(sub: Any, run: Callable[[str, argparse.Namespace], int]) -> None:
     """``opsd-mm data inspect|check``; ``run(command, args)`` is the CLI's wired handler."""
     data = sub.add_parser("data", help="inspect training data; check it against benchmarks")
@@ -192,8 +290,20 @@ def add_data_parser(sub: Any, run: Callable[[str, argparse.Namespace], int]) -> 
     inspect.add_argument("--n", type=int, default=3, help="examples to render (default 3)")
     check.add_argument("--against", help="benchmarks, comma-separated (default: config's list)")
     check.add_argument("--data-dir", help="local save_to_disk copies named after the benchmarks")
-    check.add_argument("--ngram", type=int, default=8, help="word n-gram length (default 8)")
-    check.add_argument("--text-threshold", type=float, default=0.5, help="n-gram share (0.5)")
-    check.add_argument("--max-distance", type=int, default=10, help="hash bits of 128 (10)")
+    check.add_argument(
+        "--ngram", type=_ngram, default=8, help="word n-gram length, >= 1 (default 8)"
+    )
+    check.add_argument(
+        "--text-threshold",
+        type=_share,
+        default=0.5,
+        help="the share of a benchmark question's n-grams that makes a match, in (0, 1] (0.5)",
+    )
+    check.add_argument(
+        "--max-distance",
+        type=_bits,
+        default=10,
+        help="image hash bits (of 128) that may differ in a match, in [0, 128] (10)",
+    )
     inspect.set_defaults(func=lambda a: run("inspect", a))
     check.set_defaults(func=lambda a: run("check", a))

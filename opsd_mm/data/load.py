@@ -165,7 +165,9 @@ def lazy_images(ds: Any, columns: Sequence[str | None]) -> Any:
 def preset_for(cfg: DataConfig) -> Preset:
     """The row mapping of ``cfg``: its preset, or the plain ``data.columns`` mapping."""
     try:
-        return get_preset(cfg.preset) if cfg.preset else columns_preset(cfg.columns)
+        if cfg.preset:
+            return get_preset(cfg.preset)
+        return columns_preset(cfg.columns, region_coords=cfg.region_coords)
     except ConfigError as e:
         raise DataError(str(e)) from e
 
@@ -255,6 +257,7 @@ def rows_to_examples(
                     first_missing = first_missing or (ex_id, missing)
                     raise RowSkip(f"image not found: {missing}")
         except RowSkip as skip:
+            ex_id = skip.example_id or ex_id
             if policy == "raise":
                 if str(skip).startswith("image not found") and image_base is not None:
                     msg = data_images.missing_image_message(ex_id, missing, *image_base)
@@ -272,6 +275,7 @@ def rows_to_examples(
                 images=images,
                 teacher_images=teacher_images,
                 meta=_with_columns(fields.get("meta"), row, keep_columns),
+                regions=tuple(fields.get("regions") or ()),
             )
         )
     report.kept = len(out)

@@ -7,19 +7,29 @@ schema it was written against and where that schema comes from, so a schema chan
 checked against one place.
 
 A mapper returns a dict with ``question``, ``privileged``, ``answer``, ``images``, ``meta`` and
-optionally ``id`` (the row index otherwise), or raises :class:`RowSkip` with the reason, which the
-loader counts (``data.bad_row_policy``).
+optionally ``id`` (the row index otherwise), ``teacher_images`` and ``regions`` (boxes on the
+images, :func:`regions`), or raises :class:`RowSkip` with the reason, which the loader counts
+(``data.bad_row_policy``).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
+from opsd_mm.types import Region
+
 
 class RowSkip(ValueError):
-    """A row that cannot become an Example; the message is the reason, counted by the loader."""
+    """A row that cannot become an Example; the message is the reason, counted by the loader.
+    ``example_id``: the row's id, when the mapper had read it before the problem."""
+
+    def __init__(self, reason: str, example_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.example_id = example_id
 
 
 def text(value: Any) -> str:
@@ -41,6 +51,95 @@ def first_key(row: dict[str, Any], *keys: str) -> Any:
         if k in row:
             return row[k]
     return None
+
+
+# Region units (data.region_coords) -> the divisor that makes them fractions (None: pixels).
+REGION_SCALE: dict[str, float | None] = {
+    "pixel": None,
+    "normalized": 1.0,
+    "normalized_1000": 1000.0,
+}
+
+
+def _box(value: Any, units: str) -> tuple[float, float, float, float] | None:
+    """Four finite numbers as a box, or None when ``value`` is not one."""
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    box = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in box):
+        return None
+    scale = REGION_SCALE[units]
+    return box if scale is None else tuple(v / scale for v in box)  # type: ignore[return-value]
+
+
+def regions(value: Any, units: str = "pixel") -> tuple[Region, ...]:
+    """A regions column's value as :class:`~opsd_mm.types.Region`s.
+
+    Accepted: null (no region); one box ``[x0, y0, x1, y1]`` (on the first image); a list with
+    one entry per image, each null, a box, or a list of boxes; a JSON string of any of these.
+    ``units`` (``data.region_coords``): ``pixel`` (of the original image), ``normalized``
+    (fractions) or ``normalized_1000``. Anything else raises :class:`RowSkip` with the reason;
+    whether a box fits its image is checked later, against the image."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError as e:
+            raise RowSkip(f"bad regions: not JSON ({e.msg})") from e
+        return regions(value, units)
+    normalized = REGION_SCALE[units] is not None
+    single = _box(value, units)
+    if single is not None:
+        return (Region(0, single, normalized),)
+    if not isinstance(value, (list, tuple)):
+        raise RowSkip(f"bad regions: expected boxes [x0, y0, x1, y1], got {value!r:.60}")
+    out: list[Region] = []
+    for image, entry in enumerate(value):
+        if entry is None:
+            continue
+        box = _box(entry, units)
+        boxes = [box] if box is not None else [_box(b, units) for b in entry or []]
+        if box is None and (not isinstance(entry, (list, tuple)) or None in boxes):
+            raise RowSkip(
+                f"bad regions: image {image + 1}'s entry is neither a box [x0, y0, x1, y1] nor a "
+                f"list of boxes: {entry!r:.60}"
+            )
+        out += [Region(image, b, normalized) for b in boxes]
+    return tuple(out)
+
+
+# ms-swift's grounding ``objects.bbox_type`` -> data.region_coords' units.
+_SWIFT_BBOX_TYPES = {"real": "pixel", "norm1": "normalized", "norm1000": "normalized_1000"}
+
+
+def swift_objects(objects: Any) -> tuple[Region, ...]:
+    """ms-swift's grounding annotation ``{"ref": [...], "bbox": [[x0, y0, x1, y1], ...],
+    "bbox_type": "real" | "norm1" | "norm1000", "image_id": [...]}`` as regions: each box on the
+    image ``image_id`` names (0 when absent), in the units ``bbox_type`` names (``real``,
+    pixels, when absent). Source: ms-swift's custom dataset documentation (Customization /
+    Custom-dataset, grounding), and rows written in that format."""
+    if not objects:
+        return ()
+    if not isinstance(objects, dict):
+        raise RowSkip(f"bad objects: expected a mapping with bbox, got {objects!r:.60}")
+    bbox_type = objects.get("bbox_type") or "real"
+    units = _SWIFT_BBOX_TYPES.get(bbox_type)
+    if units is None:
+        raise RowSkip(f"bad objects: unknown bbox_type {bbox_type!r} (real, norm1 or norm1000)")
+    boxes = objects.get("bbox") or []
+    image_ids = objects.get("image_id") or [0] * len(boxes)
+    if len(image_ids) != len(boxes):
+        raise RowSkip(f"bad objects: {len(boxes)} boxes but {len(image_ids)} image ids")
+    out = []
+    for image, value in zip(image_ids, boxes):
+        box = _box(value, units)
+        if box is None:
+            raise RowSkip(f"bad objects: bbox {value!r:.60} is not [x0, y0, x1, y1]")
+        out.append(Region(int(image), box, REGION_SCALE[units] is not None))
+    return tuple(out)
 
 
 _BOXED = re.compile(r"^\s*\\boxed\{(.*)\}\s*$", re.DOTALL)
@@ -223,9 +322,10 @@ def messages(row: dict[str, Any]) -> dict[str, Any]:
     ``<image>`` placeholders in the user turn place the images. The last user turn is the
     question and the final assistant turn the privileged trace (``opsd_teacher_v1``); a
     system turn is dropped (the templates own the instruction); rows with more than one
-    user turn are skipped (counted): OPSD samples one completion per question. Source: ms-swift's
-    custom dataset format (swift.readthedocs.io, Customization/Custom-dataset) and LLaMA-Factory's
-    sharegpt format."""
+    user turn are skipped (counted): OPSD samples one completion per question. ms-swift's
+    grounding ``objects`` (boxes per image) become the example's regions (:func:`swift_objects`).
+    Source: ms-swift's custom dataset format (swift.readthedocs.io, Customization/Custom-dataset)
+    and LLaMA-Factory's sharegpt format."""
     turns = first_key(row, "messages", "conversations") or []
     norm = []
     for turn in turns:
@@ -244,5 +344,6 @@ def messages(row: dict[str, Any]) -> dict[str, Any]:
         "privileged": norm[-1][1],
         "answer": text(row.get("answer")) or None,
         "images": image_list(row.get("images")),
+        "regions": swift_objects(row.get("objects")),
         "meta": {},
     }

@@ -31,6 +31,7 @@ TEMPLATE_NEEDS: dict[str, frozenset[str]] = {
     "opsd_teacher_v1": frozenset({"privileged"}),
     "answer_only_v1": frozenset({"answer"}),
     "hint_v1": frozenset({"privileged"}),
+    "question_only_v1": frozenset(),
     "same_as_student": frozenset(),
 }
 
@@ -131,18 +132,27 @@ PRESETS: dict[str, Preset] = {
             "opsd_teacher_v1",
             rows.messages,
             (("messages", "conversations"),),
-            "messages: last user turn -> question, final assistant turn -> privileged; images",
+            "messages: last user turn -> question, final assistant turn -> privileged; images; "
+            "objects (ms-swift grounding boxes) -> regions",
         ),
     )
 }
 
 
-def columns_preset(columns: ColumnsConfig, name: str = "columns") -> Preset:
-    """A preset from a plain ``data.columns`` mapping (and the legacy ``jsonl_images``)."""
+def columns_preset(
+    columns: ColumnsConfig, name: str = "columns", region_coords: str = "pixel"
+) -> Preset:
+    """A preset from a plain ``data.columns`` mapping (and the legacy ``jsonl_images``);
+    ``region_coords`` is ``data.region_coords``, the units of ``data.columns.regions``."""
 
     def map_row(row: dict[str, Any]) -> dict[str, Any]:
+        example_id = rows.text(row[columns.id]) if columns.id else None
+        try:
+            regions = rows.regions(row[columns.regions], region_coords) if columns.regions else ()
+        except rows.RowSkip as skip:
+            raise rows.RowSkip(str(skip), example_id) from skip
         return {
-            "id": rows.text(row[columns.id]) if columns.id else None,
+            "id": example_id,
             "question": row[columns.question],
             "privileged": row[columns.privileged] if columns.privileged else "",
             "answer": None
@@ -152,6 +162,7 @@ def columns_preset(columns: ColumnsConfig, name: str = "columns") -> Preset:
             "teacher_images": rows.image_list(row[columns.teacher_images])
             if columns.teacher_images
             else (),
+            "regions": regions,
             "meta": {},
         }
 
@@ -162,6 +173,7 @@ def columns_preset(columns: ColumnsConfig, name: str = "columns") -> Preset:
         "answer": columns.answer,
         "images": columns.images,
         "teacher_images": columns.teacher_images,
+        "regions": columns.regions,
     }
     used = "; ".join(f"{col} -> {f}" for f, col in mapped.items() if col)
     requires = tuple((col,) for col in mapped.values() if col)

@@ -11,7 +11,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from opsd_mm.types import Example
+from opsd_mm.types import Example, Region
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -37,12 +37,21 @@ def draw_grid(cells: dict[tuple[int, int], str], rows: int, cols: int, cell_px: 
     return img
 
 
+def cell_regions(cells: list[tuple[int, int]], cell_px: int, image: int = 0) -> tuple[Region, ...]:
+    """Pixel boxes of grid cells (row, column) on image ``image`` (one region per cell)."""
+    return tuple(
+        Region(image, (c * cell_px, r * cell_px, (c + 1) * cell_px, (r + 1) * cell_px))
+        for r, c in cells
+    )
+
+
 def make_vl_count_examples(n: int, seed: int = 0) -> list[Example]:
     """``n`` grid-counting examples: "How many <colour> cells are in <image>?".
 
     Grids are 3-6 rows x 3-6 columns of 16-24 px cells (so images are 48-144 px a side, small
     enough for tiny-model tests). ``privileged`` lists the target cells row by row, then the
-    count; ``answer`` is the count as a string. Same ``(n, seed)`` -> identical examples.
+    count; ``answer`` is the count as a string; ``regions`` are the target cells' boxes (for
+    image views that zoom into or mark them). Same ``(n, seed)`` -> identical examples.
     """
     rng = random.Random(seed)
     names = list(COLOURS)
@@ -75,6 +84,7 @@ def make_vl_count_examples(n: int, seed: int = 0) -> list[Example]:
                 answer=str(len(hits)),
                 images=(draw_grid(cells, rows, cols, cell_px),),
                 meta={"task": "vl_count", "rows": rows, "cols": cols, "colour": target},
+                regions=cell_regions(hits, cell_px),
             )
         )
     return examples

@@ -142,13 +142,25 @@ def _compiled_chunk_divergence_and_grad() -> ChunkFn:
 
 
 def _chunk_weights(
-    stats_SN: torch.Tensor, rollout_logprob_N: torch.Tensor, cfg: LossConfig, start: int, end: int
+    stats_SN: torch.Tensor,
+    rollout_logprob_N: torch.Tensor | None,
+    cfg: LossConfig,
+    start: int,
+    end: int,
+    token_weight_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Importance weights of tokens start..end from their just-computed student log-probs."""
+    """The weights of tokens start..end: importance weights from their just-computed student
+    log-probs (when ``rollout_logprob_N`` is given), times the fixed ``token_weight_N``."""
     from opsd_mm.loss.importance import importance_weights
 
-    student_c = stats_SN[_STATS.index("student_logprob_N"), start:end]
-    return importance_weights(student_c, rollout_logprob_N[start:end], cfg.importance_clip)
+    w_c = None
+    if rollout_logprob_N is not None:
+        student_c = stats_SN[_STATS.index("student_logprob_N"), start:end]
+        w_c = importance_weights(student_c, rollout_logprob_N[start:end], cfg.importance_clip)
+    if token_weight_N is not None:
+        fixed_c = token_weight_N[start:end].float()
+        w_c = fixed_c if w_c is None else w_c * fixed_c
+    return w_c
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -171,6 +183,7 @@ class _FusedDivergence(torch.autograd.Function):
         chunk_grad_fn: ChunkFn,
         rollout_logprob_N: torch.Tensor | None,
         teacher_logprobs: TeacherLogprobs | None,
+        token_weight_N: torch.Tensor | None,
     ):
         n_tokens = student_hidden_NH.shape[0]
         device = student_hidden_NH.device
@@ -186,8 +199,11 @@ class _FusedDivergence(torch.autograd.Function):
             grad_b_V = torch.zeros_like(bias_V, dtype=torch.float32)
         any_grad = need_h or need_w or grad_b_V is not None
         # Importance weights (opsd_mm.loss.importance), known per chunk once its student log-probs are.
+        # Fixed per-token weights (loss.view_weighting) multiply them.
+        if rollout_logprob_N is None or cfg.importance_clip is None:
+            rollout_logprob_N = None
         weight_N = None
-        if rollout_logprob_N is not None and cfg.importance_clip is not None:
+        if rollout_logprob_N is not None or token_weight_N is not None:
             weight_N = torch.ones(n_tokens, dtype=torch.float32, device=device)
 
         for start in range(0, n_tokens, chunk_size):
@@ -213,7 +229,7 @@ class _FusedDivergence(torch.autograd.Function):
                 stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
                 if weight_N is not None:
                     weight_N[start:end] = _chunk_weights(
-                        stats_SN, rollout_logprob_N, cfg, start, end
+                        stats_SN, rollout_logprob_N, cfg, start, end, token_weight_N
                     )
                 continue
             # The list is the only reference to the logits: the chunk function frees them.
@@ -221,7 +237,7 @@ class _FusedDivergence(torch.autograd.Function):
             stats_SN[:, start:end] = torch.stack([o.to(stats_dtype) for o in outs])
             del outs
             if weight_N is not None:
-                w_c = _chunk_weights(stats_SN, rollout_logprob_N, cfg, start, end)
+                w_c = _chunk_weights(stats_SN, rollout_logprob_N, cfg, start, end, token_weight_N)
                 weight_N[start:end] = w_c
                 # d(sum_n w_n loss_n)/d logits_n = w_n dloss_n/dlogits_n (w detached).
                 g_logits_cV = g_logits_cV * w_c.to(g_logits_cV.dtype)[:, None]
@@ -259,7 +275,7 @@ class _FusedDivergence(torch.autograd.Function):
             gw = (grad_w_VH * mult).to(w_dtype)
         if grad_b_V is not None:
             gb = (grad_b_V * mult).to(b_dtype)
-        return gh, gw, gb, *([None] * 13)
+        return gh, gw, gb, *([None] * 14)
 
 
 def fused_divergence(
@@ -278,6 +294,7 @@ def fused_divergence(
     closed_form: bool | None = None,
     rollout_logprob_N: torch.Tensor | None = None,
     teacher_logprobs: TeacherLogprobs | None = None,
+    token_weight_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DivergenceOut]:
     """``scale * sum_n loss_n`` over N loss tokens, without materialising [N, V] logits.
 
@@ -310,6 +327,9 @@ def fused_divergence(
             ``sampled_pg`` (sampled-token-only) keeps its closed-form chunk gradient (it reads
             log p_t(y) alone); a top-k support takes each chunk's gradient by autograd, as it
             does locally.
+        token_weight_N: fixed (detached) per-token weights, multiplying each token's loss and
+            gradient like the importance weights (and with them): ``loss.view_weighting``'s
+            coefficients (``opsd_mm.loss.view_gain``). ``stats.loss_N`` stays unweighted.
 
     Returns:
         (loss, stats): ``loss`` a 0-d fp32 tensor with autograd; ``stats`` a DivergenceOut of
@@ -399,5 +419,6 @@ def fused_divergence(
         chunk_grad_fn,
         rollout_logprob_N,
         teacher_logprobs,
+        None if token_weight_N is None else token_weight_N.detach(),
     )
     return loss, DivergenceOut(**dict(zip(_STATS, stats_SN.unbind(0))))

@@ -47,6 +47,7 @@ def micro_batch_loss(
     advantage_B: torch.Tensor | None = None,
     packed: bool = False,
     teacher_logprobs: TeacherLogprobs | None = None,
+    token_weight_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor]:
     """``scale * sum_n loss_n`` over the micro-batch's loss tokens, and the per-token stats.
 
@@ -67,11 +68,15 @@ def micro_batch_loss(
     ``teacher_logprobs``: the teacher already scored on the generation server
     (``teacher.scoring=server``), for the N loss tokens in ``completion_ids_BC[mask_BC]`` order;
     the teacher forward is then skipped and the loss reads these instead.
+    ``token_weight_N``: fixed per-token weights on the distillation term (``loss.view_weighting``,
+    ``opsd_mm.loss.view_gain``), in the same order; None: every token weighs 1.
     """
     w_d, w_r = cfg.distill_weight, cfg.reward_weight
     width_C = batch.completion_ids_BC.shape[1]
     mask_BC = loss_mask(batch.completion_mask_BC, cfg.skip_first_tokens)
     ids_N = batch.completion_ids_BC[mask_BC]
+    if token_weight_N is not None:
+        token_weight_N = token_weight_N.to(ids_N.device)
     if w_d == 0:  # plain GRPO: the teacher's term weighs nothing, so it is never run
         return _policy_gradient_only(
             batch, model, scale, cfg, timer, advantage_B, packed, mask_BC, ids_N
@@ -104,14 +109,16 @@ def micro_batch_loss(
                 compile=cfg.compile,
                 rollout_logprob_N=rollout_logprob_N,
                 teacher_logprobs=teacher_logprobs,
+                token_weight_N=token_weight_N,
             )
             if w_r > 0:
                 logp_N = _fused_logprob(s_hidden_NH, s_head, ids_N, cfg)
         else:
             s_logits_NV = completion_logits(model, batch.student, width_C, mask_BC, packed)
             out = token_divergence(s_logits_NV, t_logits_NV, ids_N, cfg)
+            loss_N = out.loss_N if token_weight_N is None else out.loss_N * token_weight_N
             loss = scale * weighted_loss_sum(
-                out.loss_N, out.student_logprob_N, rollout_logprob_N, cfg.importance_clip
+                loss_N, out.student_logprob_N, rollout_logprob_N, cfg.importance_clip
             )
             if w_r > 0:
                 logp_N = sampled_logprob(s_logits_NV, ids_N, loss_temperature(cfg))

@@ -19,24 +19,106 @@ Layouts of ``model/`` (:func:`checkpoint_layout`):
 
 The output is written into a temporary sibling directory and renamed into place, so ``DIR``
 is either complete or absent. An existing non-empty ``DIR`` is refused.
+
+What ``model/`` holds is checked, not trusted: an adapter whose config is not a LoRA config, or
+whose weights file is truncated, empty, holds no tensor for a module the config adapts or one
+for a module the base model lacks, or of the wrong shape, is an :class:`ExportError` naming the
+directory (one line, exit 2), never a traceback and never a silent export of the base model.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from opsd_mm.errors import UserError
 from opsd_mm.model.load import VL_MODEL_TYPES
 
 ADAPTER, FULL, SHARDED = "adapter", "full", "sharded"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What loading a damaged checkpoint raises, from transformers, peft, safetensors and DCP; other
+# exceptions are bugs and keep their traceback.
+LOAD_ERRORS = (ValueError, RuntimeError, KeyError, OSError, SafetensorError)
 
 
 class ExportError(UserError):
     kind = "export error"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """The tensor names in a safetensors file, from its header (nothing else is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def check_adapter(model_dir: Path) -> list[str]:
+    """The tensor names of the LoRA adapter in ``model_dir``, after checking what can be checked
+    without the base model: ``adapter_config.json`` is a JSON object of a LoRA config, and
+    ``adapter_model.safetensors`` a readable safetensors file holding LoRA tensors."""
+    try:
+        config = json.loads((model_dir / "adapter_config.json").read_bytes())
+    except (OSError, ValueError) as e:
+        raise ExportError(
+            f"{model_dir}: adapter_config.json cannot be read: {_one_line(e)}"
+        ) from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{model_dir}: adapter_config.json is not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise ExportError(
+            f"{model_dir}: adapter_config.json has peft_type {config.get('peft_type')!r:.40}; "
+            "export merges LoRA adapters (peft_type LORA), as training writes them"
+        )
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ExportError(f"{model_dir}: adapter_config.json has rank r={r!r:.40}; need >= 1")
+    weights = model_dir / ADAPTER_WEIGHTS
+    try:
+        names = _tensor_names(weights)
+    except (OSError, SafetensorError) as e:  # missing, empty, truncated, not safetensors
+        raise ExportError(
+            f"{model_dir}: {ADAPTER_WEIGHTS} cannot be read ({_one_line(e)}); the checkpoint is "
+            "incomplete or damaged"
+        ) from None
+    if not names or not all("lora_" in n for n in names):
+        raise ExportError(
+            f"{model_dir}: {ADAPTER_WEIGHTS} holds {len(names)} tensors, "
+            f"{sum('lora_' in n for n in names)} of them LoRA's; an adapter holds only LoRA "
+            "tensors"
+        )
+    return names
+
+
+def _check_loaded_adapter(model: Any, model_dir: Path, names: list[str]) -> None:
+    """Every LoRA parameter of the loaded model came from the file and every tensor of the file
+    went into one: peft only warns about either, and the export would silently merge random or
+    zero LoRA weights, or drop the adapter's."""
+    adapter = getattr(model, "active_adapter", "default")
+    in_model = {
+        re.sub(rf"\.{re.escape(adapter)}(?=\.|$)", "", n)
+        for n, _ in model.named_parameters()
+        if "lora_" in n
+    }
+    in_file = set(names)
+    missing, unexpected = sorted(in_model - in_file), sorted(in_file - in_model)
+    if missing or unexpected:
+        raise ExportError(
+            f"{model_dir}: the adapter does not match its config on the base model: "
+            f"{len(missing)} LoRA tensors missing from {ADAPTER_WEIGHTS} (e.g. {missing[:2]}), "
+            f"{len(unexpected)} in it for modules the base model lacks (e.g. {unexpected[:2]})"
+        )
 
 
 def checkpoint_layout(model_dir: Path) -> str:
@@ -82,16 +164,40 @@ def load_trained(checkpoint: Path, layout: str, base: str, cfg) -> torch.nn.Modu
     if layout == ADAPTER:
         from peft import PeftModel
 
+        names = check_adapter(model_dir)  # before the base model loads
         base_config = AutoConfig.from_pretrained(base, **kw)
         dtype = getattr(base_config, "dtype", None) or torch.float32
         model = _loader(base_config.model_type).from_pretrained(base, dtype=torch.float32, **kw)
-        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, str(model_dir))
+        except LOAD_ERRORS as e:  # a shape, rank or target that does not fit the base
+            raise ExportError(
+                f"{model_dir}: the adapter does not fit the base model {base}: {_one_line(e)}"
+            ) from None
+        _check_loaded_adapter(model, model_dir, names)
+        model = model.merge_and_unload()
         return model.to(dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype))
     if layout == FULL:
-        mtype = AutoConfig.from_pretrained(model_dir, trust_remote_code=kw["trust_remote_code"])
-        return _loader(mtype.model_type).from_pretrained(
-            model_dir, dtype="auto", trust_remote_code=kw["trust_remote_code"]
-        )
+        try:
+            mtype = AutoConfig.from_pretrained(model_dir, trust_remote_code=kw["trust_remote_code"])
+            model, info = _loader(mtype.model_type).from_pretrained(
+                model_dir,
+                dtype="auto",
+                trust_remote_code=kw["trust_remote_code"],
+                output_loading_info=True,
+            )
+        except LOAD_ERRORS as e:
+            raise ExportError(f"{model_dir}: the model cannot be loaded: {_one_line(e)}") from None
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        missing = [k for k in info.get("missing_keys", []) if k not in tied]
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        bad = missing + list(info.get("mismatched_keys", []))
+        if bad:
+            raise ExportError(
+                f"{model_dir}: the saved weights do not cover the model ({len(bad)} missing or "
+                f"mis-shaped, e.g. {bad[:2]}); the checkpoint is incomplete or damaged"
+            )
+        return model
     if layout == SHARDED:
         import torch.distributed.checkpoint as dcp
 
@@ -103,7 +209,12 @@ def load_trained(checkpoint: Path, layout: str, base: str, cfg) -> torch.nn.Modu
         model = setup_trainable(model, cfg.model)
         trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         sharded = checkpoint / "sharded"
-        dcp.load({"model": trainable}, checkpoint_id=str(sharded), no_dist=True)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load({"model": trainable}, checkpoint_id=str(sharded), no_dist=True)
+        except (CheckpointException, *LOAD_ERRORS) as e:
+            raise ExportError(f"{sharded}: cannot be read: {_one_line(e)}") from None
         if cfg.model.lora.enabled:
             model = model.merge_and_unload()
         return model.to(dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype))
@@ -139,10 +250,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     model = load_trained(checkpoint, layout, base, cfg).eval()
     tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    save_processor(base, model.config.model_type, tmp, cfg)
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(tmp, out)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_processor(base, model.config.model_type, tmp, cfg)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:  # a full disk, Ctrl-C: no partial output
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -24,6 +24,11 @@ any process count, a plain 1-process module included (:func:`load_sharded_checkp
 (scheduler, RNG, ``state.json``), the temporary directory, the rename and the pruning are as
 below, done by the main process between barriers.
 
+A write that fails part-way (a full disk, a read-only or vanished directory) removes the partial
+``.tmp-*`` directory at once, so the space it held is free again and the newest complete checkpoint
+is untouched; a failure of the disk's is :class:`CheckpointWriteError`, one line on the command
+line naming that checkpoint (exit 2).
+
 Only the main process writes; under DDP the weights and optimizer state are the same on every
 process, and the per-process RNG states are gathered to it first. Removing a checkpoint (pruning,
 or replacing one of the same step) renames it to ``.tmp-*`` before deleting, so a crash never
@@ -50,6 +55,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from opsd_mm.errors import UserError, user_os_error
+
 STEP_PREFIX = "step-"
 SHARDED_DIR = "sharded"
 STALL_ENV = "OPSD_TEST_STALL_CHECKPOINT"
@@ -64,14 +71,18 @@ def step_name(step: int) -> str:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (``step-<digits>`` directories holding ``state.json``;
+    a copy such as ``step-000004.bak`` is not one)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
     found = [
         p
         for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "state.json").exists()
+        if p.is_dir()
+        and p.name.startswith(STEP_PREFIX)
+        and p.name[len(STEP_PREFIX) :].isdigit()
+        and (p / "state.json").exists()
     ]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
@@ -147,42 +158,84 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and prune to the newest ``keep_last`` of run
     ``run_id`` (checkpoints of other runs are never removed).
 
-    ``rng_states``: one entry per process (default: this process's only)."""
+    ``rng_states``: one entry per process (default: this process's only). A write that fails
+    (a full disk, say) removes the partial checkpoint; one that fails for a reason of the
+    disk's raises :class:`CheckpointWriteError` naming the last complete checkpoint."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{step_name(step)}-{os.getpid()}"
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if os.environ.get(STALL_ENV) == str(step):
-        time.sleep(3600)  # test hook (module docstring): killed here, half-written
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
-    if teacher_state:
-        save_file(teacher_state, str(tmp / "teacher.safetensors"))
-    return _finish(run_dir, step, tmp, state, keep_last=keep_last, run_id=run_id)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if os.environ.get(STALL_ENV) == str(step):
+            time.sleep(3600)  # test hook (module docstring): killed here, half-written
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
+        if teacher_state:
+            save_file(teacher_state, str(tmp / "teacher.safetensors"))
+        _seal(tmp, step, state, run_id)
+    except Exception as e:
+        _write_failed(e, run_dir, step, tmp, run_id)
+        raise
+    return _publish(run_dir, step, tmp, keep_last=keep_last, run_id=run_id)
 
 
-def _finish(
-    run_dir: str | Path,
-    step: int,
-    tmp: Path,
-    state: dict[str, Any],
-    *,
-    keep_last: int,
-    run_id: str | None,
-) -> Path:
-    """Write ``state.json`` into the finished ``tmp``, fsync, rename it into place, prune."""
-    root = checkpoint_dir(run_dir)
-    final = root / step_name(step)
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written for a reason of the disk's (full, read-only, a quota):
+    the partial checkpoint is removed and the previous one is intact, so the run can resume."""
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object: a failed write then carries the OSError
+    (ENOSPC...), which ``torch.save`` to a path hides behind an "unexpected pos" RuntimeError."""
+    with path.open("wb") as fh:
+        torch.save(obj, fh)
+
+
+def _write_failed(
+    e: BaseException, run_dir: str | Path, step: int, tmp: Path, run_id: str | None
+) -> None:
+    """Remove the partial checkpoint ``tmp`` (it would hold the space the next try needs), and
+    raise :class:`CheckpointWriteError` when ``e`` is about the disk; otherwise return, and the
+    caller re-raises ``e`` (a bug keeps its traceback)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    os_error = user_os_error(e)
+    if os_error is None:
+        return
+    ours = [p for p in list_checkpoints(run_dir) if checkpoint_run_id(p) == run_id]
+    where = f" ({os_error.filename})" if os_error.filename else ""
+    kept = (
+        f"the last complete checkpoint {ours[-1]} is intact"
+        if ours
+        else "no earlier checkpoint of this run exists (--resume then starts at step 0)"
+    )
+    raise CheckpointWriteError(
+        f"checkpoint {checkpoint_dir(run_dir) / step_name(step)} could not be written: "
+        f"{os_error.strerror}{where}; the partial checkpoint was removed and {kept}; free "
+        "space (or fix the directory), then continue with --resume"
+    ) from e
+
+
+def _seal(tmp: Path, step: int, state: dict[str, Any], run_id: str | None) -> None:
+    """Write ``state.json`` into the finished ``tmp`` and fsync every file."""
     # state.json last: its presence marks the content complete even before the rename.
     (tmp / "state.json").write_text(json.dumps({"step": step, "run_id": run_id, **state}, indent=2))
     for f in tmp.rglob("*"):
         if f.is_file():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _publish(
+    run_dir: str | Path, step: int, tmp: Path, *, keep_last: int, run_id: str | None
+) -> Path:
+    """Rename the sealed ``tmp`` into place (replacing a checkpoint of the same step), then
+    prune."""
+    root = checkpoint_dir(run_dir)
+    final = root / step_name(step)
     if final.exists():
         _remove(final)
     os.replace(tmp, final)
@@ -246,9 +299,14 @@ def save_sharded_checkpoint(
     barrier()  # every shard written
     final = root / step_name(step)
     if is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
-        final = _finish(run_dir, step, tmp, state, keep_last=keep_last, run_id=run_id)
+        try:
+            _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+            _torch_save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
+            _seal(tmp, step, state, run_id)
+        except Exception as e:
+            _write_failed(e, run_dir, step, tmp, run_id)
+            raise
+        final = _publish(run_dir, step, tmp, keep_last=keep_last, run_id=run_id)
     barrier()
     return final
 

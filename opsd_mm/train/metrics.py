@@ -2,11 +2,15 @@
 
 ``metrics.jsonl`` is always written (one object per optimizer step, flushed each time, so a
 crash loses nothing already logged); accelerate trackers get the same dict when configured.
+Reading it (``opsd-mm plot``, ``--resume``) expects damage: a line torn by a kill, or garbled,
+is skipped with a warning naming the file and line, and ``--resume`` moves such lines to
+``metrics.jsonl.garbled`` rather than dropping them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def repetition_rate(completions: Sequence[Sequence[int]], n: int = 4) -> float:
@@ -101,32 +107,100 @@ class MetricsWriter:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in record.items()
         }
-        self._fh.write(json.dumps(clean) + "\n")
-        self._fh.flush()
+        try:
+            self._fh.write(json.dumps(clean) + "\n")
+            self._fh.flush()
+        except OSError as e:  # a full disk: name the file (the write's own error does not)
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
 
     def close(self) -> None:
         self._fh.close()
 
 
+# Per-line warnings about unreadable lines, per file read; the rest are counted in one more.
+MAX_LINE_WARNINGS = 20
+
+
+def _parse_line(raw: bytes, terminated: bool) -> tuple[dict[str, Any] | None, str]:
+    """(the row, "") of one ``metrics.jsonl`` line, or (None, why it is unreadable). A row is a
+    JSON object with an integer ``step``; ``terminated``: the line ended with a newline (only
+    the last line of a file can lack one: what a process killed mid-write leaves)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return None, "not JSON" if terminated else "torn (no newline: a process stopped mid-write)"
+    if not isinstance(row, dict):
+        return None, "not a JSON object"
+    step = row.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None, "no integer 'step'"
+    return row, ""
+
+
+def _read_lines(path: Path, data: bytes) -> list[tuple[int, bytes, dict[str, Any] | None, str]]:
+    """(line number, raw bytes, row or None, why) for every non-blank line of ``data`` (the
+    bytes of ``path``), with a warning for each unreadable one (the first
+    :data:`MAX_LINE_WARNINGS`, then a count)."""
+    lines = data.split(b"\n")
+    out = []
+    bad = 0
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        row, why = _parse_line(raw, terminated=i < len(lines) - 1)
+        out.append((i + 1, raw, row, why))
+        if row is None:
+            bad += 1
+            if bad <= MAX_LINE_WARNINGS:
+                log.warning("%s, line %d: %s; skipped", path, i + 1, why)
+    if bad > MAX_LINE_WARNINGS:
+        log.warning("%s: %d more unreadable lines skipped", path, bad - MAX_LINE_WARNINGS)
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a ``metrics.jsonl`` (or ``samples.jsonl``), in order. A line that is not a
+    row (torn by a kill, garbled, not UTF-8, not an object, without an integer ``step``) is
+    skipped with a warning naming the file and the line."""
+    path = Path(path)
+    return [row for _, _, row, _ in _read_lines(path, path.read_bytes()) if row is not None]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.jsonl`` up to ``step``, rewritten atomically; a torn last
-    line (a kill mid-write) is dropped too."""
+    """Keep the rows of ``metrics.jsonl`` up to ``step`` (``--resume``: the rows after it were
+    logged after the checkpoint it resumes from), rewritten atomically.
+
+    Unreadable lines (a torn last line, garbled ones, see :func:`read_metrics`) are never
+    dropped: they are appended to ``<file>.garbled`` beside it, with a warning, before the file
+    is rewritten without them."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step and line.endswith("\n"):
-            kept.append(line)
-    if kept != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+    data = path.read_bytes()
+    lines = _read_lines(path, data)
+    kept = [raw for _, raw, row, _ in lines if row is not None and row["step"] <= step]
+    garbled = [raw for _, raw, row, _ in lines if row is None]
+    rewritten = b"".join(raw + b"\n" for raw in kept)
+    if rewritten == data:
+        return  # nothing to drop or move
+    if garbled:
+        side = path.with_name(path.name + ".garbled")
+        with side.open("ab") as fh:
+            fh.write(b"".join(raw + b"\n" for raw in garbled))
+            fh.flush()
+            os.fsync(fh.fileno())
+        log.warning(
+            "moved %d unreadable lines of %s to %s (the rows around them are kept)",
+            len(garbled),
+            path,
+            side,
+        )
+    later = len(lines) - len(kept) - len(garbled)
+    if later:
+        log.info("%s: dropped %d rows logged after step %d (resuming from it)", path, later, step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(rewritten)
+    os.replace(tmp, path)

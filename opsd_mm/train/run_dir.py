@@ -9,17 +9,23 @@ directory unless told to resume it or to overwrite it, and every checkpoint reco
 the run that wrote it (``state.json`` ``run_id``); pruning only removes the current run's.
 
 ``run.json`` in the run directory holds the id of the run that owns it.
+
+:func:`check_writable` runs before anything loads (``opsd-mm train`` calls it right after the
+config, the trainer again when it claims the directory): a run that cannot write its checkpoints
+should not find out after the model loaded and a step trained.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from opsd_mm.config import ConfigError
+from opsd_mm.errors import UserError
 from opsd_mm.train import checkpoint as ckpt
 
 RUN_FILE = "run.json"
@@ -27,6 +33,42 @@ RUN_FILE = "run.json"
 
 class RunDirInUseError(ConfigError):
     """A fresh run was pointed at a directory that holds another run."""
+
+
+class RunDirError(UserError):
+    """``run_dir`` cannot hold a run: it (or a directory above it) is a file, or it cannot be
+    written."""
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Raise :class:`RunDirError` (one line naming ``run_dir`` and the culprit) unless the run
+    can create ``run_dir`` and write into it (and into its ``checkpoints/`` when that exists).
+
+    Probed by creating and removing a file in ``run_dir``, or in the nearest directory above it
+    that exists (where ``mkdir`` would create it): that is what the run does, and it also
+    catches a read-only filesystem, which permission bits do not show (nor do they bind root)."""
+    run_dir = Path(run_dir)
+    nearest = run_dir
+    while not nearest.exists() and nearest.parent != nearest:
+        nearest = nearest.parent
+    targets = [nearest]
+    checkpoints = ckpt.checkpoint_dir(run_dir)
+    if checkpoints.exists():
+        targets.append(checkpoints)
+    for target in targets:
+        if not target.is_dir():
+            raise RunDirError(
+                f"run_dir={run_dir}: {target} is a file, not a directory; choose another run_dir"
+            )
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".opsd-mm-write-check-", dir=target)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise RunDirError(
+                f"run_dir={run_dir}: {target} is not writable ({e.strerror}); choose a writable "
+                "run_dir, or make it writable"
+            ) from None
 
 
 def new_run_id() -> str:

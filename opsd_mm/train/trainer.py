@@ -9,9 +9,9 @@ student's own weights, a separate model, or several routed by a data column:
 ``opsd_mm.train.checkpoint``. With ``teacher.scoring=server`` the teacher forward is one
 request per server per step, right after pairing (``opsd_mm.teacher.scoring``).
 
-Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir; resume falls
-back past an unloadable newest checkpoint and applies changed optimizer settings with a
-warning; SIGTERM/SIGINT finish the step, checkpoint and raise
+Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir, any run an
+unwritable one; resume falls back past an unloadable newest checkpoint (or one whose state.json
+does not check) and applies changed optimizer settings with a warning; SIGTERM/SIGINT finish the step, checkpoint and raise
 :class:`~opsd_mm.train.signals.TrainingInterrupted`; a step without usable completions, or with
 a non-finite loss, is a bad step, and ``trainer.max_bad_steps_in_row`` of them abort; skipped
 rows and examples are counted by reason (``skipped/load/*``, ``skipped/run/*``) in every
@@ -36,22 +36,24 @@ from typing import Any
 import torch
 
 from opsd_mm.config import RunConfig, config_to_dict, flatten_config, save_config
+from opsd_mm.config.sections import view_is_random
 from opsd_mm.data.stream import ExampleStream
 from opsd_mm.errors import UserError
 from opsd_mm.loss.divergences import DivergenceOut, loss_mask
 from opsd_mm.loss.importance import importance_metrics
 from opsd_mm.loss.micro_batch import micro_batch_loss
 from opsd_mm.loss.rewards import Reward
+from opsd_mm.loss.view_gain import (
+    gain_metrics,
+    gain_sums,
+    teacher_view_logprobs,
+    token_multipliers,
+    va_opd_coefficients,
+)
 from opsd_mm.model.forward import unwrap
 from opsd_mm.model.packing import packable
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
-from opsd_mm.rollout.prefetch import (
-    RolloutBatch,
-    RolloutPrefetcher,
-    rollouts_from_state,
-    rollouts_to_state,
-    staleness_metrics,
-)
+from opsd_mm.rollout.prefetch import RolloutBatch, RolloutPrefetcher, staleness_metrics
 from opsd_mm.teacher.model import ModelTeacher
 from opsd_mm.teacher.routing import Teachers
 from opsd_mm.teacher.scoring import teacher_logprobs
@@ -71,7 +73,7 @@ from opsd_mm.train.metrics import (
 )
 from opsd_mm.train.prompt_cache import PromptCache
 from opsd_mm.train.signals import StopSignals, TrainingInterrupted
-from opsd_mm.types import Example, Pair, PairBatch, Processor, Prompt, TeacherLogprobs
+from opsd_mm.types import Example, Pair, PairBatch, Processor, Prompt, TeacherLogprobs, view_seed
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,7 @@ class Trainer:
         if self.teachers.routed:  # examples paired per teacher, over the run
             self.counters.values.update({f"routed/{n}": 0 for n in self.teachers.names})
         self._bad_in_row = 0
+        self._gain_metrics: dict[str, float] = {}  # view_gain/* of the step, when computed
         self.run_id: str | None = None
         self.signals = StopSignals()
         self.timer_cuda = acc.device.type == "cuda"
@@ -278,6 +281,10 @@ class Trainer:
                 self.teachers.score_on_servers(
                     paired.pairs, cfg.loss.top_k, self.engine, self._teacher_of
                 )
+        # 2c. the view gain (logging.view_gain_every, loss.view_weighting): each example's
+        # teacher context once more, in the student's view of the images (or
+        # processor.gain_view).
+        in_student_view = self._student_view_teacher_prompts(batch, paired)
         # The step's micro-batches (one teacher's rows each), padded to the busiest process per
         # teacher, and its global token count.
         plan = batches.plan_micro_batches(
@@ -285,7 +292,9 @@ class Trainer:
         )
 
         # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
-        loss_total, terms_total, outs, logprobs = self._forward_backward(plan, timer)
+        loss_total, terms_total, outs, logprobs = self._forward_backward(
+            plan, timer, in_student_view
+        )
 
         # 6. optimizer step, unless the step is bad.
         with timer.phase("optimizer"):
@@ -334,6 +343,7 @@ class Trainer:
             "step_time": wall,
             **timer.as_metrics(),
             **self.teachers.step_metrics(),
+            **self._gain_metrics,
             **self.counters.values,
         }
         self._last_step = (batch.examples, plan.pairs, div_N)  # for _log_samples
@@ -363,13 +373,17 @@ class Trainer:
         return batch
 
     def _draw(self, step: int) -> RolloutBatch:
-        return batches.draw(self.stream, step, self._routed_student_prompt, self.counters)
+        render = self._student_renderer(step)
+        return batches.draw(
+            self.stream, step, lambda ex: self._routed_student_prompt(ex, render), self.counters
+        )
 
-    def _routed_student_prompt(self, ex: Example) -> Prompt:
-        """The student prompt of an example that has a teacher: routed before its rollouts
-        are sampled, so an unrouted example (skipped, counted) costs none."""
+    def _routed_student_prompt(self, ex: Example, render: Any) -> Prompt:
+        """The student prompt of an example that has a teacher (``render``: the step's
+        renderer): routed before its rollouts are sampled, so an unrouted example (skipped,
+        counted) costs none."""
         self.teachers.route(ex)
-        return self.student_prompt(ex)
+        return render(ex)
 
     def _render_teacher_prompt(self, ex: Example) -> Prompt:
         """``ex``'s teacher context as its teacher renders it, named in ``meta["teacher"]``."""
@@ -391,14 +405,106 @@ class Trainer:
         for name in seen.values():
             self.counters.add(f"routed/{name}")
 
+    def _student_renderer(self, step: int) -> Any:
+        """How the batch trained at ``step`` renders its student prompts: with a random student
+        view (``random_crop``, ``p`` < 1), each example's operations draw from
+        ``view_seed(seed, step, example id)`` - the same pixels for all its samples, on any
+        number of processes and after a resume - and are rendered afresh (never from the prompt
+        cache); otherwise the (cached) rendering."""
+        if not view_is_random(self.cfg.processor.student_view):
+            return self.student_prompt
+        seed = self.cfg.seed
+        return lambda ex: self.processor.student_prompt(ex, seed=view_seed(seed, step, ex.id))
+
+    def _view_gain_due(self) -> bool:
+        """The view gain is computed at this step: every step for ``loss.view_weighting``,
+        else every ``logging.view_gain_every`` steps."""
+        every = self.cfg.logging.view_gain_every
+        return self.cfg.loss.view_weighting != "none" or bool(
+            every and (self.step + 1) % every == 0
+        )
+
+    def _student_view_teacher_prompts(
+        self, batch: RolloutBatch, paired: batches.PairedStep
+    ) -> dict[int, Prompt] | None:
+        """When the view gain is due: each example's teacher context in the student's view (the
+        pixels of the student prompt its rollouts were sampled from; or ``processor.gain_view``),
+        keyed by ``id`` of that student prompt, which all its pairs share. An example whose prompt cannot be built is
+        left out of the step (counted as ``skipped/run/view_gain_prompt``)."""
+        self._gain_metrics = {}
+        if not self._view_gain_due():
+            return None
+        out: dict[int, Prompt] = {}
+        paired_ids = {id(p.student) for p in paired.pairs}
+        for ex, prompt in zip(batch.examples, batch.prompts):
+            if id(prompt) not in paired_ids:  # skipped while pairing (and counted there)
+                continue
+            try:
+                seed = prompt.meta.get("view_seed")
+                out[id(prompt)] = self.processor.gain_prompt(ex, seed=seed)
+            except ValueError as e:
+                self.counters.raise_if_policy(e)
+                self.counters.skip_example(e, "view_gain_prompt")
+                log.warning("skipped example: %s", e)
+        keep = [i for i, p in enumerate(paired.pairs) if id(p.student) in out]
+        paired.pairs = [paired.pairs[i] for i in keep]
+        paired.advantages = [paired.advantages[i] for i in keep]
+        return out
+
+    def _view_gains(
+        self, plan: StepPlan, in_student_view: dict[int, Prompt], timer: PhaseTimer
+    ) -> dict[int, torch.Tensor]:
+        """The per-token view gain of every pair of the plan (``opsd_mm.loss.view_gain``: two
+        teacher forwards, inside the step's vision cache), its metrics (summed over processes),
+        and with ``loss.view_weighting=va_opd`` the factor on each token's loss, keyed by
+        ``id`` of the pair ({} without the weighting)."""
+        cfg, acc = self.cfg, self.accelerator
+        pairs, gains = [], []
+        with timer.phase("view_gain"):
+            for mb in plan.micro:
+                # A padding micro-batch runs too (its gains unused): under FSDP2 every process
+                # must run as many forwards as the busiest, as in the loss's loop.
+                rows = [
+                    Pair(p.example_id, in_student_view[id(p.student)], p.teacher, p.completion_ids)
+                    for p in mb.pairs
+                ]
+                batch = self.processor.collate(rows).to(acc.device)
+                mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
+                with acc.autocast():
+                    own_N, student_view_N = teacher_view_logprobs(
+                        batch, self.model, self.teacher, mask_BC, self.packing
+                    )
+                if mb.padding:
+                    continue
+                gain_N = (own_N - student_view_N).cpu()
+                pairs += mb.pairs
+                gains += list(gain_N.split(mask_BC.sum(1).tolist()))
+        groups = [id(p.student) for p in pairs]
+        prompts = len({g for g, gain in zip(groups, gains) if gain.numel()})
+        sums = torch.cat([gain_sums(gains), torch.tensor([float(prompts)], dtype=torch.float64)])
+        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
+        self._gain_metrics = gain_metrics(sums[:3])
+        if cfg.loss.view_weighting == "none":
+            return {}
+        lo = cfg.loss
+        coeffs, va_metrics = va_opd_coefficients(
+            gains, groups, lo.va_temperature, lo.va_high_fraction, lo.va_high_weight
+        )
+        self._gain_metrics.update(va_metrics)
+        factors = token_multipliers(coeffs, plan.tokens_global, float(sums[3]))
+        return {id(p): f for p, f in zip(pairs, factors)}
+
     def _forward_backward(
-        self, plan: StepPlan, timer: PhaseTimer
+        self,
+        plan: StepPlan,
+        timer: PhaseTimer,
+        in_student_view: dict[int, Prompt] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[DivergenceOut], list[tuple[torch.Tensor, ...]]]:
         """Teacher forward, student forward, loss and backward for every micro-batch of the
         plan (gradients reduced across processes in the last backward only). Returns the summed
         loss and the two weighted terms (distillation, reward policy gradient), the per-token
         stats of each real micro-batch, and its (engine, trainer) log-probs where the engine
-        reports them."""
+        reports them. ``in_student_view``: the view gain is due (:meth:`_view_gains`)."""
         acc = self.accelerator
         self.model.train()
         loss_total = torch.zeros((), device=acc.device)
@@ -408,11 +514,15 @@ class Trainer:
         # The processors' step contexts (VL: each image encoded once for the whole step, by the
         # student's tower and by each model teacher's own).
         with self.processor.step_context(unwrap(self.model)), self.teachers.step_context():
+            factors: dict[int, torch.Tensor] = {}
+            if in_student_view is not None and plan.micro:
+                factors = self._view_gains(plan, in_student_view, timer)
             for i, mb in enumerate(plan.micro):
                 batch = self.teachers.collate(mb.teacher, mb.pairs, mb.foreign).to(acc.device)
                 last = i == len(plan.micro) - 1
                 with acc.no_sync(self.model) if not last else nullcontext():
-                    loss, out, terms, engine_N = self._micro_step(mb, batch, plan, timer)
+                    weight_N = torch.cat([factors[id(p)] for p in mb.pairs]) if factors else None
+                    loss, out, terms, engine_N = self._micro_step(mb, batch, plan, timer, weight_N)
                     if mb.padding:
                         loss = loss * 0.0
                     with timer.phase("student"):
@@ -427,12 +537,17 @@ class Trainer:
         return loss_total, terms_total, outs, logprobs
 
     def _micro_step(
-        self, mb: MicroBatch, batch: PairBatch, plan: StepPlan, timer: PhaseTimer
+        self,
+        mb: MicroBatch,
+        batch: PairBatch,
+        plan: StepPlan,
+        timer: PhaseTimer,
+        token_weight_N: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor, torch.Tensor | None]:
         """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the forward of
         the micro-batch's teacher (none when a server scored it), the student forward, the loss
         times its normalisation; also the two weighted terms and the engine's log-probs of its
-        tokens."""
+        tokens. ``token_weight_N``: ``loss.view_weighting``'s factor on each loss token."""
         cfg = self.cfg
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
         engine_N = self._engine_logprobs(mb, batch, mask_BC)
@@ -451,6 +566,7 @@ class Trainer:
                 torch.tensor(mb.advantages, device=self.accelerator.device),
                 packed=self.packing,
                 teacher_logprobs=teacher_N,
+                token_weight_N=token_weight_N,
             )
         return loss, out, terms, engine_N
 
@@ -609,21 +725,22 @@ class Trainer:
         # rollout.async: the next step's batch, sampled from weights this checkpoint does not
         # hold, is recorded with the data position before it (opsd_mm.rollout.prefetch).
         ahead = self.prefetcher.wait() if self.prefetcher is not None else None
-        state = {
-            "data": ahead.data_before if ahead else self.stream.state(),
-            "counters": self.counters.values,
-            "bad_in_row": self._bad_in_row,
-            "num_processes": acc.num_processes,
-            "global_batch_size": self.cfg.trainer.batch_size * acc.num_processes,
-            "settings": run_state.recorded_settings(self.cfg, acc.num_processes),
-        }
-        if ahead:
-            state["ahead"] = {"step": ahead.step, "rollouts": rollouts_to_state(ahead.rollouts_P_G)}
+        state = run_state.CheckpointState(
+            step=self.step,
+            run_id=self.run_id,
+            consumed=(ahead.data_before if ahead else self.stream.state())["consumed"],
+            counters=dict(self.counters.values),
+            bad_in_row=self._bad_in_row,
+            num_processes=acc.num_processes,
+            global_batch_size=self.cfg.trainer.batch_size * acc.num_processes,
+            settings=run_state.recorded_settings(self.cfg, acc.num_processes),
+            ahead=(ahead.step, ahead.rollouts_P_G) if ahead else None,
+        )
         common = {
             "model": unwrap(self.model),
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
-            "state": state,
+            "state": state.to_dict(),
             "rng_states": rng_states,
             "keep_last": self.cfg.trainer.keep_last,
             "run_id": self.run_id,
@@ -688,10 +805,10 @@ class Trainer:
         if found is None:
             log.warning("trainer.resume: no checkpoint in %s; starting from step 0", self.run_dir)
             return
-        path, state, teacher_state = found
+        path, state, teacher_state = found  # state: checked (run_state.CheckpointState)
         if teacher_state:
             self.teacher.load_state_dict(teacher_state)
-        self.step = int(state["step"])
+        self.step = state.step
         acc = self.accelerator
         run_state.apply_settings(
             run_state.saved_settings(state),
@@ -702,21 +819,20 @@ class Trainer:
             self.step,
             path,
         )
-        self.stream.load_state(state["data"])
-        self.counters.restore(state.get("counters", {}))
-        self._bad_in_row = int(state.get("bad_in_row", state.get("nonfinite_in_row", 0)))
+        self.stream.load_state({"consumed": state.consumed})
+        self.counters.restore(state.counters)
+        self._bad_in_row = state.bad_in_row
         self._sync_engine()
-        ahead = state.get("ahead")
-        if ahead and self.prefetcher is not None:  # the batch the run generated ahead
-            batch = self._draw(int(ahead["step"]))
-            batch.rollouts_P_G = rollouts_from_state(ahead["rollouts"])
+        if state.ahead and self.prefetcher is not None:  # the batch the run generated ahead
+            batch = self._draw(state.ahead[0])
+            batch.rollouts_P_G = state.ahead[1]
             if len(batch.rollouts_P_G) != len(batch.prompts):
                 raise RuntimeError(
                     f"{path}: the batch generated ahead has {len(batch.rollouts_P_G)} prompts' "
                     f"rollouts, the data gives {len(batch.prompts)} prompts at this position"
                 )
             self.prefetcher.put(batch)
-        elif ahead:
+        elif state.ahead:
             log.info("%s: rollout.async=false samples the batch generated ahead afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
 

@@ -210,3 +210,98 @@ def test_model_family_checks_name_the_key():
     check_model_family(stripped, "qwen3")
     with pytest.raises(ConfigError, match="processor.student_prompt_format"):
         check_model_family(stripped, "qwen2_5_vl")
+
+
+def _float_keys(cls=RunConfig, prefix=""):
+    """Every config key whose type is float (or float | None), dotted."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        name = prefix + ("async" if f.name == "async_" else f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += _float_keys(tp, name + ".")
+        elif tp is float or float in typing.get_args(tp):
+            keys.append(name)
+    return keys
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_every_float_key_is_checked():
+    from opsd_mm.config.checks import INFINITE_FLOAT_KEYS
+
+    assert len(FLOAT_KEYS) >= 20 and "loss.distill_weight" in FLOAT_KEYS
+    assert not INFINITE_FLOAT_KEYS  # none: each "off" is spelled null or 0
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", ".nan", "1e400"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_float_keys_must_be_finite(key, value):
+    """No float key gives infinity a meaning (each "off" is spelled null or 0), so a
+    non-finite value is an error naming the key, at load."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*must be a finite number"):
+        load_config(None, [f"{key}={value}"])
+
+
+def test_non_finite_floats_in_yaml_and_library_configs(tmp_path):
+    import dataclasses
+
+    from opsd_mm.config import resolve_config, validate_config
+    from opsd_mm.config.sections import ViewOpConfig
+
+    p = tmp_path / "c.yaml"
+    p.write_text("loss:\n  distill_weight: .inf\n")
+    with pytest.raises(ConfigError, match=r"^loss\.distill_weight=inf.*finite"):
+        load_config(p)
+    cfg = RunConfig()
+    bad = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, lr=float("nan")))
+    with pytest.raises(ConfigError, match=r"^trainer\.lr=nan.*finite"):
+        validate_config(bad)
+    # The items of a list of views, from an override and from code.
+    with pytest.raises(ConfigError, match=r"^processor\.student_view\[0\]\.radius=inf.*finite"):
+        load_config(None, ["processor.student_view=[{op: blur, radius: .inf}]"])
+    blur = ViewOpConfig(op="blur", radius=float("inf"))
+    bad = dataclasses.replace(
+        cfg, processor=dataclasses.replace(cfg.processor, student_view=[blur])
+    )
+    with pytest.raises(ConfigError, match=r"^processor\.student_view\[0\]\.radius=inf.*finite"):
+        resolve_config(bad)
+
+
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        ("model:\n  lora: 8\n", ["model.lora.r=4"], "model.lora"),
+        ("model: 8\n", ["model.lora.r=4"], "model"),
+        ("model: [a, b]\n", ["model.dtype=float32"], "model"),
+        ("", ["model.lora=8", "model.lora.r=4"], "model.lora"),
+    ],
+)
+def test_a_non_mapping_section_with_an_override_inside_is_an_error(tmp_path, text, overrides, key):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    msg = str(e.value)
+    assert msg.startswith(f"{key}: ") and "not a mapping" in msg and overrides[-1] in msg
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n")  # null: nothing to lose
+    assert load_config(p, ["model.lora.r=4"]).model.lora.r == 4
+
+
+@pytest.mark.parametrize("depth", [40, 5000])
+def test_absurdly_deep_nesting_is_a_config_error(tmp_path, depth):
+    p = tmp_path / "c.yaml"
+    for text in ("trainer: " + "[" * depth + "]" * depth, "a: " + "{a: " * depth + "}" * depth):
+        p.write_text(text + "\n")
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}: .*nested"):
+            load_config(p)
+    with pytest.raises(ConfigError, match=r"^trainer\.max_steps: .*nested"):
+        load_config(None, ["trainer.max_steps=" + "[" * depth + "]" * depth])

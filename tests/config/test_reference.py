@@ -22,6 +22,7 @@ from opsd_mm.config import (
     reference_markdown,
     show_config,
 )
+from opsd_mm.config.load import leaves
 from opsd_mm.config.reference import (
     all_field_docs,
     config_key,
@@ -29,7 +30,7 @@ from opsd_mm.config.reference import (
     field_comments,
     section_doc,
 )
-from opsd_mm.config.show import leaves, set_keys, value_origins
+from opsd_mm.config.show import set_keys, value_origins
 from opsd_mm.data.presets import resolve_data
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -137,3 +137,74 @@ def test_exclude_contaminated_drops_at_load_counted(copies, tiny_cache):
         ("dup", "contaminated: text matches mathvision item 7 (1.00 of n-grams)")
     ]
     assert report.reasons() == {"contaminated": 1}
+
+
+def _check_argv(train, bench, *extra, overrides=()):
+    argv = ["data", "check", "configs/tiny_vl.yaml", "data.preset=virl39k", f"data.source={train}"]
+    return [*argv, *overrides, "--data-dir", str(bench), *extra]
+
+
+def test_data_check_unknown_benchmark_is_one_line(copies, tmp_path, capsys):
+    train, bench = copies
+    out = tmp_path / "matches.jsonl"
+    assert (
+        main(_check_argv(train, bench, "--output", str(out), "--against", "mathvista,nosuchbench"))
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("error: data check --against: unknown benchmark 'nosuchbench'")
+    assert "mathvista" in err[0] and "math500" in err[0]  # the known names
+    # The config's list, when --against is not given, names its key.
+    override = "data.contamination_benchmarks=[mathvista, nosuch]"
+    assert main(_check_argv(train, bench, "--output", str(out), overrides=[override])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "config error: data.contamination_benchmarks: unknown benchmark 'nosuch'"
+    )
+    assert not out.exists()
+
+
+def test_exclude_contaminated_with_an_unknown_benchmark_fails_before_loading(copies):
+    from opsd_mm.cli import data_wiring
+    from opsd_mm.config import ConfigError, load_config
+    from opsd_mm.data.cli import load_training_data
+    from opsd_mm.data.presets import resolve_data
+
+    train, bench = copies
+    cfg = resolve_data(
+        load_config(
+            "configs/tiny_vl.yaml",
+            [
+                "data.preset=virl39k",
+                "data.source=/nonexistent/train.jsonl",  # would be the error if loaded first
+                "data.exclude_contaminated=true",
+                "data.contamination_benchmarks=[mathvision, nosuch]",
+            ],
+        )
+    )
+    with pytest.raises(ConfigError, match="data.contamination_benchmarks: unknown benchmark"):
+        load_training_data(cfg, data_wiring(), with_processor=False)
+
+
+@pytest.mark.parametrize(
+    "flag, value, why",
+    [
+        ("--ngram", "0", "must be an integer >= 1"),
+        ("--ngram", "-3", "must be an integer >= 1"),
+        ("--ngram", "two", "must be an integer >= 1"),
+        ("--text-threshold", "0", "must be a number in (0, 1]"),
+        ("--text-threshold", "-0.5", "must be a number in (0, 1]"),
+        ("--text-threshold", "1.5", "must be a number in (0, 1]"),
+        ("--text-threshold", "nan", "must be a number in (0, 1]"),
+        ("--max-distance", "-1", "must be an integer in [0, 128]"),
+        ("--max-distance", "129", "must be an integer in [0, 128]"),
+    ],
+)
+def test_data_check_bad_flags_name_the_flag(copies, capsys, flag, value, why):
+    train, bench = copies
+    with pytest.raises(SystemExit) as e:
+        main(_check_argv(train, bench, "--against", "mathvista", f"{flag}={value}"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {why}, got {value!r}" in err, err

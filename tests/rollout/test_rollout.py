@@ -90,6 +90,9 @@ def test_hf_engine_batch_invariant_seeded_sampling(tiny):
             assert r.finish_reason == "eos" or len(r.completion_ids) == 12
 
 
+NEAR_TIE = 1e-4  # fp32 logits of the tiny model; two computations agree to about 1e-6
+
+
 def test_hf_engine_greedy_matches_manual_argmax(tiny):
     model, proc = tiny
     engine = _engine(model, proc)
@@ -100,5 +103,7 @@ def test_hf_engine_greedy_matches_manual_argmax(tiny):
         for tok in r.completion_ids:
             logits = model(input_ids=ids).logits[0, -1]
             logits[proc.suppress_token_ids] = -math.inf
-            assert int(logits.argmax()) == tok
+            # The argmax, up to a near tie: the engine's KV-cached forward and this full one
+            # are two computations, which may round two near-equal logits apart.
+            assert logits[tok] >= logits.max() - NEAR_TIE, (tok, int(logits.argmax()))
             ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)

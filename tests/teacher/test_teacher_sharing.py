@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
 
 from opsd_mm.cli import build_trainer
@@ -57,15 +58,25 @@ class DeepCopyTeacher(Teacher):
         return param
 
 
+# The swapped-in teacher and the deep copy are two computations of the same math on other
+# tensors in another module, not a repeat: on some CPUs their kernels round differently (6e-7
+# relative in the loss on an AVX-512 Xeon). fp32 on a CPU agrees far inside these tolerances;
+# a teacher that is not the initial model (a broken swap) is off by percents from step 2 on.
+LOSS_RTOL = 1e-5
+# AdamW's first steps move each weight by up to lr (1e-3) whatever its gradient's size, so an
+# entry whose gradient is near 0 can move differently by a small fraction of lr.
+WEIGHT_ATOL = 1e-5
+
+
 def test_fixed_teacher_swap_matches_a_deep_copy(tiny_cache, tmp_path):
     ours = _trainer(tiny_cache, tmp_path / "ours")
     ref = _trainer(tiny_cache, tmp_path / "ref")
     ref.teacher = DeepCopyTeacher(ref.cfg.teacher, ref.model)
     got, want = ours.train(), ref.train()
-    assert [m["loss"] for m in got] == [m["loss"] for m in want]  # exactly (CPU, fp32)
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], rel=LOSS_RTOL)
     assert all(m["loss"] > 0 for m in got)
     for (n, p), (_, q) in zip(ours.model.named_parameters(), ref.model.named_parameters()):
-        assert torch.equal(p, q), n
+        torch.testing.assert_close(p, q, rtol=0, atol=WEIGHT_ATOL, msg=n)
 
 
 def test_fixed_teacher_holds_no_copy_of_the_frozen_vision_tower(tiny_cache, tmp_path):

@@ -63,6 +63,10 @@ def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
     (partial / "model").mkdir(parents=True)
     # A directory with the final name but no state.json is not complete either.
     (ckpt.checkpoint_dir(tmp_path) / "step-000003").mkdir()
+    # Nor is a user's copy beside the checkpoints (it must not break their ordering).
+    copy = ckpt.checkpoint_dir(tmp_path) / "step-000001.bak"
+    copy.mkdir()
+    (copy / "state.json").write_text("{}")
     assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
     ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, state={})
     assert not partial.exists()

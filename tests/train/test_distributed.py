@@ -144,6 +144,7 @@ def _assert_matches(one: dict, two: list[dict]) -> None:
     assert one["params"].keys() == r0["params"].keys()
     moved = 0.0
     for n, p in one["params"].items():
+        # Exactly: both processes apply the same all-reduced gradients to the same weights.
         assert torch.equal(r0["params"][n], r1["params"][n]), n
         torch.testing.assert_close(r0["params"][n], p, atol=WEIGHT_ATOL, rtol=0, msg=n)
         if "lora_B" in n:  # zero at init: the distance moved
@@ -550,6 +551,47 @@ def test_fixed_teacher_shares_the_frozen_vision_tower(engine, one_vl_full_ft, ti
             assert mem["frozen"] <= one["frozen"] // 2 + 4096
             assert mem["teacher_local_numel"] <= one["teacher_numel"] // 2 + 1000
     _assert_matches(one_vl_full_ft, two)
+
+
+# Image views with the view gain and VA-OPD's weighting: one micro-batch row at a time and some
+# completions rejected, so the processes hold unequal numbers of micro-batches (padding ones).
+VL_VIEWS = (
+    *VL_FULL_FT,
+    "--reject",
+    "rollout.n=2",
+    "trainer.micro_batch_size=1",
+    "processor.teacher_view=[{op: zoom, placement: extra}, {op: mark}]",
+    "processor.student_view=[{op: resolution, max_pixels: 3200}, {op: random_crop, scale: 0.7}]",
+    "loss.view_weighting=va_opd",
+)
+
+
+@pytest.fixture(scope="module")
+def one_vl_views(tiny_cache, tmp_path_factory):
+    """1 process x batch 2."""
+    tmp = tmp_path_factory.mktemp("one-vl-views")
+    return _one_process(
+        tmp / "out", *VL_VIEWS, *_common(tiny_cache, tmp / "run"), "trainer.batch_size=2"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_view_gain_and_va_opd_match_one_process(engine, one_vl_views, tiny_cache, tmp_path):
+    """VA-OPD's weights need each prompt's rollouts, the step's loss tokens and its prompts over
+    all processes: 2 processes x batch 1 train as 1 process x batch 2, and report the same view
+    gain; under FSDP2 the gain's forwards run on padding micro-batches too (else a hang)."""
+    args = (*VL_VIEWS, *_common(tiny_cache, tmp_path / "run"), "trainer.batch_size=1")
+    two = (
+        _two_processes(tmp_path / "two", *args)
+        if engine == "ddp"
+        else _fsdp2(tmp_path / "two", *args)
+    )
+    _assert_matches(one_vl_views, two)
+    for m1, m0, m_1 in zip(one_vl_views["metrics"], *(r["metrics"] for r in two)):
+        assert m0["view_gain/mean"] == m_1["view_gain/mean"]
+        assert m0["view_gain/mean"] == pytest.approx(m1["view_gain/mean"], rel=1e-4, abs=1e-6)
+        assert m0["view_gain/positive_share"] == m1["view_gain/positive_share"]
 
 
 # ----------------------------------------------------------------------------- configs
