@@ -60,6 +60,36 @@ class UnroutedExample(UserError):
         self.fatal = fatal
 
 
+def route(cfg: RunConfig, ex: Example) -> str:
+    """The name of ``ex``'s teacher: the one teacher without a ``teachers`` mapping; else the
+    teacher its ``teacher.route_by`` value names (through ``teacher.routes``), or
+    ``teacher.route_default``; else an :class:`UnroutedExample`."""
+    names = sorted(teacher_specs(cfg))
+    if not cfg.teachers:
+        return names[0]
+    te = cfg.teacher
+    value = ex.meta.get(te.route_by)
+    if value is not None:
+        name = te.routes.get(str(value), str(value))
+        if name in cfg.teachers:
+            return name
+    if te.route_default is not None:
+        return te.route_default
+    shown = "no value" if value is None else f"value {str(value)!r}"
+    fatal = te.unrouted_policy == "raise"
+    what = (
+        "set teacher.route_default, or teacher.unrouted_policy=skip to skip (and count) such "
+        "examples"
+        if fatal
+        else "skipped (teacher.route_default would send it to a teacher)"
+    )
+    raise UnroutedExample(
+        f"example '{ex.id}': teacher.route_by={te.route_by} has {shown}, which names no "
+        f"teacher ({', '.join(names)}; teacher.routes maps values to them); {what}",
+        fatal=fatal,
+    )
+
+
 @dataclasses.dataclass
 class TeacherStats:
     """One teacher's share of a step: micro-batches, rows and loss tokens it scored, the sum of
@@ -141,31 +171,8 @@ class Teachers:
         return len(self.names) > 1 or bool(self.models)
 
     def route(self, ex: Example) -> str:
-        """The name of ``ex``'s teacher; an :class:`UnroutedExample` when its value names none
-        and there is no default."""
-        if not self.routed:
-            return self.names[0]
-        te = self.cfg.teacher
-        value = ex.meta.get(self.route_by)
-        if value is not None:
-            name = te.routes.get(str(value), str(value))
-            if name in self.specs:
-                return name
-        if te.route_default is not None:
-            return te.route_default
-        shown = "no value" if value is None else f"value {str(value)!r}"
-        fatal = te.unrouted_policy == "raise"
-        what = (
-            "set teacher.route_default, or teacher.unrouted_policy=skip to skip (and count) "
-            "such examples"
-            if fatal
-            else "skipped (teacher.route_default would send it to a teacher)"
-        )
-        raise UnroutedExample(
-            f"example '{ex.id}': teacher.route_by={self.route_by} has {shown}, which names no "
-            f"teacher ({', '.join(self.names)}; teacher.routes maps values to them); {what}",
-            fatal=fatal,
-        )
+        """The name of ``ex``'s teacher (:func:`route`)."""
+        return route(self.cfg, ex)
 
     def processor_of(self, name: str) -> Processor:
         """The processor that renders teacher ``name``'s context."""

@@ -40,26 +40,27 @@ def _write_data(path, n=16):
 
 
 def _cfg(tmp_path, tiny_cache, big_dir, *extra):
+    return load_config(TINY_TEXT, _overrides(tmp_path, tiny_cache, big_dir, *extra))
+
+
+def _overrides(tmp_path, tiny_cache, big_dir, *extra):
     data = _write_data(tmp_path / "data.jsonl")
-    return load_config(
-        TINY_TEXT,
-        [
-            f"run_dir={tmp_path / 'run'}",
-            f"model.tiny_cache_dir={tiny_cache}",
-            "logging.progress=false",
-            "trainer.save_every=0",
-            f"data.source={data}",
-            "data.columns.id=id",
-            f"teachers={{big: {{model: {{name_or_path: '{big_dir}'}}}}, own: {{kind: self}}}}",
-            "teacher.kind=fixed",
-            "teacher.route_by=source",
-            "teacher.routes={algebra: big, geometry: own}",
-            "trainer.batch_size=6",
-            "trainer.micro_batch_size=2",
-            "data.shuffle=false",  # step 1: rows 0-5, every source
-            *extra,
-        ],
-    )
+    return [
+        f"run_dir={tmp_path / 'run'}",
+        f"model.tiny_cache_dir={tiny_cache}",
+        "logging.progress=false",
+        "trainer.save_every=0",
+        f"data.source={data}",
+        "data.columns.id=id",
+        f"teachers={{big: {{model: {{name_or_path: '{big_dir}'}}}}, own: {{kind: self}}}}",
+        "teacher.kind=fixed",
+        "teacher.route_by=source",
+        "teacher.routes={algebra: big, geometry: own}",
+        "trainer.batch_size=6",
+        "trainer.micro_batch_size=2",
+        "data.shuffle=false",  # step 1: rows 0-5, every source
+        *extra,
+    ]
 
 
 def _source(ex):
@@ -123,6 +124,25 @@ def test_unrouted_policy_raise_names_the_example(tiny_cache, teacher_own_templat
     with pytest.raises(UnroutedExample, match=r"^example 'r\d+': teacher.route_by=source has "):
         for _ in range(3):
             trainer.train_step()
+
+
+def test_data_inspect_shows_each_examples_teacher(
+    tiny_cache, teacher_own_template, tmp_path, capsys
+):
+    """``opsd-mm data inspect`` renders each example's teacher context as its teacher does (the
+    model teacher's own chat template), and says which examples no teacher is routed to."""
+    from opsd_mm.cli import main
+
+    out = tmp_path / "inspect.txt"
+    args = _overrides(tmp_path, tiny_cache, teacher_own_template)
+    assert main(["data", "inspect", str(TINY_TEXT), *args, "--n", "4", "--output", str(out)]) == 0
+    text = out.read_text()
+    blocks = text.split("==== example ")[1:]
+    assert [b.split(":")[0] for b in blocks] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "---- teacher prompt (big, " in blocks[0] and "careful teacher" in blocks[0]
+    assert "---- teacher prompt (own, " in blocks[1] and "careful teacher" not in blocks[1]
+    for block, shown in ((blocks[2], "value 'poetry'"), (blocks[3], "no value")):
+        assert "---- teacher prompt: none (example 'r" in block and shown in block
 
 
 def test_a_missing_route_column_is_a_data_error(tiny_cache, teacher_own_template, tmp_path):
