@@ -54,6 +54,10 @@ step checks parity 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/loss/te
 # in CI, with the machine's own packages (--no-deps; nothing can be fetched there).
 step checks install 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
 step checks trainer 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/train/test_trainer.py
+# Issue 28: a separate teacher (tiny:text-teacher) in bf16 on the device, and offloaded to the CPU
+# between micro-batches (the same losses, no teacher weights left on the device).
+step checks model_teacher 120 $PY -m pytest -q -p no:cacheprovider -m gpu \
+  tests/teacher/test_model_teacher_gpu.py
 
 # Issue 16: FSDP2 on CUDA (nccl) through the shipped accelerate config: full fine-tuning with an
 # EMA teacher in bf16, sharded checkpoint every step, resumed for the last step (loss equal to

@@ -70,9 +70,16 @@ def compare_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def plot_tokens(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
+def plot_tokens(
+    results: dict[str, dict[str, Any]],
+    path: str | Path,
+    methods: tuple[str, ...] = METHODS,
+    colours: dict[str, str] = COLOURS,
+    labels: dict[str, str] = LABELS,
+) -> Path:
     """Validation accuracy against cumulative tokens, one panel per task, one thin line per
-    seed and method (SFT against its training tokens)."""
+    seed and method (SFT against its training tokens); ``methods`` with their colours and
+    labels (``opsd_mm.demo.teachers`` plots its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,17 +89,17 @@ def plot_tokens(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         r = results[name]
-        for m in METHODS:
+        for m in methods:
             for i, runs in enumerate(v for v in r["seeds"].values() if m in v):
                 run = runs[m]
                 accs = [a for _, a in run["val_curve"]]
                 ax.plot(
                     run["curve_tokens"],
                     accs,
-                    color=COLOURS[m],
+                    color=colours[m],
                     alpha=0.8,
                     marker=".",
-                    label=LABELS[m] if i == 0 else None,
+                    label=labels[m] if i == 0 else None,
                 )
         ax.axhline(r["teacher"], color="tab:green", ls="--", label="teacher context (test)")
         ax.set_title(f"{name}: validation accuracy vs tokens ({r['model']})")

@@ -174,6 +174,9 @@ STEP_COST = {
     ("vision_view", "opsd"): 0.79,
     ("vision_view", "sft"): 0.19,
 }
+# --compare-teachers: the 4-layer teacher's warm-start step and a distillation step from it,
+# relative to the student's (estimates: twice the layers in the SFT step and the teacher forward).
+TEACHER_COST = {"warm": 1.8, "run": 1.3}
 EVAL_ITEM_COST = {"text": 0.008, "vision": 0.015, "vision_view": 0.015}
 
 
@@ -210,9 +213,13 @@ class Progress:
         self.bar.close()
 
 
-def planned_work(name: str, plan: TaskPlan, n_seeds: int, reward_runs: int = 0) -> float:
+def planned_work(
+    name: str, plan: TaskPlan, n_seeds: int, reward_runs: int = 0, teacher_runs: int = 0
+) -> float:
     """Estimated seconds of one task (the progress bar's total): warm start, its four
-    evaluations, then per seed OPSD and SFT with their validation and test evaluations."""
+    evaluations, then per seed OPSD and SFT with their validation and test evaluations (and
+    the runs of --compare-rewards and --compare-teachers, with the bigger teacher's warm
+    start)."""
     recipe, steps, eval_every = plan.recipe, plan.steps, plan.eval_every
     n_test, n_val = plan.sizes.get("n_test", N_TEST), plan.sizes.get("n_val", N_VAL)
     item = EVAL_ITEM_COST[name]
@@ -222,6 +229,12 @@ def planned_work(name: str, plan: TaskPlan, n_seeds: int, reward_runs: int = 0) 
     per_run = (n_val_evals * n_val + n_test) * item
     runs = steps * (STEP_COST[name, "opsd"] + STEP_COST[name, "sft"]) + 2 * per_run
     runs += reward_runs * (steps * STEP_COST[name, "opsd"] + per_run)  # --compare-rewards
+    if teacher_runs:  # --compare-teachers
+        from opsd_mm.demo.teachers import TEACHER_WARM_FACTOR
+
+        steps_warm = recipe.warm_pre_steps + recipe.warm_steps * TEACHER_WARM_FACTOR
+        warm += steps_warm * STEP_COST[name, "warm"] * TEACHER_COST["warm"] + 2 * n_test * item
+        runs += teacher_runs * (steps * STEP_COST[name, "opsd"] * TEACHER_COST["run"] + per_run)
     return warm + n_seeds * runs
 
 
@@ -272,6 +285,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="also train GRPO (verifiable reward only) and the OPSD + reward hybrid with the same "
         f"steps and rollouts, and plot accuracy against rollout tokens; seeds {FULL_SEEDS} unless "
         "--seeds is given (demo/compare.py)",
+    )
+    parser.add_argument(
+        "--compare-teachers",
+        action="store_true",
+        help="also warm-start a bigger (4-layer) teacher and distil the student from it in the "
+        "student's context and in the privileged one, beside OPSD, with the same steps and "
+        "rollouts; plot accuracy against rollout tokens (demo/teachers.py)",
     )
 
 
@@ -373,7 +393,8 @@ def run_opsd(
 ) -> dict:
     """OPSD with the project's Trainer on in-memory examples (as ``build_trainer`` wires it),
     stepping ``train_step`` so that validation accuracy can be measured along the way.
-    ``extra``: overrides after the recipe's (GRPO and the hybrid: ``loss.reward_weight``...)."""
+    ``extra``: overrides after the recipe's (GRPO and the hybrid: ``loss.reward_weight``...;
+    a bigger teacher: ``teacher.kind=model``...)."""
     from opsd_mm.model.forward import unwrap
     from opsd_mm.train.build import set_seed, trainer_from_examples
     from opsd_mm.train.metrics import MetricsWriter
@@ -403,7 +424,14 @@ def run_opsd(
     t0 = time.perf_counter()
     set_seed(seed)  # the LoRA initialisation follows the seed
     reward = wiring.build_reward(cfg) if wiring.build_reward else None
-    trainer = trainer_from_examples(cfg, processor, task.train, model_path=str(warm), reward=reward)
+    trainer = trainer_from_examples(
+        cfg,
+        processor,
+        task.train,
+        model_path=str(warm),
+        reward=reward,
+        build_processor=wiring.build_processor,  # a model teacher's own processor
+    )
     model = unwrap(trainer.model)  # what the evaluations generate with
     save_config(cfg, run_dir / "config.yaml")
     writer = MetricsWriter(run_dir / "metrics.jsonl")
@@ -660,6 +688,12 @@ def prepare_task(setup: TaskSetup, args: argparse.Namespace, progress) -> dict:
         f"[{name}] warm start: {warm['steps']} steps in {warm['wall_s']:.0f}s; held-out student "
         f"{before:.1f}%, teacher context {teacher:.1f}% (known phrasing, student: {known:.1f}%)",
     )
+    big = None
+    if getattr(args, "compare_teachers", False):
+        from opsd_mm.demo.teachers import warm_start_teacher
+
+        cost = STEP_COST[name, "warm"] * TEACHER_COST["warm"]
+        big = warm_start_teacher(setup, args, progress, cost)
     data = {
         "train": len(task.train),
         "val": len(task.val),
@@ -675,15 +709,20 @@ def prepare_task(setup: TaskSetup, args: argparse.Namespace, progress) -> dict:
         "val0": val0,
         "known": known,
         "data": data,
+        "teacher_model": big,
     }
 
 
 def methods(args: argparse.Namespace) -> list[str]:
-    """The training runs of each seed: OPSD and the SFT baseline, and with --compare-rewards
-    GRPO and the hybrid (``opsd_mm.demo.compare``)."""
+    """The training runs of each seed: OPSD and the SFT baseline, with --compare-rewards GRPO
+    and the hybrid (``opsd_mm.demo.compare``), with --compare-teachers the two distillations
+    from the bigger teacher (``opsd_mm.demo.teachers``)."""
     from opsd_mm.demo.compare import REWARD_RUNS
+    from opsd_mm.demo.teachers import TEACHER_RUNS
 
-    return ["opsd", "sft", *(REWARD_RUNS if getattr(args, "compare_rewards", False) else ())]
+    rewards = REWARD_RUNS if getattr(args, "compare_rewards", False) else ()
+    teachers = TEACHER_RUNS if getattr(args, "compare_teachers", False) else ()
+    return ["opsd", "sft", *rewards, *teachers]
 
 
 def run_method(setup: TaskSetup, prepared: dict, seed: int, method: str, progress) -> dict:
@@ -696,10 +735,18 @@ def run_method(setup: TaskSetup, prepared: dict, seed: int, method: str, progres
     if method == "sft":
         tick = lambda: progress.add(STEP_COST[name, "sft"])  # noqa: E731
         return run_sft_baseline(*common, *rest, tick=tick)
-    from opsd_mm.demo.compare import reward_overrides
+    from opsd_mm.demo.compare import REWARD_RUNS, reward_overrides
+    from opsd_mm.demo.teachers import teacher_overrides
 
-    extra = reward_overrides(name, method) if method != "opsd" else ()
-    out = run_opsd(*common, *rest, tick=lambda: progress.add(STEP_COST[name, "opsd"]), extra=extra)
+    cost = STEP_COST[name, "opsd"]
+    if method in REWARD_RUNS:
+        extra = reward_overrides(name, method)
+    elif method != "opsd":
+        extra = teacher_overrides(setup.task_dir, setup.processor.cfg, method)
+        cost *= TEACHER_COST["run"]
+    else:
+        extra = ()
+    out = run_opsd(*common, *rest, tick=lambda: progress.add(cost), extra=extra)
     if method != "opsd":
         progress.write(
             f"[{name}] seed {seed}: {method} {out['test_acc']:.1f}% "
@@ -731,6 +778,7 @@ def task_result(name: str, plan: TaskPlan, prepared: dict, per_seed: dict, wall_
         "before": prepared["before"],
         "teacher": prepared["teacher"],
         "known_phrasing": prepared["known"],
+        "teacher_model": prepared.get("teacher_model"),
         "seeds": per_seed,
         "wall_s": wall_s,
     }
@@ -787,6 +835,8 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
     if compare and wiring.build_reward is None:
         raise SystemExit("--compare-rewards needs a reward (cli.py wires build_reward)")
     reward_runs = 2 if compare else 0
+    teachers = getattr(args, "compare_teachers", False)
+    teacher_runs = 2 if teachers else 0
     from opsd_mm.demo.workers import default_jobs, run_parallel
     from opsd_mm.model.tiny import resolve_tiny
 
@@ -796,7 +846,9 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
         raise SystemExit(f"--jobs: must be >= 1 (0: one per core), got {jobs}")
     for plan in plans.values():  # built here once, not by two workers at the same time
         resolve_tiny(plan.recipe.tiny, args.tiny_cache)
-    work = {n: planned_work(n, p, len(seeds), reward_runs) for n, p in plans.items()}
+        if teachers:
+            resolve_tiny(f"{plan.recipe.tiny}-teacher", args.tiny_cache)
+    work = {n: planned_work(n, p, len(seeds), reward_runs, teacher_runs) for n, p in plans.items()}
     progress = Progress(sum(work.values()))
     t0 = time.perf_counter()
     try:
@@ -829,6 +881,13 @@ def run_demo(args: argparse.Namespace, wiring: Wiring) -> int:
         print(f"\n{compare_table(results)}")
         plot_tokens(results, run_dir / "accuracy_tokens.png")
         print(f"accuracy vs rollout tokens: {run_dir / 'accuracy_tokens.png'}")
+    if teachers:
+        from opsd_mm.demo import teachers as compare_teachers
+
+        text += "\n\n" + compare_teachers.compare_table(results)
+        print(f"\n{compare_teachers.compare_table(results)}")
+        compare_teachers.plot_tokens(results, run_dir / "accuracy_tokens_teachers.png")
+        print(f"accuracy vs rollout tokens: {run_dir / 'accuracy_tokens_teachers.png'}")
     summary = {
         "args": vars(args) | {"func": None},
         "machine": machine,

@@ -48,7 +48,32 @@ def data_wiring() -> Any:
 
         return list_benchmarks()
 
-    return DataWiring(build, template_fields, load_references, benchmark_names)
+    def teacher_prompts(cfg: RunConfig, processor: Any) -> Any:
+        """With a model teacher or a teachers mapping, each example's teacher context as its
+        own teacher renders it (a model teacher's vocabulary checked, its processor built; no
+        weights loaded); None for the student's own weights alone."""
+        from opsd_mm.config import teacher_specs
+
+        specs = teacher_specs(cfg)
+        if not cfg.teachers and all(s.kind == "self" for s in specs.values()):
+            return None
+        from opsd_mm.processors import build_processor
+        from opsd_mm.teacher.routing import route
+        from opsd_mm.train.build import check_teachers
+
+        own = {
+            c.name: c.processor for c in check_teachers(cfg, processor_path(cfg), build_processor)
+        }
+
+        def render(ex: Any) -> Any:
+            name = route(cfg, ex)
+            prompt = own.get(name, processor).teacher_prompt(ex)
+            prompt.meta["teacher"] = name
+            return prompt
+
+        return render
+
+    return DataWiring(build, template_fields, load_references, benchmark_names, teacher_prompts)
 
 
 def cmd_data(command: str, args: argparse.Namespace) -> int:
@@ -60,9 +85,16 @@ def cmd_data(command: str, args: argparse.Namespace) -> int:
 def build_trainer(cfg: RunConfig, accelerator: Any = None) -> Any:
     """Everything a run needs, from the config alone (``opsd_mm.train.build.trainer_from_config``,
     with the processors and benchmark loaders wired in here)."""
+    from opsd_mm.processors import build_processor
     from opsd_mm.train.build import trainer_from_config
 
-    return trainer_from_config(cfg, data_wiring(), accelerator, reward=build_reward(cfg))
+    return trainer_from_config(
+        cfg,
+        data_wiring(),
+        accelerator,
+        reward=build_reward(cfg),
+        build_processor=build_processor,  # a model teacher's own processor
+    )
 
 
 def build_reward(cfg: RunConfig) -> Any:

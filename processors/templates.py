@@ -20,6 +20,9 @@ Role = Literal["student", "teacher"]
 
 _BOXED = "Please reason step by step, and put your final answer within \\boxed{{}}."
 
+# processor.teacher_template=same_as_student: the teacher sees the student's context exactly.
+SAME_AS_STUDENT = "same_as_student"
+
 # The OPSD reference implementation's transition instruction (arXiv 2601.18734; wording as in
 # its data collator from the code revision of 2026-03-18 on), kept verbatim, including the em dash.
 _OPSD_TRANSITION = (
@@ -119,6 +122,17 @@ _TEMPLATES = (
         role="teacher",
         text="Problem: {question}\n\nHint: {privileged}\n\n" + _BOXED,
         description="The privileged text as a short hint.",
+    ),
+    PromptTemplate(
+        name=SAME_AS_STUDENT,
+        role="teacher",
+        text="{question}",
+        description=(
+            "No privileged information: the teacher's context is exactly the student's (the "
+            "processors render the student prompt, with the student template and thinking "
+            "mode; this text is not used). Plain on-policy distillation from another model "
+            "(teacher.kind=model); with the student's own weights, a KL to the initial model."
+        ),
     ),
 )
 

@@ -23,7 +23,7 @@ from opsd_mm.types import BadImageError, Example, Pair, PairBatch, Prompt, SideB
 
 from . import base
 from .collate import pack_side, pair_batch
-from .templates import PromptTemplate, get_template
+from .templates import SAME_AS_STUDENT, PromptTemplate, get_template
 from .thinking import THINK_CLOSE, THINK_OPEN, ThinkState, think_state, think_tags_to_suppress
 
 # Chat-end tokens that stop a ChatML turn; Qwen3 generation configs list both.
@@ -230,7 +230,10 @@ class TextProcessor(base.ProcessorBase):
         Over ``processor.max_teacher_prompt_tokens``, the privileged text alone is cut (at a
         token boundary of the privileged text, then the whole prompt re-rendered, shrinking until
         it fits); the question is never cut. ``meta["privileged_truncated"]`` records it.
+        ``processor.teacher_template=same_as_student``: exactly the student's context.
         """
+        if self.teacher_template.name == SAME_AS_STUDENT:
+            return self.student_prompt(ex)
         base.check_text(ex, self._control_strings)
         template = self.teacher_template
         base.check_teacher_fields(ex, template)

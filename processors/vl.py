@@ -35,7 +35,7 @@ from opsd_mm.types import Example, Pair, PairBatch, Prompt
 from . import base, views
 from .collate import pack_mm_side, pair_batch
 from .images import BadImageError, load_example_images, load_image, resolve_source
-from .templates import PromptTemplate, get_template
+from .templates import SAME_AS_STUDENT, PromptTemplate, get_template
 from .text import TextProcessor
 from .thinking import ThinkState, think_state
 from .vision_cache import VisionCache
@@ -414,7 +414,11 @@ class QwenVLProcessor(base.ProcessorBase):
         """The teacher's context: question and images (in the teacher's view), teacher-only
         images, then the privileged text. Over ``processor.max_teacher_prompt_tokens`` the
         privileged text alone is cut at a token boundary of its own encoding (the whole prompt
-        re-rendered until it fits); ``meta["privileged_truncated"]`` records it."""
+        re-rendered until it fits); ``meta["privileged_truncated"]`` records it.
+        ``processor.teacher_template=same_as_student``: exactly the student's context (its
+        images only, in the student's view)."""
+        if self.teacher_template.name == SAME_AS_STUDENT:
+            return self.student_prompt(ex)
         return self._teacher(ex, "teacher", None)
 
     def gain_prompt(self, ex: Example, seed: int | None = None) -> Prompt:

@@ -142,6 +142,38 @@ def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
         )
 
 
+@pytest.mark.slow
+def test_demo_compare_teachers_quick(tmp_path, tiny_cache, capsys):
+    """--compare-teachers: the bigger teacher's warm start and the two distillations from it
+    run beside OPSD; the table, the plot and results.json carry them."""
+    from opsd_mm.cli import main
+
+    torch_threads = torch.get_num_threads()
+    run_dir = tmp_path / "demo"
+    args = ["demo", "--quick", "--tasks", "text", "--compare-teachers", "--jobs", "1"]
+    rc = main([*args, "--run-dir", str(run_dir), "--tiny-cache", str(tiny_cache)])
+    torch.set_num_threads(torch_threads)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| text | after bigger teacher, privileged context |" in out
+    png = run_dir / "accuracy_tokens_teachers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = json.loads((run_dir / "results.json").read_text())["tasks"]["text"]
+    big = text["teacher_model"]
+    assert 0 <= big["student_context"] <= 100 and 0 <= big["teacher_context"] <= 100
+    assert (run_dir / "text" / "teacher_warm_start" / "config.json").exists()
+    runs = text["seeds"]["0"]
+    assert set(runs) == {"opsd", "sft", "distill", "distill_priv"}
+    for method in ("distill", "distill_priv"):
+        assert runs[method]["rollout_tokens"] > 0 and len(runs[method]["loss"]) == text["steps"]
+        config = (run_dir / "text" / "seed0" / method / "config.yaml").read_text()
+        assert "kind: model" in config and "teacher_warm_start" in config
+        same = "teacher_template: same_as_student" in config
+        assert same == (method == "distill")
+        row = (run_dir / "text" / "seed0" / method / "metrics.jsonl").read_text().splitlines()[0]
+        assert json.loads(row)["teacher/teacher/rows"] > 0
+
+
 def test_a_failing_task_worker_is_reported_with_its_name(tmp_path):
     """A job whose worker process raises: the demo stops with an error naming the job and
     the worker's exception, and no worker is left running."""

@@ -31,7 +31,11 @@ from opsd_mm.config.sections import (
     RolloutConfig,
     RunConfig,
     TeacherConfig,
+    TeacherModelConfig,
+    TeacherSpec,
     TrainerConfig,
+    teacher_key,
+    teacher_specs,
     validate_loss_config,
 )
 from opsd_mm.config.show import show_config
@@ -51,6 +55,8 @@ __all__ = [
     "SECRET_KEYS",
     "SECRET_MASK",
     "TeacherConfig",
+    "TeacherModelConfig",
+    "TeacherSpec",
     "TrainerConfig",
     "apply_overrides",
     "build_config",
@@ -63,6 +69,8 @@ __all__ = [
     "resolve_config",
     "save_config",
     "show_config",
+    "teacher_key",
+    "teacher_specs",
     "validate_config",
     "validate_loss_config",
 ]

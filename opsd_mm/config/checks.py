@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
-from opsd_mm.config.sections import RunConfig, ViewOpConfig, _require
+from opsd_mm.config.sections import (
+    RunConfig,
+    ViewOpConfig,
+    _require,
+    teacher_key,
+    teacher_specs,
+    view_is_random,
+)
 from opsd_mm.errors import ConfigError
 
 
@@ -244,14 +252,180 @@ def validate_config(cfg: RunConfig) -> None:
     ]
     for key, value, ok, allowed in checks:
         _require(key, value, ok, allowed)
-    if te.scoring == "server":
-        _check_server_scoring(cfg)
+    _check_teachers(cfg)
     _check_views(cfg)
     if p.kind not in ("auto", "text") and p.student_prompt_format != "chat_template":
         raise ConfigError(
             f"processor.student_prompt_format={p.student_prompt_format} is not supported with "
             f"processor.kind={p.kind} (stripping special tokens would remove the vision start/end "
             "and image pad tokens the images are placed by); use chat_template"
+        )
+
+
+def _check_teachers(cfg: RunConfig) -> None:
+    """The teachers: each model teacher names its checkpoint (and, scored on a server, the
+    server and a loss it can score); a ``teachers`` mapping has a route and routes to its own
+    names; keys that apply to another kind of teacher are unset (a ConfigError naming the key:
+    a set key that would be ignored is a mistake worth hearing about)."""
+    te = cfg.teacher
+    specs = teacher_specs(cfg)
+    selfs = [n for n, s in specs.items() if s.kind == "self"]
+    for name, spec in specs.items():
+        key = teacher_key(cfg, name)
+        if cfg.teachers and not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ConfigError(
+                f"teachers.{name}: a teacher's name goes into metric keys "
+                "(teacher/NAME/...): use letters, digits, _ and - only"
+            )
+        if spec.kind == "model":
+            _check_model_teacher(cfg, key, spec)
+            continue
+        # The student's own weights: teacher.kind and teacher.scoring say which and where.
+        if cfg.teachers:
+            for field, value, default in (
+                ("scoring", spec.scoring, "local"),
+                ("server_url", spec.server_url, None),
+                ("model.name_or_path", spec.model.name_or_path, None),
+            ):
+                if value != default:
+                    raise ConfigError(
+                        f"{key}.{field}={_show(value)}: a kind=self teacher is the student's "
+                        "own weights, scored as teacher.kind and teacher.scoring say; unset it"
+                    )
+        for field, value in (
+            ("teacher.server_url", te.server_url),
+            ("teacher.model.name_or_path", te.model.name_or_path),
+        ):
+            if value is not None and not cfg.teachers:
+                raise ConfigError(
+                    f"{field}={value} applies to teacher.kind=model (a separate checkpoint), "
+                    f"not teacher.kind={te.kind}; set teacher.kind=model or unset {field}"
+                )
+    if selfs and te.scoring == "server":
+        _check_server_scoring(cfg)
+    p = cfg.processor
+    if p.teacher_template == "same_as_student":
+        # The teacher renders the student prompt without the step's view seed.
+        if p.teacher_view:
+            raise ConfigError(
+                "processor.teacher_view: processor.teacher_template=same_as_student gives the "
+                "teacher exactly the student's context, its view included; unset teacher_view"
+            )
+        if view_is_random(p.student_view or []):
+            raise ConfigError(
+                "processor.student_view: a random view (drawn per step and example) with "
+                "processor.teacher_template=same_as_student is not supported: the teacher could "
+                "not see the student's exact pixels"
+            )
+    if not cfg.teachers:
+        for field, value, default in (
+            ("teacher.route_by", te.route_by, None),
+            ("teacher.routes", te.routes, {}),
+            ("teacher.route_default", te.route_default, None),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"{field}={_show(value)} routes examples between several teachers: it needs "
+                    "a teachers mapping (teachers: {NAME: {model: {name_or_path: ...}}, ...})"
+                )
+        return
+    _check_routing(cfg, specs, selfs)
+
+
+def _check_model_teacher(cfg: RunConfig, key: str, spec: Any) -> None:
+    """One ``kind=model`` teacher: its checkpoint, and what server scoring needs."""
+    why = f"{key}.kind=model" if cfg.teachers else "teacher.kind=model"
+    if not spec.model.name_or_path:
+        raise ConfigError(
+            f"{key}.model.name_or_path must be set with {why}: the teacher's checkpoint (a hub "
+            "id, a local directory, or tiny:text-teacher)"
+        )
+    if spec.scoring == "local":
+        if spec.server_url is not None:
+            raise ConfigError(
+                f"{key}.server_url={spec.server_url} applies to {key}.scoring=server; set "
+                f"{key}.scoring=server or unset it"
+            )
+        return
+    lo, r = cfg.loss, cfg.rollout
+    server = f"{key}.scoring=server"
+    rules = [
+        (
+            f"{key}.server_url",
+            spec.server_url,
+            bool(spec.server_url),
+            f"must be set with {why} and {server}: the base URL of an `opsd-mm serve "
+            "TEACHER` process (e.g. http://127.0.0.1:8766)",
+        ),
+        (
+            f"{key}.server_url",
+            spec.server_url,
+            spec.server_url != r.server_url,
+            "is the generation server (rollout.server_url), which holds the student: serve the "
+            "teacher on its own (opsd-mm serve TEACHER --port ...)",
+        ),
+        (
+            "loss.temperature",
+            lo.temperature,
+            lo.temperature == 1.0,
+            f"{server} needs loss.temperature=1.0: the server returns temperature-1 "
+            "log-probabilities (set loss.temperature=1.0 explicitly to score a tempered rollout)",
+        ),
+        (
+            "loss.divergence",
+            lo.divergence,
+            lo.divergence == "sampled_pg" or lo.top_k > 0,
+            f"{server} needs loss.divergence=sampled_pg or loss.top_k > 0: a full-vocabulary "
+            "divergence needs the teacher's whole distribution, which the server does not send",
+        ),
+    ]
+    for k, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{k}={_show(value)}: {allowed}")
+
+
+def _check_routing(cfg: RunConfig, specs: dict[str, Any], selfs: list[str]) -> None:
+    """A ``teachers`` mapping: a route column, routes and a default that name its teachers,
+    at most one ``self`` entry, and the teacher section's own checkpoint keys unset."""
+    te = cfg.teacher
+    names = ", ".join(specs)
+    if len(selfs) > 1:
+        raise ConfigError(
+            f"teachers: {len(selfs)} kind=self entries ({', '.join(selfs)}); the student's own "
+            "weights can be one teacher only (teacher.kind says which: fixed, live or ema)"
+        )
+    if selfs and te.kind == "model":
+        raise ConfigError(
+            f"teacher.kind=model with the kind=self entry teachers.{selfs[0]}: teacher.kind says "
+            "which of the student's weights that entry uses (fixed, live or ema)"
+        )
+    if not selfs and te.scoring == "server":
+        raise ConfigError(
+            "teacher.scoring=server applies to a kind=self entry of teachers (there is none); "
+            "a model teacher is scored on a server with teachers.NAME.scoring=server"
+        )
+    for field, value in (
+        ("teacher.model.name_or_path", te.model.name_or_path),
+        ("teacher.server_url", te.server_url),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{field}={value}: with a teachers mapping each teacher has its own "
+                "(teachers.NAME.model.name_or_path, teachers.NAME.server_url); unset it"
+            )
+    if not te.route_by:
+        raise ConfigError(
+            f"teacher.route_by must be set with a teachers mapping ({names}): the data column "
+            "whose value chooses each example's teacher (e.g. teacher.route_by=source)"
+        )
+    for value, name in te.routes.items():
+        if name not in specs:
+            raise ConfigError(
+                f"teacher.routes.{value}={name}: no such teacher; the teachers are {names}"
+            )
+    if te.route_default is not None and te.route_default not in specs:
+        raise ConfigError(
+            f"teacher.route_default={te.route_default}: no such teacher; the teachers are {names}"
         )
 
 
@@ -456,6 +630,11 @@ def _check_views(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{key}={value} needs teacher.scoring=local: the gain takes two more teacher "
                 "forwards in the trainer"
+            )
+        if cfg.teacher.kind == "model" or cfg.teachers:
+            raise ConfigError(
+                f"{key}={value}: the view gain is computed with the student's own weights as "
+                "the teacher; it is not supported with teacher.kind=model or a teachers mapping"
             )
     if lo.view_weighting != "none" and lo.distill_weight == 0:
         raise ConfigError(

@@ -64,6 +64,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = args[:1] or (Any,)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        # A mapping of names (``teachers``, ``teacher.routes``): YAML keys are read as text
+        # (``1: big`` names the value "1"), each value checked against the value type.
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        value_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -138,6 +145,10 @@ def _field_type(key: str) -> Any:
     tp: Any = None
     parts = key.split(".")
     for i, part in enumerate(parts):
+        if typing.get_origin(cls) is dict:
+            # A name in a mapping (``teachers.big``): any name; its value has the value type.
+            tp = cls = typing.get_args(cls)[1]
+            continue
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"unknown config key '{key}'")
         hints = _key_hints(cls)
@@ -318,11 +329,12 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted key -> value of every non-mapping value in nested mappings, in order."""
+    """Dotted key -> value of every non-mapping value in nested mappings, in order; an empty
+    mapping (``teachers: {}``) is a value too."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
+        if isinstance(v, Mapping) and v:
             out.update(leaves(v, key + "."))
         else:
             out[key] = v

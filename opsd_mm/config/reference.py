@@ -39,6 +39,7 @@ class FieldDoc:
     default: str  # as YAML writes it; "" for a section
     doc: str  # the comment block above the field, joined into one paragraph ("" if none)
     section: type | None = None  # the section class, for a field that is a whole section
+    mapped: bool = False  # a mapping of named sections (``teachers``)
 
 
 def config_key(name: str) -> str:
@@ -46,15 +47,32 @@ def config_key(name: str) -> str:
     return _FIELD_TO_KEY.get(name, name)
 
 
+# The placeholder for a name in a mapping of sections (``teachers.NAME.kind``).
+NAME = "NAME"
+
+
+def mapped_section(tp: Any) -> type | None:
+    """The section class of a mapping of named sections (``dict[str, TeacherSpec]``), else
+    None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return args[1]
+    return None
+
+
 def config_sections(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, type]]:
     """``(dotted prefix, section class)`` of ``cls`` and of every section below it, depth
-    first in field order: ``("", RunConfig), ("model", ModelConfig), ("model.lora", ...)``."""
+    first in field order: ``("", RunConfig), ("model", ModelConfig), ("model.lora", ...)``; a
+    mapping of named sections under ``NAME`` (``("teachers.NAME", TeacherSpec)``)."""
     out = [(prefix, cls)]
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        key = f"{prefix}.{config_key(f.name)}".lstrip(".")
         if dataclasses.is_dataclass(tp):
-            out += config_sections(tp, f"{prefix}.{config_key(f.name)}".lstrip("."))
+            out += config_sections(tp, key)
+        elif mapped_section(tp) is not None:
+            out += config_sections(mapped_section(tp), f"{key}.{NAME}")
     return out
 
 
@@ -147,6 +165,8 @@ def type_text(tp: Any) -> str:
     if origin in (list, tuple):
         item = args[0] if args else Any
         return f"`list[{getattr(item, '__name__', str(item))}]`"
+    if origin is dict:
+        return f"mapping of `str` to {type_text(args[1]) if len(args) == 2 else 'any'}"
     if dataclasses.is_dataclass(tp):
         return "section"
     return f"`{getattr(tp, '__name__', str(tp).replace('typing.', ''))}`"
@@ -169,7 +189,15 @@ def field_docs(cls: type, prefix: str = "") -> list[FieldDoc]:
             default = ""  # a required key (a view operation's ``op``)
         else:
             default = yaml_value(f.default)
-        rows.append(FieldDoc(key, type_text(tp), default, comments.get(f.name, "")))
+        rows.append(
+            FieldDoc(
+                key,
+                type_text(tp),
+                default,
+                comments.get(f.name, ""),
+                mapped=mapped_section(tp) is not None,
+            )
+        )
     return rows
 
 
@@ -199,7 +227,7 @@ def _md(text: str) -> str:
 
 def _anchor(prefix: str) -> str:
     """The heading anchor GitHub gives ``## `prefix` `` (the top level: ``## Top level``)."""
-    return prefix.replace(".", "") if prefix else "top-level"
+    return prefix.replace(".", "").lower() if prefix else "top-level"
 
 
 def _link(prefix: str) -> str:
@@ -271,6 +299,9 @@ def reference_markdown() -> str:
         for row in field_docs(cls, prefix):
             if row.section is not None:
                 kind, default = f"section, see {_link(row.key)}", ""
+            elif row.mapped:
+                kind = f"mapping of names to sections, see {_link(f'{row.key}.{NAME}')}"
+                default = f"`{row.default}`"
             else:
                 kind, default = row.type, f"`{row.default}`"
             cells = [f"`{row.key}`", kind, default, row.doc]

@@ -213,9 +213,10 @@ class ProcessorConfig:
     # reference's) or plain (the question verbatim).
     student_template: str = "opsd_student_v1"
     # The teacher's message template, which shows the privileged information: opsd_teacher_v1
-    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer), hint_v1, or
-    # question_only_v1 (no privileged text: the privilege is in teacher_view's pixels).
-    # Left at this default, a data.preset sets its own.
+    # (a reference solution), opsd_teacher_v0, answer_only_v1 (the final answer), hint_v1,
+    # question_only_v1 (no privileged text: the privilege is in teacher_view's pixels), or
+    # same_as_student: exactly the student's context, nothing privileged (plain on-policy
+    # distillation from another model). Left at this default, a data.preset sets its own.
     teacher_template: str = "opsd_teacher_v1"
     # Thinking mode of the student prompt (the chat template's ``enable_thinking``).
     student_thinking: bool = False
@@ -404,21 +405,93 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class TeacherModelConfig:
+    """A separate checkpoint as the teacher (``teacher.kind=model``, or a ``model`` entry of
+    ``teachers``): frozen, in eval mode, never in the optimizer. Its tokenizer must be the
+    student's (every token id and special token, checked before any weight loads); its chat
+    template and image processing are its own, and it scores the student's completion ids token
+    for token after its own rendering of the teacher context (docs/teachers.md)."""
+
+    # A hub id, a local directory, or ``tiny:<name>`` (e.g. tiny:text-teacher, a 4-layer tiny
+    # teacher on the tiny student's tokenizer); required for a model teacher. Scored on a
+    # server, only its tokenizer and processor files are read here.
+    name_or_path: str | None = None
+    # Weight dtype: auto (bfloat16 on CUDA, float32 on CPU) or the one named.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # A LoRA adapter directory (peft) merged into the teacher's weights when it loads (null:
+    # none).
+    adapter: str | None = None
+    # Attention implementation passed to transformers (sdpa, eager, flash_attention_2, ...).
+    attn_implementation: str = "sdpa"
+    # Hub revision of the teacher (a branch, tag or commit; null: the default branch).
+    revision: str | None = None
+    # Let transformers run code shipped in the teacher's repository.
+    trust_remote_code: bool = False
+    # Keep the teacher's weights in CPU memory and move them to the device for each of its
+    # forwards (between micro-batches the device holds the student alone): a large teacher
+    # fits beside the student at the cost of one transfer per micro-batch. Not under FSDP2,
+    # which shards the teacher instead.
+    offload: bool = False
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
-    """The teacher: the same model in the privileged context, with which weights, scored where."""
+    """The teacher: the student's own weights in the privileged context (self-distillation), or
+    a separate checkpoint (distillation), with which weights, scored where, and, with a
+    ``teachers`` mapping, which teacher scores which example."""
 
     # Which weights the teacher uses: fixed (the initial model; under LoRA the base with the
-    # adapter disabled), live (the current weights) or ema (a moving average of them).
-    kind: Literal["fixed", "live", "ema"] = "fixed"
+    # adapter disabled), live (the current weights), ema (a moving average of them), or model
+    # (the separate checkpoint of teacher.model.*). With a ``teachers`` mapping: the weights of
+    # its ``self`` entry.
+    kind: Literal["fixed", "live", "ema", "model"] = "fixed"
     # ema: each update sets ema = ema_decay * ema + (1 - ema_decay) * current, in [0, 1).
     ema_decay: float = 0.99
     # ema: update the average every this many optimizer steps.
     ema_update_every: int = 1
     # Where the teacher's log-probabilities come from. local: a teacher forward in the trainer.
-    # server: the generation server scores the completions in the teacher context (a live
-    # teacher, or a fixed one under LoRA whose base the server holds; sampled-token or top-k
-    # losses; see opsd_mm.teacher.scoring).
+    # server: scored by a vLLM server (sampled-token or top-k losses; see
+    # opsd_mm.teacher.scoring): for the student's own weights the generation server at
+    # rollout.server_url (a live teacher, or a fixed one under LoRA whose base the server
+    # holds); for teacher.kind=model the server at teacher.server_url.
     scoring: Literal["local", "server"] = "local"
+    # teacher.kind=model: the checkpoint (the teacher.model.* keys).
+    model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    # teacher.kind=model with teacher.scoring=server: the base URL of an ``opsd-mm serve
+    # TEACHER`` process that scores the completions (not the generation server; its bearer
+    # token is rollout.server_token's, its timeout and retries rollout.server_timeout_s and
+    # rollout.server_retries).
+    server_url: str | None = None
+    # With a ``teachers`` mapping: the data column (Example.meta key) whose value chooses each
+    # example's teacher, e.g. source or subject (required with ``teachers``).
+    route_by: str | None = None
+    # With route_by: column value -> teacher name, for values that are not teacher names
+    # themselves (empty: a value names its teacher).
+    routes: dict[str, str] = field(default_factory=dict)
+    # With route_by: the teacher of an example whose value names no teacher, or that has no
+    # value (null: teacher.unrouted_policy decides).
+    route_default: str | None = None
+    # With route_by and no route_default, an example whose value names no teacher: skip drops
+    # it (counted as skipped/run/unrouted, logged with its id and value); raise stops with an
+    # error naming it.
+    unrouted_policy: Literal["skip", "raise"] = "skip"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One entry of the ``teachers`` mapping (``teachers.NAME.*``): a separate checkpoint, or
+    the student's own weights (``self``, as ``teacher.kind`` and ``teacher.scoring`` say)."""
+
+    # model: the checkpoint of teachers.NAME.model.*; self: the student's own weights (at most
+    # one such entry; teacher.kind (fixed, live or ema) and teacher.scoring say which and where).
+    kind: Literal["model", "self"] = "model"
+    # kind=model: the checkpoint (the teachers.NAME.model.* keys).
+    model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    # kind=model: local (a forward in the trainer) or server (scored by the ``opsd-mm serve``
+    # process at teachers.NAME.server_url).
+    scoring: Literal["local", "server"] = "local"
+    # kind=model with scoring=server: that server's base URL.
+    server_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -527,6 +600,9 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # The teacher (the teacher.* keys).
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # Several teachers, by name (each a teachers.NAME section), chosen per example by
+    # teacher.route_by; empty: the one teacher of the teacher section.
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
     # The optimisation and checkpoints (the trainer.* keys).
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     # Metrics and trackers (the logging.* keys).
@@ -537,6 +613,30 @@ class RunConfig:
     # Seed of the run's randomness: torch and Python's initial state, the data order and each
     # step's sampling.
     seed: int = 0
+
+
+# The name of the one teacher of a run without a ``teachers`` mapping (metrics, routing).
+SINGLE_TEACHER = "teacher"
+
+
+def teacher_specs(cfg: RunConfig) -> dict[str, TeacherSpec]:
+    """The run's teachers by name: the ``teachers`` mapping, or the teacher section's one
+    teacher as a mapping of one (``SINGLE_TEACHER``), so every consumer handles one shape."""
+    if cfg.teachers:
+        return dict(cfg.teachers)
+    te = cfg.teacher
+    kind = "model" if te.kind == "model" else "self"
+    return {
+        SINGLE_TEACHER: TeacherSpec(
+            kind=kind, model=te.model, scoring=te.scoring, server_url=te.server_url
+        )
+    }
+
+
+def teacher_key(cfg: RunConfig, name: str) -> str:
+    """The config prefix of teacher ``name``, as errors name it: ``teachers.NAME``, or
+    ``teacher`` for the teacher section's one teacher."""
+    return f"teachers.{name}" if cfg.teachers else "teacher"
 
 
 # ----------------------------------------------------------------------------- loss rules

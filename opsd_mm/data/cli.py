@@ -38,6 +38,10 @@ class DataWiring:
     template_fields: Callable[[str], frozenset[str]]
     load_references: Callable[[Sequence[str], str | None], list[ReferenceItem]]
     benchmark_names: Callable[[], Sequence[str]] = lambda: ()
+    # With a model teacher or a teachers mapping: (cfg, the student's processor) -> a function
+    # rendering an example's teacher context as its own teacher does (``meta["teacher"]`` names
+    # it); None, or returning None: the student's processor renders it.
+    teacher_prompts: Callable[[RunConfig, Any], Callable[[Example], Any] | None] | None = None
 
 
 def check_benchmarks(names: Sequence[str], wiring: DataWiring, where: str) -> None:
@@ -62,7 +66,10 @@ def load_training_data(
     if exclude:
         check_benchmarks(cfg.data.contamination_benchmarks, wiring, "data.contamination_benchmarks")
     fields = wiring.template_fields(cfg.processor.teacher_template)
-    examples, report = load_examples(cfg.data, seed=cfg.seed, teacher_fields=fields)
+    route_by = cfg.teacher.route_by if cfg.teachers else None
+    examples, report = load_examples(
+        cfg.data, seed=cfg.seed, teacher_fields=fields, route_by=route_by
+    )
     processor = wiring.build_processor(cfg) if with_processor else None
     if processor is not None:  # a VL processor drops (and counts) rows with bad images
         examples = processor.prepare_examples(examples, data_dir=cfg.data.data_dir)
@@ -162,6 +169,16 @@ def render_prompt(prompt: Any) -> list[str]:
     return lines
 
 
+def _teacher_prompt(render: Callable[[Example], Any], ex: Example) -> Any:
+    """``render(ex)``, or, for an example no teacher is routed to, the reason (a string)."""
+    try:
+        return render(ex)
+    except ValueError as e:
+        if getattr(e, "skip_reason", None) != "unrouted":
+            raise
+        return str(e)
+
+
 def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     cfg = _config(args)
     examples, report, processor = load_training_data(cfg, wiring)
@@ -171,13 +188,15 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     random_view = view_is_random(cfg.processor.student_view)
     if random_view:
         lines.append("student view: random operations drawn as at training step 1")
+    # A model teacher renders its context itself (its chat template, its image processing).
+    teacher_prompt = wiring.teacher_prompts(cfg, processor) if wiring.teacher_prompts else None
     rendered = [
         (
             ex,
             processor.student_prompt(ex, seed=view_seed(cfg.seed, 1, ex.id))
             if random_view
             else processor.student_prompt(ex),
-            processor.teacher_prompt(ex),
+            _teacher_prompt(teacher_prompt or processor.teacher_prompt, ex),
         )
         for ex in examples[: args.n]
     ]
@@ -190,7 +209,11 @@ def cmd_inspect(args: argparse.Namespace, wiring: DataWiring) -> int:
     for k, (ex, student, teacher) in enumerate(rendered):
         lines.append(f"\n==== example {k + 1}/{min(args.n, len(examples))}: {ex.id} ====")
         for role, prompt in (("student", student), ("teacher", teacher)):
-            lines.append(f"---- {role} prompt ({len(prompt.input_ids)} tokens) ----")
+            if isinstance(prompt, str):  # no teacher: the reason
+                lines.append(f"---- {role} prompt: none ({prompt}) ----")
+                continue
+            name = f"{prompt.meta['teacher']}, " if "teacher" in prompt.meta else ""
+            lines.append(f"---- {role} prompt ({name}{len(prompt.input_ids)} tokens) ----")
             lines += render_prompt(prompt)
             files = write_images(prompt, image_dir, f"{k + 1:03d}_{role}")
             if files:

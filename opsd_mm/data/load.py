@@ -223,11 +223,14 @@ def rows_to_examples(
     require_answer: bool = False,
     source: str = "",
     image_base: tuple[Path | None, str] | None = None,
+    keep_columns: Sequence[str] = (),
 ) -> tuple[list[Example], LoadReport]:
     """Map rows to Examples through a preset (or a column mapping); bad rows are skipped (and
     reported) or raise, by ``policy``. With ``image_base`` (directory, how it is set), relative
     image paths are resolved and checked here: a missing image skips its row, and when no row's
-    images are found the error says where it looked and names ``data.data_dir``."""
+    images are found the error says where it looked and names ``data.data_dir``.
+    ``keep_columns``: raw columns copied into ``Example.meta`` under their own names (where the
+    mapping did not set that key), e.g. the ``teacher.route_by`` column."""
     preset = columns if isinstance(columns, Preset) else columns_preset(columns)
     names = list(getattr(rows, "column_names", None) or (rows[0].keys() if len(rows) else []))
     if len(rows) == 0:
@@ -271,7 +274,7 @@ def rows_to_examples(
                 answer=None if answer is None else str(answer),
                 images=images,
                 teacher_images=teacher_images,
-                meta=dict(fields.get("meta") or {}),
+                meta=_with_columns(fields.get("meta"), row, keep_columns),
                 regions=tuple(fields.get("regions") or ()),
             )
         )
@@ -291,6 +294,26 @@ def rows_to_examples(
     return out, report
 
 
+def _with_columns(meta: Any, row: Any, columns: Sequence[str]) -> dict[str, Any]:
+    """The mapped meta plus each of ``columns`` the raw row has (the mapping's own key wins)."""
+    out = dict(meta or {})
+    for col in columns:
+        if col not in out and col in row:
+            out[col] = row[col]
+    return out
+
+
+def check_route_column(examples: Sequence[Example], column: str, source: str) -> None:
+    """A DataError naming ``teacher.route_by`` when no example carries ``column`` (a
+    misspelt column would otherwise skip, or default, every example)."""
+    if examples and not any(ex.meta.get(column) is not None for ex in examples):
+        keys = sorted({k for ex in examples[:100] for k in ex.meta})
+        raise DataError(
+            f"teacher.route_by={column}: no example of {source or 'the data'} has a value for it; "
+            f"the examples' columns besides the mapped fields: {', '.join(keys) or 'none'}"
+        )
+
+
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else str(value or "")
 
@@ -307,13 +330,18 @@ def _validate(fields: dict[str, Any], require_privileged: bool, require_answer: 
 
 
 def load_examples(
-    cfg: DataConfig, seed: int = 0, *, teacher_fields: frozenset[str] | None = None
+    cfg: DataConfig,
+    seed: int = 0,
+    *,
+    teacher_fields: frozenset[str] | None = None,
+    route_by: str | None = None,
 ) -> tuple[list[Example], LoadReport]:
     """All training Examples for ``cfg`` (limited to ``cfg.limit``), with a load report.
 
     ``teacher_fields``: the placeholders of the run's teacher template (the CLI passes them);
     rows must hold what it shows (``data.require_privileged`` overrides the privileged part).
-    Without it, the preset's template decides.
+    Without it, the preset's template decides. ``route_by``: the ``teacher.route_by`` column,
+    kept in each example's meta and required of at least one.
     """
     if cfg.preset:
         preset_for(cfg)  # an unknown preset is an error whatever the source
@@ -342,6 +370,7 @@ def load_examples(
                 require_answer="answer" in needs,
                 source=cfg.source,
                 image_base=data_images.image_base(cfg.source, cfg.data_dir),
+                keep_columns=[route_by] if route_by else [],
             )
         except UnicodeDecodeError as e:  # undecodable text surfaces when a row is read
             path = Path(cfg.source)
@@ -349,4 +378,6 @@ def load_examples(
             raise DataError(f"data.source: {where or f'{cfg.source}: not UTF-8 text ({e})'}") from e
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
+    if route_by:
+        check_route_column(examples, route_by, cfg.source)
     return examples, report

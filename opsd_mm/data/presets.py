@@ -32,6 +32,7 @@ TEMPLATE_NEEDS: dict[str, frozenset[str]] = {
     "answer_only_v1": frozenset({"answer"}),
     "hint_v1": frozenset({"privileged"}),
     "question_only_v1": frozenset(),
+    "same_as_student": frozenset(),
 }
 
 

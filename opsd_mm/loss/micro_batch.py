@@ -3,9 +3,10 @@
 Why one entry point: the trainer should not know which path computes the loss. Here the
 ``loss.fused`` choice is made (the fused, chunked path from hidden states and the lm_head
 weight, ``opsd_mm.loss.fused``; or the naive reference on materialised logits,
-``opsd_mm.loss.divergences``), and the teacher's head is taken through :meth:`Teacher.head_weight`,
-so that an EMA teacher whose head is swapped back after its forward still scores with its own
-weights. The trainer calls :func:`micro_batch_loss` once per micro-batch, inside its autocast.
+``opsd_mm.loss.divergences``). The teacher is whatever runs the micro-batch's teacher forward
+(``opsd_mm.teacher.forward.TeacherForward``: the student's own weights swapped in, or a separate
+model) and hands over its hidden states and head, or its logits. The trainer calls
+:func:`micro_batch_loss` once per micro-batch, inside its autocast.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from opsd_mm.loss.divergences import DivergenceOut, loss_mask, loss_temperature,
 from opsd_mm.loss.importance import weighted_loss_sum
 from opsd_mm.loss.policy_gradient import pg_loss_N, sampled_logprob, sampled_logprob_fused
 from opsd_mm.model.forward import completion_hidden, completion_logits, unwrap
-from opsd_mm.teacher.weights import Teacher
+from opsd_mm.teacher.forward import TeacherForward
 from opsd_mm.types import PairBatch, TeacherLogprobs
 
 
@@ -38,7 +39,7 @@ def _phase(timer: PhaseTimer | None, name: str) -> AbstractContextManager:
 def micro_batch_loss(
     batch: PairBatch,
     model: torch.nn.Module,
-    teacher: Teacher,
+    teacher: TeacherForward,
     scale: float,
     cfg: LossConfig,
     timer: PhaseTimer | None = None,
@@ -132,7 +133,7 @@ def micro_batch_loss(
 def _teacher_forward(
     batch: PairBatch,
     model: torch.nn.Module,
-    teacher: Teacher,
+    teacher: TeacherForward,
     cfg: LossConfig,
     timer: PhaseTimer | None,
     packed: bool,
@@ -140,18 +141,11 @@ def _teacher_forward(
 ) -> tuple[torch.Tensor | None, ...]:
     """The teacher's side of :func:`micro_batch_loss`, under no_grad (phase ``teacher``):
     (hidden states [N, H], head weight, head bias, None) on the fused path, (None, None, None,
-    logits [N, V]) on the naive one."""
-    width_C = batch.completion_ids_BC.shape[1]
+    logits [N, V]) on the naive one. ``teacher`` is any ``opsd_mm.teacher.forward``
+    teacher: the student's own weights swapped in, or a separate model."""
     with _phase(timer, "teacher"), torch.no_grad():
-        with teacher.as_teacher(unwrap(model)) as teacher_model:
-            if cfg.fused:
-                t_hidden_NH, t_head = completion_hidden(
-                    teacher_model, batch.teacher, width_C, mask_BC, packed
-                )
-                t_weight_VH = teacher.head_weight(t_head.weight)
-                return t_hidden_NH, t_weight_VH, teacher.head_weight(t_head.bias), None
-            t_logits_NV = completion_logits(teacher_model, batch.teacher, width_C, mask_BC, packed)
-            return None, None, None, t_logits_NV
+        out = teacher.completion_outputs(batch, unwrap(model), cfg.fused, packed, mask_BC)
+    return out.hidden_NH, out.weight_VH, out.bias_V, out.logits_NV
 
 
 def _policy_gradient_only(

@@ -37,6 +37,9 @@ from contextlib import contextmanager
 import torch
 
 from opsd_mm.config import TeacherConfig
+from opsd_mm.model.forward import completion_hidden, completion_logits
+from opsd_mm.teacher.forward import TeacherOutputs
+from opsd_mm.types import PairBatch
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -125,6 +128,29 @@ class Teacher:
             finally:
                 _reshard(model)
                 _swap(params, self.weights)
+
+    def completion_outputs(
+        self,
+        batch: PairBatch,
+        student: torch.nn.Module,
+        fused: bool,
+        packed: bool,
+        mask_BC: torch.Tensor,
+    ) -> TeacherOutputs:
+        """The teacher at the loss tokens (``opsd_mm.teacher.forward.TeacherForward``): the
+        student's module as teacher (:meth:`as_teacher`) on ``batch.teacher``; hidden states
+        and head (fused) or logits (naive). Under the caller's ``torch.no_grad``."""
+        width_C = batch.completion_ids_BC.shape[1]
+        with self.as_teacher(student) as teacher_model:
+            if fused:
+                hidden_NH, head = completion_hidden(
+                    teacher_model, batch.teacher, width_C, mask_BC, packed
+                )
+                return TeacherOutputs(
+                    hidden_NH, self.head_weight(head.weight), self.head_weight(head.bias)
+                )
+            logits_NV = completion_logits(teacher_model, batch.teacher, width_C, mask_BC, packed)
+            return TeacherOutputs(logits_NV=logits_NV)
 
     def head_weight(self, param: torch.Tensor | None) -> torch.Tensor | None:
         """A teacher head parameter (lm_head weight or bias, taken inside :meth:`as_teacher`) as

@@ -63,14 +63,18 @@ class Counters:
 
     def raise_if_policy(self, e: ValueError) -> None:
         """``processor.bad_image_policy=raise`` holds at run time too (an image that went
-        missing or bad after the load-time check)."""
+        missing or bad after the load-time check), as does any error marked ``fatal`` by its
+        own policy (``teacher.unrouted_policy=raise``)."""
         if isinstance(e, BadImageError) and self.bad_image_policy == "raise":
+            raise e
+        if getattr(e, "fatal", False):
             raise e
 
     def skip_example(self, e: ValueError, what: str) -> None:
         """Count an example left out of this step (``skipped/run/bad_image``,
-        ``skipped/run/student_prompt``, ``skipped/run/teacher_prompt``)."""
-        reason = "bad_image" if isinstance(e, BadImageError) else what
+        ``skipped/run/student_prompt``, ``skipped/run/teacher_prompt``, or the error's own
+        ``skip_reason``: ``skipped/run/unrouted``)."""
+        reason = "bad_image" if isinstance(e, BadImageError) else getattr(e, "skip_reason", what)
         self.add("bad_examples")
         self.add(f"skipped/run/{reason}")
 
@@ -214,13 +218,17 @@ def pair_rollouts(
 
 @dataclass
 class MicroBatch:
-    """Rows that go through one forward/backward together. ``padding``: a repeat of this
-    process's last micro-batch, run with weight 0 so that every process runs as many
-    micro-batches as the busiest one."""
+    """Rows that go through one forward/backward together, all of one teacher (``teacher``, a
+    name of ``opsd_mm.teacher.routing.Teachers``). ``padding``: a repeat of one of this
+    process's micro-batches, run with weight 0 so that every process runs as many micro-batches
+    of each teacher as the busiest one; ``foreign``: the repeated rows belong to another
+    teacher (this process has none of ``teacher``'s)."""
 
     pairs: list[Pair]
     advantages: list[float]
     padding: bool = False
+    teacher: str = "teacher"
+    foreign: bool = False
 
 
 @dataclass
@@ -236,35 +244,57 @@ class StepPlan:
 
 
 def plan_micro_batches(
-    paired: PairedStep, cfg: RunConfig, packed: bool, accelerator: Any
+    paired: PairedStep,
+    cfg: RunConfig,
+    packed: bool,
+    accelerator: Any,
+    teachers: Sequence[str] = ("teacher",),
+    teacher_of: Callable[[Pair], str] | None = None,
 ) -> StepPlan:
     """Split the step's pairs into micro-batches (``trainer.micro_batch_size`` rows, or a
-    ``trainer.micro_batch_tokens`` budget sorted by length) and agree on the step's shape over
-    all processes in one collective.
+    ``trainer.micro_batch_tokens`` budget sorted by length), one teacher's rows each, teachers
+    in the order of ``teachers`` (``teacher_of(pair)`` names a pair's; None: all are the first),
+    and agree on the step's shape over all processes in one collective.
 
-    Every process runs as many micro-batches as the busiest one, since a sharded model gathers
-    weights in each forward and DDP reduces gradients in each process's last backward: a
-    process with fewer repeats its last micro-batch as padding (weight 0). If any process has
-    none, every process skips the step (an empty plan)."""
+    Every process runs as many micro-batches of each teacher as the busiest one, since a
+    sharded model gathers weights in each forward (the student's, and a teacher's under FSDP2)
+    and DDP reduces gradients in each process's last backward: a process with fewer repeats its
+    last micro-batch of that teacher as padding (weight 0), or, having none of that teacher's
+    rows, its last micro-batch of any teacher (``foreign``). If any process has no micro-batch
+    at all, every process skips the step (an empty plan)."""
     skip = cfg.loss.skip_first_tokens
     tokens_local = sum(max(0, len(p.completion_ids) - skip) for p in paired.pairs)
-    rows = micro_batches(
-        list(zip(paired.pairs, paired.advantages)),
-        cfg.trainer.micro_batch_size,
-        cfg.trainer.micro_batch_tokens,
-        length=lambda row: pair_length(row[0]),
-        packed=packed,
-    )
-    micro = [MicroBatch([p for p, _ in mb], [a for _, a in mb]) for mb in rows]
+    rows = list(zip(paired.pairs, paired.advantages))
+    micro_by: dict[str, list[MicroBatch]] = {}
+    for name in teachers:
+        group = [r for r in rows if teacher_of is None or teacher_of(r[0]) == name]
+        if teacher_of is None and name != teachers[0]:
+            group = []
+        micro_by[name] = [
+            MicroBatch([p for p, _ in mb], [a for _, a in mb], teacher=name)
+            for mb in micro_batches(
+                group,
+                cfg.trainer.micro_batch_size,
+                cfg.trainer.micro_batch_tokens,
+                length=lambda row: pair_length(row[0]),
+                packed=packed,
+            )
+        ]
+    counts = [len(micro_by[name]) for name in teachers]
     acc = accelerator
-    shape_W2 = acc.gather(
-        torch.tensor([[tokens_local, len(micro)]], dtype=torch.float64, device=acc.device)
+    shape_WS = acc.gather(
+        torch.tensor([[tokens_local, sum(counts), *counts]], dtype=torch.float64, device=acc.device)
     )
-    tokens_global = shape_W2[:, 0].sum().item()
-    pairs = [p for mb in micro for p in mb.pairs]
-    if shape_W2[:, 1].min() == 0:
+    tokens_global = shape_WS[:, 0].sum().item()
+    own = [mb for name in teachers for mb in micro_by[name]]
+    pairs = [p for mb in own for p in mb.pairs]
+    if shape_WS[:, 1].min() == 0:
         return StepPlan([], tokens_global, pairs)
-    busiest = int(shape_W2[:, 1].max().item())
-    last = micro[-1]
-    padding = [MicroBatch(last.pairs, last.advantages, padding=True)] * (busiest - len(micro))
-    return StepPlan(micro + padding, tokens_global, pairs)
+    plan: list[MicroBatch] = []
+    for j, name in enumerate(teachers):
+        mine = micro_by[name]
+        busiest = int(shape_WS[:, 2 + j].max().item())
+        last = mine[-1] if mine else own[-1]
+        pad = MicroBatch(last.pairs, last.advantages, True, name, foreign=not mine)
+        plan += mine + [pad] * (busiest - len(mine))
+    return StepPlan(plan, tokens_global, pairs)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from opsd_mm.config import ConfigError, RunConfig
+from opsd_mm.config import ConfigError, RunConfig, teacher_key, teacher_specs
 
 
 def make_accelerator(cfg: RunConfig) -> Any:
@@ -29,7 +29,8 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
     engine - rather than a DTensor error at step 1 or a broken checkpoint hours later.
 
     DDP and FSDP2 support everything (FSDP2: LoRA and full fine-tuning, every teacher kind, the
-    fused loss, sharded checkpoints). DeepSpeed is not supported and no config for it ships:
+    fused loss, sharded checkpoints) but a model teacher's CPU offload under FSDP2, which shards
+    that teacher instead. DeepSpeed is not supported and no config for it ships:
     FSDP2 is the sharded path. Why: accelerate steps the DeepSpeed engine inside
     ``backward()``, which conflicts with the trainer's own micro-batch accumulation, and it cannot
     be tested on the CPU (DeepSpeed 0.19.8 with DS_ACCELERATOR=cpu trains over gloo, but
@@ -54,3 +55,11 @@ def check_distributed_support(cfg: RunConfig, acc: Any) -> None:
         raise ConfigError(
             "FSDP1 is not supported; use fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
         )
+    if acc.distributed_type == DistributedType.FSDP:
+        for name, spec in teacher_specs(cfg).items():
+            if spec.kind == "model" and spec.model.offload:
+                raise ConfigError(
+                    f"{teacher_key(cfg, name)}.model.offload=true is not supported under FSDP2: "
+                    "the teacher is sharded like the student there (each process holds 1/N of "
+                    "its weights); set it false"
+                )

@@ -3,10 +3,11 @@
 One step: sample -> pair -> teacher forward -> student forward -> loss -> backward/step ->
 teacher update -> engine sync -> log -> checkpoint. The step's batch is built by
 ``opsd_mm.train.batches`` (draw, generate, advantages, pair, micro-batches); the loss of one
-micro-batch by ``opsd_mm.loss.micro_batch``; the teacher is ``opsd_mm.teacher``; saving and
-resuming by ``opsd_mm.train.state`` and ``opsd_mm.train.checkpoint``. With
-``teacher.scoring=server`` the teacher forward is one request to the generation server per
-step, right after pairing (``opsd_mm.teacher.scoring``).
+micro-batch by ``opsd_mm.loss.micro_batch``; the teachers are ``opsd_mm.teacher`` (the
+student's own weights, a separate model, or several routed by a data column:
+``opsd_mm.teacher.routing.Teachers``); saving and resuming by ``opsd_mm.train.state`` and
+``opsd_mm.train.checkpoint``. With ``teacher.scoring=server`` the teacher forward is one
+request per server per step, right after pairing (``opsd_mm.teacher.scoring``).
 
 Failure behaviour (docs/failure-behaviour.md): a fresh run refuses a used run_dir, any run an
 unwritable one; resume falls back past an unloadable newest checkpoint (or one whose state.json
@@ -53,7 +54,9 @@ from opsd_mm.model.forward import unwrap
 from opsd_mm.model.packing import packable
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
 from opsd_mm.rollout.prefetch import RolloutBatch, RolloutPrefetcher, staleness_metrics
-from opsd_mm.teacher.scoring import score_pairs, teacher_logprobs
+from opsd_mm.teacher.model import ModelTeacher
+from opsd_mm.teacher.routing import Teachers
+from opsd_mm.teacher.scoring import teacher_logprobs
 from opsd_mm.teacher.weights import Teacher
 from opsd_mm.train import batches
 from opsd_mm.train import checkpoint as ckpt
@@ -97,12 +100,15 @@ class Trainer:
         accelerator: Any,
         load_skips: dict[str, int] | None = None,
         reward: Reward | None = None,
+        model_teachers: dict[str, ModelTeacher] | None = None,
     ) -> None:
         """Built by ``opsd_mm.train.build``, which resolves ``cfg`` and makes the run's one
         Accelerator, the model, the processor and the engine. ``load_skips``: rows skipped or
         dropped while loading the data, by reason (logged as ``skipped/load/<reason>``).
         ``reward``: scores completions for ``loss.reward_weight`` (``opsd_mm.loss.rewards``;
-        cli.py builds it from ``loss.reward``); required when the weight is > 0."""
+        cli.py builds it from ``loss.reward``); required when the weight is > 0.
+        ``model_teachers``: the separate teachers of ``teacher.kind=model`` or ``teachers``, by
+        name, loaded by ``opsd_mm.train.build`` (``opsd_mm.teacher.model``)."""
         self.cfg = cfg
         tc = cfg.trainer
         self.accelerator = acc = accelerator
@@ -110,13 +116,23 @@ class Trainer:
         self.processor = processor
         # Rendered prompts, kept across epochs when processor.prompt_cache > 0. The methods are
         # looked up at each call, so a processor whose method is replaced later is followed.
+        # The teacher prompt is its teacher's rendering (opsd_mm.teacher.routing): an example
+        # always routes to the same teacher, so one cache holds every teacher's prompts.
         size = cfg.processor.prompt_cache
         self.student_prompt = PromptCache(lambda ex: self.processor.student_prompt(ex), size)
-        self.teacher_prompt = PromptCache(lambda ex: self.processor.teacher_prompt(ex), size)
+        self.teacher_prompt = PromptCache(self._render_teacher_prompt, size)
         self.engine = engine
-        # teacher.scoring=server: the live teacher's log-probs come from the engine's server.
-        self.score_on_server = cfg.teacher.scoring == "server" and cfg.loss.distill_weight > 0
-        if self.score_on_server and not isinstance(engine, ScoringEngine):
+        # The teachers: the student's own weights (built from the initial weights, before any
+        # checkpoint is loaded: a fixed teacher's copies are not checkpointed, so a resumed run
+        # must rebuild them from these) and the separate models, with the route between them.
+        self.teacher = Teacher(cfg.teacher, model)
+        self.teachers = Teachers(cfg, self.teacher, model_teachers or {}, processor)
+        # teacher.scoring=server: teacher log-probs come from a server (the student's own
+        # weights from the generation server, a model teacher from its own), once per step.
+        on_server = [n for n in self.teachers.names if self.teachers.on_server(n)]
+        self.score_on_server = bool(on_server) and cfg.loss.distill_weight > 0
+        self_on_server = any(self.teachers.uses_student(n) for n in on_server)
+        if self.score_on_server and self_on_server and not isinstance(engine, ScoringEngine):
             raise UserError(
                 f"teacher.scoring=server: the {type(engine).__name__} rollout engine cannot "
                 "score a teacher; use rollout.engine=vllm_server"
@@ -131,9 +147,6 @@ class Trainer:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        # The teacher is built from the initial weights, before any checkpoint is loaded: a fixed
-        # teacher's copies are not checkpointed, so a resumed run must rebuild them from these.
-        self.teacher = Teacher(cfg.teacher, model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(tc.adam_beta1, tc.adam_beta2)
@@ -158,6 +171,7 @@ class Trainer:
         register_fsdp_forward_method(self.model, "generate")
         if self._sharded:  # the teacher's tensors sharded like the parameters
             self.teacher.follow_sharding(unwrap(self.model))
+        self.teachers.prepare(acc, unwrap(self.model))  # model teachers: sharded or placed
         self.stream = ExampleStream(
             examples,
             tc.batch_size,
@@ -173,6 +187,8 @@ class Trainer:
         self.counters = Counters(
             cfg.processor.bad_image_policy, load_skips, reward=self.reward is not None
         )
+        if self.teachers.routed:  # examples paired per teacher, over the run
+            self.counters.values.update({f"routed/{n}": 0 for n in self.teachers.names})
         self._bad_in_row = 0
         self._gain_metrics: dict[str, float] = {}  # view_gain/* of the step, when computed
         self.run_id: str | None = None
@@ -252,21 +268,28 @@ class Trainer:
                 reduce_sum=lambda t: acc.reduce(t.to(acc.device), "sum").cpu(),
             )
 
-        # 2. pair: the teacher context, followed by the same completion ids.
+        # 2. pair: each example's teacher context (its teacher's rendering), followed by the
+        # same completion ids.
         paired = batches.pair_rollouts(
             self.processor, self.teacher_prompt, batch, advantages_P_G, self.counters
         )
-        # 2b. teacher.scoring=server: every row's teacher log-probs in one request, from the
-        # weights the server holds (this step's: it is synced after every optimizer step).
+        self._count_routes(paired.pairs)
+        # 2b. teacher.scoring=server: every row's teacher log-probs, one request per server
+        # (the generation server holds this step's weights: it is synced after every step).
         if self.score_on_server:
             with timer.phase("teacher_score"):
-                score_pairs(self.engine, paired.pairs, cfg.loss.top_k)
+                self.teachers.score_on_servers(
+                    paired.pairs, cfg.loss.top_k, self.engine, self._teacher_of
+                )
         # 2c. the view gain (logging.view_gain_every, loss.view_weighting): each example's
         # teacher context once more, in the student's view of the images (or
         # processor.gain_view).
         in_student_view = self._student_view_teacher_prompts(batch, paired)
-        # The step's micro-batches, padded to the busiest process, and its global token count.
-        plan = batches.plan_micro_batches(paired, cfg, self.packing, acc)
+        # The step's micro-batches (one teacher's rows each), padded to the busiest process per
+        # teacher, and its global token count.
+        plan = batches.plan_micro_batches(
+            paired, cfg, self.packing, acc, self.teachers.names, self._teacher_of
+        )
 
         # 3-5. teacher forward, student forward, loss and backward, per micro-batch.
         loss_total, terms_total, outs, logprobs = self._forward_backward(
@@ -319,6 +342,7 @@ class Trainer:
             "tokens_per_s": sum(lengths) / wall,
             "step_time": wall,
             **timer.as_metrics(),
+            **self.teachers.step_metrics(),
             **self._gain_metrics,
             **self.counters.values,
         }
@@ -349,7 +373,37 @@ class Trainer:
         return batch
 
     def _draw(self, step: int) -> RolloutBatch:
-        return batches.draw(self.stream, step, self._student_renderer(step), self.counters)
+        render = self._student_renderer(step)
+        return batches.draw(
+            self.stream, step, lambda ex: self._routed_student_prompt(ex, render), self.counters
+        )
+
+    def _routed_student_prompt(self, ex: Example, render: Any) -> Prompt:
+        """The student prompt of an example that has a teacher (``render``: the step's
+        renderer): routed before its rollouts are sampled, so an unrouted example (skipped,
+        counted) costs none."""
+        self.teachers.route(ex)
+        return render(ex)
+
+    def _render_teacher_prompt(self, ex: Example) -> Prompt:
+        """``ex``'s teacher context as its teacher renders it, named in ``meta["teacher"]``."""
+        name = self.teachers.route(ex)
+        prompt = self.teachers.teacher_prompt(name, ex)
+        prompt.meta["teacher"] = name
+        return prompt
+
+    def _teacher_of(self, pair: Pair) -> str:
+        """The name of the teacher that scores ``pair``."""
+        return pair.teacher.meta.get("teacher", self.teachers.names[0])
+
+    def _count_routes(self, pairs: Sequence[Pair]) -> None:
+        """With a ``teachers`` mapping: the examples paired this step, by teacher, into the
+        run's counters (``routed/NAME``: examples, over the run)."""
+        if not self.teachers.routed:
+            return
+        seen: dict[str, str] = {p.example_id: self._teacher_of(p) for p in pairs}
+        for name in seen.values():
+            self.counters.add(f"routed/{name}")
 
     def _student_renderer(self, step: int) -> Any:
         """How the batch trained at ``step`` renders its student prompts: with a random student
@@ -457,13 +511,14 @@ class Trainer:
         terms_total = torch.zeros(2, device=acc.device)
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
-        # The processor's step context (VL: each image encoded once for the whole step).
-        with self.processor.step_context(unwrap(self.model)):
+        # The processors' step contexts (VL: each image encoded once for the whole step, by the
+        # student's tower and by each model teacher's own).
+        with self.processor.step_context(unwrap(self.model)), self.teachers.step_context():
             factors: dict[int, torch.Tensor] = {}
             if in_student_view is not None and plan.micro:
                 factors = self._view_gains(plan, in_student_view, timer)
             for i, mb in enumerate(plan.micro):
-                batch = self.processor.collate(mb.pairs).to(acc.device)
+                batch = self.teachers.collate(mb.teacher, mb.pairs, mb.foreign).to(acc.device)
                 last = i == len(plan.micro) - 1
                 with acc.no_sync(self.model) if not last else nullcontext():
                     weight_N = torch.cat([factors[id(p)] for p in mb.pairs]) if factors else None
@@ -476,6 +531,7 @@ class Trainer:
                     loss_total += loss.detach()
                     terms_total += terms
                     outs.append(out)
+                    self.teachers.record(mb.teacher, len(mb.pairs), out.div_N)
                     if engine_N is not None:
                         logprobs.append((engine_N, out.student_logprob_N.cpu()))
         return loss_total, terms_total, outs, logprobs
@@ -488,21 +544,21 @@ class Trainer:
         timer: PhaseTimer,
         token_weight_N: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DivergenceOut, torch.Tensor, torch.Tensor | None]:
-        """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the teacher
-        forward (none when the server scored it), the student forward, the loss times its
-        normalisation; also the two weighted terms and the engine's log-probs of its tokens.
-        ``token_weight_N``: ``loss.view_weighting``'s factor on each loss token."""
+        """One micro-batch's loss (``opsd_mm.loss.micro_batch``), in autocast: the forward of
+        the micro-batch's teacher (none when a server scored it), the student forward, the loss
+        times its normalisation; also the two weighted terms and the engine's log-probs of its
+        tokens. ``token_weight_N``: ``loss.view_weighting``'s factor on each loss token."""
         cfg = self.cfg
         mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
         engine_N = self._engine_logprobs(mb, batch, mask_BC)
         teacher_N: TeacherLogprobs | None = None
-        if self.score_on_server:
+        if self.score_on_server and self.teachers.on_server(mb.teacher) and not mb.foreign:
             teacher_N = teacher_logprobs(mb.pairs, mask_BC, cfg.loss.top_k)
         with self.accelerator.autocast():
             loss, out, terms = micro_batch_loss(
                 batch,
                 self.model,
-                self.teacher,
+                self.teachers.forward(mb.teacher, mb.foreign),
                 self._loss_scale(mask_BC, plan),
                 cfg.loss,
                 timer,

@@ -20,7 +20,8 @@ a sharded model every forward is collective, so this hangs unless generation is 
 
 Each rank writes ``OUT_DIR/rank{r}.pt``: the metrics of every step it ran, the completions it
 sampled (example id -> completion ids, per step), its trainable parameters, its EMA teacher
-state, and the bytes its parameters and teacher hold (``memory``). The tests load these files, so the script itself asserts nothing.
+state, and the bytes its parameters and teacher hold (``memory``; a separate teacher's in
+``model_teachers``). The tests load these files, so the script itself asserts nothing.
 """
 
 from __future__ import annotations
@@ -145,6 +146,23 @@ def memory(model, teacher) -> dict:
     }
 
 
+def model_teachers(trainer) -> dict:
+    """Per separate teacher (``teacher.kind=model``, ``teachers``): whether it is sharded, the
+    bytes this process holds of its weights and of the whole, and a checksum of its whole
+    weights (gathered: collective), so the tests can see it is the same, untrained, everywhere."""
+    out = {}
+    for name, t in trainer.teachers.models.items():
+        params = list(t.model.parameters())
+        out[name] = {
+            "sharded": t.sharded,
+            "local_bytes": t.weight_bytes(),
+            "bytes": sum(p.numel() * p.element_size() for p in params),
+            "checksum": sum(float(full(p).double().sum()) for p in params),
+            "requires_grad": any(p.requires_grad for p in params),
+        }
+    return out
+
+
 def main(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
     out_dir, *overrides = [a for a in argv if not a.startswith("--")]
@@ -183,6 +201,7 @@ def main(argv: list[str]) -> int:
             "local_process_index": acc.local_process_index,
             "model_class": type(trainer.model).__name__,
             "memory": memory(model, trainer.teacher),
+            "model_teachers": model_teachers(trainer),
         },
         out_dir / f"rank{acc.process_index}.pt",
     )

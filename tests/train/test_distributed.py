@@ -10,6 +10,7 @@ reduction order differs; one Adam step at lr 1e-3 moves weights by ~1e-3).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -660,3 +661,94 @@ def test_unsupported_engines_are_refused_at_start():
         check_distributed_support(cfg(), fsdp1)
     with pytest.raises(ConfigError, match="DeepSpeed"):
         check_distributed_support(cfg(), ds)
+
+
+# ----------------------------------------------------------------------------- model teachers
+
+MODEL_TEACHER = ("teacher.kind=model", "teacher.model.name_or_path=tiny:text-teacher")
+
+
+@pytest.mark.slow
+def test_fsdp2_model_teacher_matches_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """A separate teacher (tiny:text-teacher, 4 layers) under FSDP2 is sharded like the student:
+    each process holds about half of its weights, none of them trainable, the same untrained
+    weights everywhere; 2 processes x batch 2 match 1 process x batch 4 (ragged completions, so
+    the processes hold different token counts)."""
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r1", *MODEL_TEACHER),
+        "trainer.batch_size=4",
+    )
+    two = _fsdp2(
+        tmp_path / "two",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r2", *MODEL_TEACHER),
+        "trainer.batch_size=2",
+    )
+    _assert_matches(one, two)
+    whole = one["model_teachers"]["teacher"]
+    assert not whole["sharded"] and whole["local_bytes"] == whole["bytes"] > 0
+    for r in two:
+        t = r["model_teachers"]["teacher"]
+        assert t["sharded"] and not t["requires_grad"]
+        assert t["bytes"] == whole["bytes"] and t["local_bytes"] <= whole["bytes"] // 2 + 4096
+        assert t["checksum"] == pytest.approx(whole["checksum"], rel=1e-12)
+    for m1, m0 in zip(one["metrics"], two[0]["metrics"]):
+        assert m0["teacher/teacher/time_s"] > 0
+        assert m0["memory/teacher_weights_gib"] < m1["memory/teacher_weights_gib"] * 0.6
+
+
+def _alternating_sources(path: Path) -> Path:
+    """Rows alternating between sources ``algebra`` and ``geometry``: in order, batch 1 per
+    process, process 0 draws only algebra rows and process 1 only geometry rows."""
+    rows = [
+        {
+            "problem": f"What is {i} + {i + 2}?",
+            "solution": f"{i} + {i + 2} = {2 * i + 2}. \\boxed{{{2 * i + 2}}}",
+            "source": ("algebra", "geometry")[i % 2],
+        }
+        for i in range(8)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "naive"])
+def test_fsdp2_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_path, fused):
+    """Two teachers under FSDP2, routed by a data column: a sharded model teacher (algebra) and
+    the student's own weights (geometry). Process 0 holds only algebra rows and process 1 only
+    geometry rows, so each runs the other's teacher on a padding micro-batch (weight 0) to keep
+    the sharded forwards collective; without that the run would hang. 2 processes x batch 1
+    match 1 process x batch 2."""
+    routed = (
+        f"data.source={_alternating_sources(tmp_path / 'data.jsonl')}",
+        "data.shuffle=false",
+        "teachers={big: {model: {name_or_path: 'tiny:text-teacher'}}, own: {kind: self}}",
+        "teacher.kind=fixed",
+        "teacher.route_by=source",
+        "teacher.routes={algebra: big, geometry: own}",
+        f"loss.fused={str(fused).lower()}",
+    )
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r1", *routed),
+        "trainer.batch_size=2",
+    )
+    two = _fsdp2(
+        tmp_path / "two",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r2", *routed),
+        "trainer.batch_size=1",
+    )
+    _assert_matches(one, two)
+    for m in one["metrics"]:
+        assert m["teacher/big/rows"] > 0 and m["teacher/own/rows"] > 0
+    big_rows = [[m["teacher/big/rows"] for m in r["metrics"]] for r in two]
+    own_rows = [[m["teacher/own/rows"] for m in r["metrics"]] for r in two]
+    assert all(n > 0 for n in big_rows[0]) and big_rows[1] == [0, 0]
+    assert own_rows[0] == [0, 0] and all(n > 0 for n in own_rows[1])
+    assert two[0]["metrics"][-1]["routed/big"] == 2 and two[1]["metrics"][-1]["routed/own"] == 2
+    assert two[0]["model_teachers"]["big"]["sharded"]

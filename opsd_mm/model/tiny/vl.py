@@ -58,7 +58,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
 }
 
 
-def _model_config(family: str, ids: dict[str, int], vocab_size: int) -> Any:
+def _model_config(family: str, ids: dict[str, int], vocab_size: int, num_layers: int = 2) -> Any:
     """The transformers config of the tiny model for ``family``."""
     import transformers
 
@@ -72,7 +72,7 @@ def _model_config(family: str, ids: dict[str, int], vocab_size: int) -> Any:
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=TEXT_HIDDEN // HEAD_DIM,
         num_key_value_heads=1,
         max_position_embeddings=4096,
@@ -141,16 +141,26 @@ def _hf_processor(family: str, tokenizer: Any) -> Any:
     )
 
 
-def build_tiny_vl(out_dir: str | Path, family: str, seed: int = 0) -> Path:
+def build_tiny_vl(
+    out_dir: str | Path,
+    family: str,
+    seed: int = 0,
+    *,
+    num_layers: int = 2,
+    weight_seed: int | None = None,
+    warm_steps: int = 0,
+) -> Path:
     """Build the tiny ``family`` model (``qwen2-vl``, ``qwen2.5-vl`` or ``qwen3-vl``) with its
     tokenizer and processor into ``out_dir``; reloadable offline with ``AutoProcessor`` and
     ``AutoModelForImageTextToText``. Deterministic for a given ``seed``; the global torch RNG is
-    left as it was."""
+    left as it was. The tiny teacher (:mod:`.teacher`): ``num_layers`` language-model layers,
+    weights from ``weight_seed`` (default ``seed``), then ``warm_steps`` language-model steps on
+    the tiny corpus (text only; the vision tower stays as drawn)."""
     import torch
     import transformers
     from transformers import GenerationConfig
 
-    from opsd_mm.model.tiny.text import SPECIAL_TOKENS, train_tiny_tokenizer
+    from opsd_mm.model.tiny.text import SPECIAL_TOKENS, tiny_corpus, train_tiny_tokenizer
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny VL family '{family}'; choose one of {list(TINY_FAMILIES)}")
@@ -159,10 +169,15 @@ def build_tiny_vl(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     tok = train_tiny_tokenizer(seed)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tok) // 64) * 64
-    config = _model_config(family, ids, vocab_size)
+    config = _model_config(family, ids, vocab_size, num_layers)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed if weight_seed is None else weight_seed)
         model = getattr(transformers, TINY_FAMILIES[family].model_class)(config).to(torch.float32)
+        warm = None
+        if warm_steps:
+            from opsd_mm.model.tiny.warm import lm_warm_start
+
+            warm = lm_warm_start(model, tok, tiny_corpus(0), warm_steps)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -170,4 +185,8 @@ def build_tiny_vl(out_dir: str | Path, family: str, seed: int = 0) -> Path:
     )
     model.save_pretrained(out_dir)
     _hf_processor(family, tok).save_pretrained(out_dir)
+    if warm is not None:
+        from opsd_mm.model.tiny.warm import write_info
+
+        write_info(out_dir, {"layers": num_layers, "weight_seed": weight_seed, **warm})
     return out_dir
