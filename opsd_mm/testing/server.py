@@ -1,4 +1,5 @@
-"""An ``opsd-mm serve`` subprocess on loopback, for the generation-server tests and benches.
+"""An ``opsd-mm serve`` subprocess on loopback, for the generation-server tests and benches,
+and the server's app on a thread, for the protocol tests with a fake engine.
 
 Why here: the tests (``tests/vllm``) and ``bench/async_rollout.py`` start the same server the
 same way; the bench also pins it to a CPU core (``prefix=["taskset", "-c", "1"]``).
@@ -94,6 +95,40 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class AppThread:
+    """``opsd_mm.rollout.server``'s app for ``service`` under uvicorn, on a thread, on a free
+    loopback port (``url``): the real HTTP stack around whatever engine the service holds.
+    A context manager; ``stop`` returns once the server has shut down."""
+
+    def __init__(self, service: object, token: str | None = None, limits: object = None) -> None:
+        from opsd_mm.rollout.server import Limits, bind, build_app, uvicorn_server
+
+        self.limits = limits or Limits()
+        self.sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn_server(build_app(service, token, self.limits), self.limits)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> AppThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the app thread did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.sock.close()
 
 
 def train_through_server(
