@@ -8,7 +8,6 @@ the real vLLM server: tests/vllm/test_vllm_server_hardening.py."""
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import socket
 import time
@@ -20,6 +19,8 @@ import torch
 from opsd_mm.rollout.server import Limits
 from opsd_mm.rollout.service import ClaimConflict, ClientError, RunClaims
 from opsd_mm.rollout.shared import CLAIM_HEADER, RUN_HEADER
+from opsd_mm.testing.server import http_json
+from opsd_mm.testing.server import raw_exchange as _raw_exchange
 
 GUARD_S = 60.0  # a hang guard, never a timing assertion
 
@@ -30,34 +31,13 @@ def _address(url):
 
 
 def request(url, path, body=None, *, method="POST", claim="run-a", label="", headers=None):
-    """(status, JSON reply) of one request; ``body`` bytes go as they are."""
-    conn = http.client.HTTPConnection(*_address(url), timeout=GUARD_S)
-    h = {"Content-Type": "application/json", CLAIM_HEADER: claim, RUN_HEADER: label}
-    h.update(headers or {})
-    if body is not None and not isinstance(body, bytes):
-        body = json.dumps(body).encode()
-    conn.request(method, path, body, h)
-    reply = conn.getresponse()
-    data = reply.read()
-    conn.close()
-    try:
-        return reply.status, json.loads(data or b"{}")
-    except ValueError:  # uvicorn's own replies (503 past the connection limit) are text
-        return reply.status, {"text": data.decode(errors="replace")}
+    """(status, JSON reply) of one request naming ``claim``."""
+    h = {CLAIM_HEADER: claim, RUN_HEADER: label, **(headers or {})}
+    return http_json(url, path, body, method=method, headers=h, timeout=GUARD_S)
 
 
 def raw_exchange(url, head: bytes, body: bytes = b""):
-    """Send ``head`` (and ``body``) on a fresh socket, then read until the server closes it:
-    (status, whole reply). Raises on the hang guard."""
-    s = socket.create_connection(_address(url), timeout=GUARD_S)
-    try:
-        s.sendall(head + body)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    finally:
-        s.close()
-    return int(data.split(b" ", 2)[1]), data
+    return _raw_exchange(url, head + body, timeout=GUARD_S)
 
 
 GOOD = {

@@ -6,7 +6,6 @@ process without the group's secret is refused (by either side)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ from opsd_mm.rollout.transport import (
     open_group,
     send_weights,
 )
+from opsd_mm.testing.server import LOOPBACK_V4, listening_sockets
 
 SECRET = new_secret()
 
@@ -56,31 +56,6 @@ def _receiver(
 
 def _manifest(weights) -> Manifest:
     return [(n, dtype_name(t.dtype), list(t.shape)) for n, t in weights]
-
-
-def _listening(port: int, pid: int | str = "self") -> list[str]:
-    """The local addresses of the LISTEN sockets on ``port`` (any port: None) that process
-    ``pid`` owns, read from /proc (hex ``ADDR:PORT`` as the kernel writes them)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in open(table).read().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A: LISTEN
-                if port is None or int(local.rsplit(":", 1)[1], 16) == port:
-                    found.append(local)
-    return found
-
-
-LOOPBACK_V4 = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 
 
 def _weights() -> list[tuple[str, torch.Tensor]]:
@@ -121,13 +96,13 @@ def test_round_trip_bit_exact(tmp_path, backend):
     send_device, receive_device = ("cpu", "cpu") if backend == "gloo" else ("cuda:0", "cuda:1")
     store = host_store("127.0.0.1", 0, 60)
     port = store.port
-    assert _listening(port) == [f"{LOOPBACK_V4}:{port:04X}"]
+    assert listening_sockets(port=port) == [f"{LOOPBACK_V4}:{port:04X}"]
     proc = _receiver(port, tmp_path / "got.pt", backend, receive_device)
     group = open_group("127.0.0.1", port, 0, backend, 60, secret=SECRET, store=store)
     del store  # open_group held the only other reference
-    assert _listening(port) == []
+    assert listening_sockets(port=port) == []
     if backend == "gloo":
-        assert all(a.startswith(LOOPBACK_V4) for a in _listening(None)), _listening(None)
+        assert all(a.startswith(LOOPBACK_V4) for a in listening_sockets()), listening_sockets()
     sent = send_weights(group, _manifest(_weights()), _weights(), torch.device(send_device))
     assert proc.wait(timeout=120) == 0
     close_group(group)
