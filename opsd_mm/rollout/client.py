@@ -14,11 +14,13 @@ with the colocated engine's ``iter_sync_weights``) in one of two ways:
   ``gloo`` over TCP works anywhere, the server reaching the trainer at
   ``rollout.server_group_host``.
 
-Under several trainer processes only the main one talks to the server; a sharded (FSDP2)
-model's weights are gathered by all of them together, the others discarding theirs.
+Under several trainer processes each generates its own prompts, and only the main one syncs
+the weights; a sharded (FSDP2) model's weights are gathered by all of them together, the others
+discarding theirs.
 
-One run at a time: the engine claims the server when it is built (``POST /claim``, a random
-claim id shared by the run's processes, sent with every request in ``Opsd-Claim``), keeps the
+One run at a time: the main process claims the server when the engine is built (``POST
+/claim``; a random claim id that all of the run's processes share and send with every request
+in ``Opsd-Claim``; a refusal stops every process), keeps the
 claim alive with a heartbeat while it is quiet, and releases it when training ends
 (:meth:`ServerEngine.release`, called by the trainer). A server claimed by another live run is a
 :class:`ServerError` before step 1 naming that run; ``rollout.server_takeover=true`` takes it
@@ -115,14 +117,13 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _shared_claim_id() -> str:
-    """A fresh claim id, the main process's on every process of the run (they all generate
-    under one claim)."""
-    claim = [uuid.uuid4().hex]
+def _from_main(value: Any) -> Any:
+    """``value`` as the main process has it, on every process of the run (a no-op alone)."""
+    box = [value]
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(claim, src=0)
-    return claim[0]
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class ServerEngine:
@@ -167,7 +168,7 @@ class ServerEngine:
         self.restarts = 0
         # The run claim: one id for all of the run's processes (rank 0's), and what the server
         # tells others about this run.
-        self.claim_id = _shared_claim_id()
+        self.claim_id = _from_main(uuid.uuid4().hex)  # all of a run's processes share one
         self.label = label or f"pid {os.getpid()} on {socket.gethostname()}"
         self.claimed = False  # whether this process holds the claim (the main one)
         self.lease_s = 0.0
@@ -190,8 +191,16 @@ class ServerEngine:
         self.boot_id = health["boot_id"]
         self.max_body_bytes = health.get("max_body_bytes")
         log.info("generation server %s: %s", self.url, health)
+        refused = None
         if _is_main_process():
-            self._claim(takeover)
+            try:
+                self._claim(takeover)
+            except ServerError as e:
+                refused = e
+        # Every process stops with the main one's refusal (none waits for it at a barrier).
+        refusal = _from_main(None if refused is None else (str(refused), refused.status))
+        if refusal is not None:
+            raise refused or ServerError(*refusal)
 
     # ------------------------------------------------------------------ the run claim
 

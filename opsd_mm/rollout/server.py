@@ -164,8 +164,8 @@ class Guard:
                 await _refuse(send, *refusal)
                 return
         cap = self.limits.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+        declared = headers.get(b"content-length")  # digits: h11 refuses anything else
+        if declared is not None and int(declared) > cap:
             await _refuse(
                 send, 413, f"request body over the server's cap of {cap} bytes (--max-body-mb)"
             )

@@ -184,9 +184,6 @@ class VLLMEngine:
         # The model's vocabulary (its embedding rows): every token id a request may carry.
         self.vocab_size: int = int(model_config.get_vocab_size())
         self.accepts_images = bool(model_config.is_multimodal_model)
-        # False after a reload that failed part-way: the weights are a mix of old and new (or
-        # garbage) until a complete reload succeeds; the server refuses to generate meanwhile.
-        self.weights_complete = True
         self._mapper = _model_attribute(self.llm, "hf_to_vllm_mapper")
         text_config = hf_config.get_text_config()
         self._tied = bool(
@@ -449,11 +446,11 @@ class VLLMEngine:
                 kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True},
             )
         except BaseException:
-            self.weights_complete = False
+            # The weights are now a mix of old and new ones: the caller must not generate
+            # until a complete reload succeeds (the server marks itself unhealthy).
             self.llm.collective_rpc(_finish_failed_reload)
             self.reset_caches()
             raise
-        self.weights_complete = True
         self.reset_caches()
         self.last_sync_s = time.perf_counter() - start
         return self.last_sync_s
@@ -610,9 +607,10 @@ def _finish_failed_reload(worker: Any) -> None:
     """After an in-place reload that raised part-way: end vLLM's layerwise reload as its own
     ``reload_weights`` would have (``finalize_layerwise_reload``): layers that got no weight
     get their previous tensors back, the loaders are unwrapped, nothing stays on the meta
-    device. Without it the next ``generate`` fails on meta tensors and a later complete reload
-    leaves the engine hanging (vLLM 0.32). The layers that got some of their weights hold a mix
-    of old, new or uninitialised values, which is why the engine is marked incomplete."""
+    device. Without it the next ``generate`` fails on meta tensors and a generation after a
+    later complete reload hangs (vLLM 0.32). The layers that got some of their weights hold a
+    mix of old, new or uninitialised values: the weights stay unusable until a complete
+    reload."""
     from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
     runner = worker.model_runner

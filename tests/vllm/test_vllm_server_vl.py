@@ -70,7 +70,10 @@ def _ids(rollouts_P_G):
 
 
 def test_vl_server_greedy_matches_hf(vl_server, engine_gap):
+    """After a sync of the trainer's (transformers') weights, which the server checks against
+    its checkpoint under vLLM's names (``model.language_model.*`` here, ``model.*`` on disk)."""
     proc, model, engine, examples, prompts = vl_server
+    engine.sync_weights(model, version=1)
     assert max(len(p.images) for p in prompts) == 2
     served = engine.generate(prompts, 1, GREEDY)
     assert _ids(served) == _ids(HFEngine.for_processor(model, proc).generate(prompts, 1, GREEDY))
