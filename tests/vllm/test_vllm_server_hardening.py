@@ -73,7 +73,8 @@ def released(srv):
 def test_token_before_the_body_the_body_cap_and_stalled_connections(srv, released):
     """An unauthenticated POST declaring 400 MB is answered 401 before a byte of it is sent;
     authenticated bodies over --max-body-mb are 413 (declared, or streamed in chunks); a
-    request without a claim is 400; half-sent request heads are closed by the server."""
+    request without a claim is 400; 300 half-sent request heads cost no thread each, push the
+    connections past the limit (503) and are closed by the server."""
     head = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 400000000\r\n\r\n"
     status, reply = raw_exchange(srv.url, head, timeout=GUARD_S)
     assert status == 401 and b"connection: close" in reply.lower()
@@ -89,13 +90,22 @@ def test_token_before_the_body_the_body_cap_and_stalled_connections(srv, release
     import socket
 
     host, port = srv.url.rsplit("/", 1)[1].split(":")
-    stalled = [socket.create_connection((host, int(port)), timeout=GUARD_S) for _ in range(20)]
+    threads = _threads(srv.proc.pid)
+    stalled = [socket.create_connection((host, int(port)), timeout=GUARD_S) for _ in range(300)]
     for s in stalled:
         s.sendall(b"POST /generate HTTP/1.1\r\nContent-Le")
+    # Answered after the 300 were accepted: past --max-connections (64), 503.
+    assert call(srv, "/health", method="GET")[0] == 503
+    assert _threads(srv.proc.pid) - threads < 30  # the old server held a thread for each
     for s in stalled:
         assert s.recv(1024) == b""  # closed by the server after --idle-timeout-s
         s.close()
     assert call(srv, "/health", method="GET")[0] == 200
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
 
 
 # ----------------------------------------------------------------------------- item 1
