@@ -424,6 +424,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn_server(app, limits).run(sockets=[sock])
     finally:
         sock.close()
+        service.close()
         engine.close()
     return 0
 

@@ -503,6 +503,10 @@ class GenerationService:
             self._drop_group_of_others(None)
         return {"ok": True, "boot_id": self.boot_id, "released": released}
 
+    def close(self) -> None:
+        """The server is stopping: close the weight group while the interpreter still runs."""
+        self._drop_group_of_others(None)
+
     def _drop_group_of_others(self, claim: str | None) -> None:
         """A weight group belongs to the claim that opened it: close it when that claim ends."""
         from opsd_mm.rollout.transport import close_group
