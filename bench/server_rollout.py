@@ -122,6 +122,7 @@ def main() -> None:
             f"tiny sync ({client.last_sync_bytes / 2**20:.2f} MiB, write+HTTP+reload): "
             f"{statistics.median(syncs) * 1e3:.0f} ms median"
         )
+        client.release()
     finally:
         server.kill()
 

@@ -112,7 +112,7 @@ def main() -> None:
                 Path(args.sync_dir or work / "sync"),
                 eos_token_ids=eos,
                 transport=transport,
-            )
+            )  # one run per transport: each releases the server for the next
             times, server_s = [], []  # as the trainer waits; vLLM's load inside the server
             for _ in range(args.repeats + 1):
                 with torch.no_grad():  # new values each time: nothing can be cached
@@ -131,6 +131,7 @@ def main() -> None:
                 "bytes": engine.last_sync_bytes,
                 "parity": greedy_equal(engine, model, eos),
             }
+            engine.release()
     finally:
         server.stop()
 

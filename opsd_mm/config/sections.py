@@ -321,6 +321,10 @@ class RolloutConfig:
     server_group_host: str = "127.0.0.1"
     # gloo/nccl transport: the group's port (0: a free one).
     server_group_port: int = 0
+    # vllm_server: take the server even while another run's claim on it is alive (that run then
+    # stops with a message). For a run that died without releasing it; a claim also lapses by
+    # itself (``opsd-mm serve --claim-lease-s``, default 60 s after the run's last request).
+    server_takeover: bool = False
     # Generate the next step's rollouts while this step trains (one step off-policy: a batch
     # comes from the weights one optimizer step behind the ones it trains; see
     # opsd_mm.rollout.prefetch). vllm_server only, one trainer process. Spelled ``async`` in YAML

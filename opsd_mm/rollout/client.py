@@ -14,13 +14,24 @@ with the colocated engine's ``iter_sync_weights``) in one of two ways:
   ``gloo`` over TCP works anywhere, the server reaching the trainer at
   ``rollout.server_group_host``.
 
-Under several trainer processes only the main one talks to the server; a sharded (FSDP2)
-model's weights are gathered by all of them together, the others discarding theirs.
+Under several trainer processes each generates its own prompts, and only the main one syncs
+the weights; a sharded (FSDP2) model's weights are gathered by all of them together, the others
+discarding theirs.
+
+One run at a time: the main process claims the server when the engine is built (``POST
+/claim``; a random claim id that all of the run's processes share and send with every request
+in ``Opsd-Claim``; a refusal stops every process), keeps the
+claim alive with a heartbeat while it is quiet, and releases it when training ends
+(:meth:`ServerEngine.release`, called by the trainer). A server claimed by another live run is a
+:class:`ServerError` before step 1 naming that run; ``rollout.server_takeover=true`` takes it
+(that run then stops with a message). Replies carry the weight version the server held, which
+names the claim that loaded it: a reply from weights this client did not sync is refused.
 
 Faults:
 
 - a server that does not answer ``/health`` when the engine is built is a :class:`ServerError`
-  before step 1;
+  before step 1; one that answers 401 is "the server refused the token", naming
+  ``rollout.server_token`` and ``OPSD_MM_SERVER_TOKEN``;
 - a request that times out or finds the server down is retried ``rollout.server_retries``
   times (backoff 1, 2, 4 ... s). Retrying ``/generate`` is safe: every row is seeded by
   (step seed, prompt key, sample), so the retry returns the same completions, and the trainer's
@@ -39,27 +50,80 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import torch
 
 from opsd_mm.errors import UserError
-from opsd_mm.rollout.shared import TOKEN_ENV, encode_image, iter_sync_weights, save_sync_weights
+from opsd_mm.rollout.shared import (
+    CLAIM_HEADER,
+    RUN_HEADER,
+    TOKEN_ENV,
+    encode_image,
+    iter_sync_weights,
+    save_sync_weights,
+    sync_manifest,
+)
 from opsd_mm.types import Prompt, Rollout, SamplingConfig, TeacherScores
 
 log = logging.getLogger(__name__)
 
 
 class ServerError(UserError):
-    """The generation server cannot be reached, or failed a request after the retries."""
+    """The generation server cannot be reached, refused a request, or failed it after the
+    retries. ``status``: the HTTP status of a reply (None: no reply); ``reply``: its JSON."""
 
     kind = "generation server error"
+
+    def __init__(self, message: str, status: int | None = None, reply: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reply = reply if isinstance(reply, dict) else {}
+
+
+def _http_error(method: str, url: str, e: urllib.error.HTTPError) -> ServerError:
+    """A :class:`ServerError` saying what the server's error reply means."""
+    raw = e.read().decode(errors="replace")
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        reply = {}
+    detail = reply.get("error", raw[:500]) if isinstance(reply, dict) else raw[:500]
+    if e.code == 401:
+        return ServerError(
+            f"the generation server at {url.rsplit('/', 1)[0]} refused the token (HTTP 401): "
+            f"set rollout.server_token, or the {TOKEN_ENV} environment variable, to the --token "
+            "the server was started with",
+            401,
+            reply,
+        )
+    if e.code == 409:
+        return ServerError(f"{method} {url}: {detail}", 409, reply)
+    return ServerError(f"{method} {url}: HTTP {e.code}: {detail}", e.code, reply)
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _from_main(value: Any) -> Any:
+    """``value`` as the main process has it, on every process of the run (a no-op alone)."""
+    box = [value]
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class ServerEngine:
@@ -80,13 +144,14 @@ class ServerEngine:
         group_host: str = "127.0.0.1",
         group_port: int = 0,
         trains_while_generating: bool = False,
+        takeover: bool = False,
+        label: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.sync_dir = Path(sync_dir)
         self.transport = transport
         self.group_host, self.group_port = group_host, group_port
         self.group: Any = None  # the weight group (gloo/nccl transports), opened at first sync
-        self._store: Any = None  # the group's TCPStore, hosted here for as long as the group
         self._synced_model: torch.nn.Module | None = None  # what a restarted server needs again
         self.trains_while_generating = trains_while_generating
         self.eos_token_ids = list(eos_token_ids)
@@ -101,46 +166,164 @@ class ServerEngine:
         self.last_sync_bytes = 0
         self.last_server_load_s = 0.0  # of that, the server's own reload (vLLM's in-place load)
         self.restarts = 0
-        try:
-            health = self._call("GET", "/health", None, retries=0)
-        except ServerError as e:
-            raise ServerError(
-                f"no generation server at {self.url} ({e}); start one from the vLLM environment "
-                "(.venv-vllm/bin/opsd-mm serve MODEL --port PORT) and set rollout.server_url"
-            ) from None
-        self.boot_id = health["boot_id"]
-        log.info("generation server %s: %s", self.url, health)
+        # The run claim: one id for all of the run's processes (rank 0's), and what the server
+        # tells others about this run.
+        self.claim_id = _from_main(uuid.uuid4().hex)  # all of a run's processes share one
+        self.label = label or f"pid {os.getpid()} on {socket.gethostname()}"
+        self.claimed = False  # whether this process holds the claim (the main one)
+        self.lease_s = 0.0
+        self._heartbeat: threading.Event | None = None
+        self.max_body_bytes: int | None = None
         if transport == "nccl" and not torch.cuda.is_available():
             raise ServerError(
                 "rollout.server_transport=nccl needs a CUDA device in the trainer; use gloo or file"
             )
+        try:
+            health = self.health(retries=0)  # incomplete weights are fine: the first sync fixes
+        except ServerError as e:
+            if e.status is not None:
+                raise
+            raise ServerError(
+                f"no generation server at {self.url} ({e}); start one from the vLLM "
+                "environment (.venv-vllm/bin/opsd-mm serve MODEL --port PORT) and set "
+                "rollout.server_url"
+            ) from None
+        self.boot_id = health["boot_id"]
+        self.max_body_bytes = health.get("max_body_bytes")
+        log.info("generation server %s: %s", self.url, health)
+        refused = None
+        if _is_main_process():
+            try:
+                self._claim(takeover)
+            except ServerError as e:
+                refused = e
+        # Every process stops with the main one's refusal (none waits for it at a barrier).
+        refusal = _from_main(None if refused is None else (str(refused), refused.status))
+        if refusal is not None:
+            raise refused or ServerError(*refusal)
+
+    # ------------------------------------------------------------------ the run claim
+
+    def _claim(self, takeover: bool) -> None:
+        """Claim the server for this run (a :class:`ServerError` naming the run that holds
+        it), then keep the claim alive from a heartbeat thread."""
+        try:
+            reply = self._call("POST", "/claim", {"takeover": takeover}, retries=0)
+        except ServerError as e:
+            if e.status != 409:
+                raise
+            raise ServerError(
+                f"{e.reply.get('error', e)} (server {self.url})", 409, e.reply
+            ) from None
+        if reply.get("took"):
+            log.warning(
+                "rollout.server_takeover: took the generation server from %s", reply["took"]
+            )
+        self.claimed = True
+        self.lease_s = float(reply.get("lease_s", 60.0))
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        """Renew the claim every quarter lease while nothing else does. The thread holds the
+        engine weakly: it stops at :meth:`release`, when the engine is collected, or when the
+        server refuses (taken over: the next request says so)."""
+        if self._heartbeat is not None or not self.lease_s:
+            return
+        stop = self._heartbeat = threading.Event()
+        ref, every = weakref.ref(self), self.lease_s / 4
+
+        def beat() -> None:
+            while not stop.wait(every):
+                engine = ref()
+                if engine is None:
+                    return
+                try:
+                    engine._call("POST", "/claim", {}, retries=0, timeout_s=every)
+                except ServerError as e:
+                    if e.status == 409:
+                        log.warning("generation server claim lost: %s", e)
+                        return
+                    log.debug("claim heartbeat: %s", e)
+                del engine
+
+        threading.Thread(target=beat, daemon=True, name="opsd-server-claim").start()
+
+    def _drop_group(self) -> None:
+        """Close the weight group (its peer may be gone already)."""
+        group, self.group = self.group, None
+        if group is not None:
+            from opsd_mm.rollout.transport import close_group
+
+            try:
+                close_group(group)
+            except Exception as e:  # noqa: BLE001 (a dead peer's group may not shut down cleanly)
+                log.debug("closing the weight group: %s", e)
+
+    def release(self) -> None:
+        """The run is over (the trainer calls this when training ends, cleanly or not): release
+        the server for the next run and close the weight group. Best effort: a server that does
+        not answer lets the claim lapse by itself. Idempotent; a later request claims again."""
+        if self._heartbeat is not None:
+            self._heartbeat.set()
+            self._heartbeat = None
+        self._drop_group()
+        if not self.claimed:
+            return
+        self.claimed = False
+        try:
+            self._call("POST", "/release", {}, retries=0, timeout_s=min(self.timeout_s, 30.0))
+        except ServerError as e:
+            log.warning("generation server %s: release failed (%s); the claim lapses", self.url, e)
+
+    def __enter__(self) -> ServerEngine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
     # ------------------------------------------------------------------ HTTP
 
     def _call(
-        self, method: str, path: str, body: dict[str, Any] | None, *, retries: int | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        retries: int | None = None,
+        timeout_s: float | None = None,
     ) -> dict[str, Any]:
         """One JSON request, retried on timeouts and connection failures (not on 4xx/5xx
-        replies, which a retry would repeat)."""
+        replies, which a retry would repeat; those are a :class:`ServerError` with the
+        server's reason and ``status``)."""
         retries = self.retries if retries is None else retries
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
+        if data is not None and self.max_body_bytes and len(data) > self.max_body_bytes:
+            raise ServerError(
+                f"POST {self.url}{path}: a request of {len(data) / 2**20:.1f} MiB is over the "
+                f"server's cap of {self.max_body_bytes / 2**20:.1f} MiB; start it with a larger "
+                "--max-body-mb, or send fewer prompts per step (trainer.batch_size)"
+            )
+        headers = {
+            "Content-Type": "application/json",
+            CLAIM_HEADER: self.claim_id,
+            RUN_HEADER: quote(self.label),
+        }
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         for attempt in range(retries + 1):
             request = urllib.request.Request(self.url + path, data, headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                with urllib.request.urlopen(request, timeout=timeout_s) as reply:
                     return json.loads(reply.read())
             except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:500]
-                raise ServerError(f"{method} {self.url}{path}: HTTP {e.code}: {detail}") from None
+                raise _http_error(method, self.url + path, e) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 if attempt == retries:
                     raise ServerError(
                         f"{method} {self.url}{path} failed {attempt + 1} time(s), last: {reason} "
-                        f"(timeout {self.timeout_s:g} s; rollout.server_retries={self.retries})"
+                        f"(timeout {timeout_s:g} s; rollout.server_retries={self.retries})"
                     ) from None
                 wait = min(self.backoff_s * 2**attempt, 10.0)
                 log.warning(
@@ -164,7 +347,7 @@ class ServerEngine:
                     "it must reload are being trained and were not written anywhere. Resume the "
                     "run with --resume (exact), or use rollout.server_transport=file"
                 )
-            self.group = None  # its server end went with the old process
+            self._drop_group()  # its server end went with the old process
             self._reload()
         return True
 
@@ -201,7 +384,7 @@ class ServerEngine:
         }
         reply = self._weights_call("/generate", body)
         # The version the server held while it generated (it echoes the last reload's).
-        version = reply.get("weight_version")
+        version = self._check_version(reply, "generated")
         return [
             [
                 Rollout(r["completion_ids"], r["finish_reason"], r.get("logprobs"), version)
@@ -232,17 +415,25 @@ class ServerEngine:
             "top_k": int(top_k),
         }
         reply = self._weights_call("/score", body)
-        held = reply.get("weight_version")
-        if self.synced and held != self.weight_version:
-            raise ServerError(
-                f"generation server {self.url} scored with weight version {held}, but this "
-                f"trainer last synced version {self.weight_version}: is another client "
-                "updating its weights? A live teacher must be the weights being trained"
-            )
+        self._check_version(reply, "scored")
         return [
             TeacherScores(s["logprobs"], s.get("topk_ids"), s.get("topk_logprobs"))
             for s in reply["scores"]
         ]
+
+    def _check_version(self, reply: dict[str, Any], did: str) -> int | None:
+        """The reply's weight version, once this client has synced weights: refused unless it
+        is the version this client synced last, loaded under this client's claim."""
+        held, by = reply.get("weight_version"), reply.get("weight_claim")
+        if self.synced and (held != self.weight_version or by != self.claim_id):
+            whose = "this trainer's" if by == self.claim_id else "another client's"
+            raise ServerError(
+                f"generation server {self.url} {did} with weight version {held} ({whose}), but "
+                f"this trainer last synced version {self.weight_version}: is another client "
+                "updating its weights? Rollouts and a live teacher must come from the weights "
+                "being trained"
+            )
+        return held
 
     def sync_weights(self, model: torch.nn.Module, version: int | None = None) -> None:
         """Write the merged weights into ``sync_dir`` and have the server reload them, as
@@ -282,39 +473,61 @@ class ServerEngine:
 
     def _open_group(self) -> None:
         """Host the group's store, ask the server to join, join it: the server connects to
-        ``group_host`` (the trainer's address as the server sees it)."""
-        from opsd_mm.rollout.transport import host_store, open_group
+        ``group_host`` (the trainer's address as the server sees it, where the store listens),
+        and each side proves the per-group secret this request hands the server."""
+        from opsd_mm.rollout.transport import GroupAuthError, host_store, new_secret, open_group
 
-        store = host_store(self.group_host, self.group_port, self.timeout_s)
+        try:
+            store = host_store(self.group_host, self.group_port, self.timeout_s)
+        except OSError as e:
+            raise ServerError(
+                f"rollout.server_group_host={self.group_host} port {self.group_port}: the weight "
+                f"group's store cannot listen there ({e}); it must be an address of this machine "
+                "that the server can reach"
+            ) from None
+        port, secret = store.port, new_secret()
         joined: dict[str, Any] = {}
 
-        def join() -> None:
+        def join(store: Any) -> None:
             try:
                 joined["group"] = open_group(
-                    self.group_host, store.port, 0, self.transport, self.timeout_s, store=store
+                    self.group_host,
+                    port,
+                    0,
+                    self.transport,
+                    self.timeout_s,
+                    secret=secret,
+                    store=store,
                 )
             except BaseException as e:  # reported below
                 joined["error"] = e
 
         # Joining blocks until both sides are in; the server's reply says whether it got in,
-        # so a refusal (no CUDA for nccl, an unreachable host) surfaces at once.
-        thread = threading.Thread(target=join, daemon=True, name="opsd-weight-group")
+        # so a refusal (no CUDA for nccl, an unreachable host) surfaces at once. The thread
+        # owns the store: it closes once the group has formed.
+        thread = threading.Thread(target=join, args=(store,), daemon=True, name="opsd-weight-group")
+        del store
         thread.start()
         body = {
             "host": self.group_host,
-            "port": store.port,
+            "port": port,
             "backend": self.transport,
-            "timeout_s": self.timeout_s,
+            "timeout_s": min(self.timeout_s, 3600.0),  # the server's bound on a join
+            "secret": secret,
         }
-        reply = self._call("POST", "/init_weight_group", body, retries=0)
-        thread.join(self.timeout_s)
+        try:
+            reply = self._call("POST", "/init_weight_group", body, retries=0)
+        finally:
+            thread.join(self.timeout_s)
         if "group" not in joined:
+            error = joined.get("error", "timed out")
+            what = "refused" if isinstance(error, GroupAuthError) else "not formed"
             raise ServerError(
                 f"weight group ({self.transport}) with {self.url} via "
-                f"{self.group_host}:{store.port} not formed: {joined.get('error', 'timed out')}"
+                f"{self.group_host}:{port} {what}: {error}"
             )
         self._note_reply_boot(reply)
-        self.group, self._store = joined["group"], store
+        self.group = joined["group"]
         log.info("weight group (%s) with %s open", self.transport, self.url)
 
     def _send_over_group(self, model: torch.nn.Module | None) -> None:
@@ -331,19 +544,21 @@ class ServerEngine:
                 self._send_once(model)
                 return
             except ServerError as e:
-                self.group = None  # re-formed on the next attempt
-                if attempt == self.retries:
+                self._drop_group()  # re-formed on the next attempt
+                if e.status is not None and 400 <= e.status < 500 or attempt == self.retries:
                     raise ServerError(
                         f"weight sync over {self.transport} to {self.url} failed "
                         f"{attempt + 1} time(s), last: {e} "
-                        f"(rollout.server_retries={self.retries})"
+                        f"(rollout.server_retries={self.retries})",
+                        e.status,
+                        e.reply,
                     ) from None
                 log.warning("weight sync over %s: %s; retry %d", self.transport, e, attempt + 1)
 
     def _send_once(self, model: torch.nn.Module) -> None:
         """One sync over the open group: the sends run on a thread while this one waits for
         the server's reply, which comes once it has loaded the last tensor (or failed)."""
-        from opsd_mm.rollout.transport import send_weights
+        from opsd_mm.rollout.transport import abort_send, send_weights
 
         device = torch.device("cpu")
         if self.transport == "nccl":
@@ -353,7 +568,12 @@ class ServerEngine:
 
         def send() -> None:
             try:
-                sent["bytes"] = send_weights(group, iter_sync_weights(model), device)
+                try:
+                    manifest = sync_manifest(model)
+                except BaseException as e:
+                    abort_send(group, e, device)
+                    raise
+                sent["bytes"] = send_weights(group, manifest, iter_sync_weights(model), device)
             except BaseException as e:  # the reply below says what happened
                 sent["error"] = e
 
@@ -387,8 +607,16 @@ class ServerEngine:
             self.boot_id = reply["boot_id"]
             self.restarts += 1
 
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/health", None)
+    def health(self, retries: int | None = None) -> dict[str, Any]:
+        """``/health``'s reply, also when it is 503 (``"ok": false``: weights left incomplete
+        by a failed reload, which the next sync replaces)."""
+        try:
+            return self._call("GET", "/health", None, retries=retries)
+        except ServerError as e:
+            if e.status == 503 and "boot_id" in e.reply:
+                log.warning("generation server %s: %s", self.url, e.reply.get("error"))
+                return e.reply
+            raise
 
     @classmethod
     def from_config(
@@ -413,6 +641,9 @@ class ServerEngine:
             group_host=r.server_group_host,
             group_port=r.server_group_port,
             trains_while_generating=r.async_,
+            takeover=r.server_takeover,
+            label=f"the run in {Path(cfg.run_dir).resolve()} (pid {os.getpid()} on "
+            f"{socket.gethostname()})",
         )
         engine.sync_weights(model, version=0)
         return engine

@@ -33,18 +33,29 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from opsd_mm.config import RolloutConfig
 from opsd_mm.rollout.hf import row_seed
-from opsd_mm.rollout.shared import iter_sync_weights
+from opsd_mm.rollout.shared import (
+    Manifest,
+    WeightSetError,
+    file_manifest,
+    iter_safetensors,
+    iter_sync_weights,
+    safetensors_files,
+    weight_set_problems,
+)
 from opsd_mm.types import FinishReason, Prompt, Rollout, SamplingConfig, TeacherScores
 
 log = logging.getLogger(__name__)
 
 _GiB = 1 << 30
+# Checkpoint tensors vLLM's loaders skip by name (computed buffers some checkpoints carry).
+_SKIPPED_BY_VLLM = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 # ----------------------------------------------------------------------------- engine
 
 
@@ -164,10 +175,22 @@ class VLLMEngine:
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 kwargs["kv_cache_memory_bytes"] = _GiB
         kwargs.update(llm_kwargs or {})
+        self.max_logprobs = max_logprobs
         self.llm = self._make_llm(kwargs)
-        hf_config = self.llm.llm_engine.model_config.hf_config
+        model_config = self.llm.llm_engine.model_config
+        hf_config = model_config.hf_config
         # Qwen-VL's image placeholder id (None for text models); see ``collapse_placeholders``.
         self.image_token_id: int | None = getattr(hf_config, "image_token_id", None)
+        # The model's vocabulary (its embedding rows): every token id a request may carry.
+        self.vocab_size: int = int(model_config.get_vocab_size())
+        self.accepts_images = bool(model_config.is_multimodal_model)
+        self._mapper = _model_attribute(self.llm, "hf_to_vllm_mapper")
+        text_config = hf_config.get_text_config()
+        self._tied = bool(
+            getattr(text_config, "tie_word_embeddings", False)
+            or getattr(hf_config, "tie_word_embeddings", False)
+        )
+        self._reference: Manifest | None = None
 
     @classmethod
     def from_config(
@@ -417,10 +440,17 @@ class VLLMEngine:
             self.llm.wake_up(tags=["weights"])
             self._sleeping.discard("weights")
         self.drop_adapter()  # new weights: an adapter trained over the old ones is stale
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True},
-        )
+        try:
+            self.llm.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": named_tensors, "is_checkpoint_format": True},
+            )
+        except BaseException:
+            # The weights are now a mix of old and new ones: the caller must not generate
+            # until a complete reload succeeds (the server marks itself unhealthy).
+            self.llm.collective_rpc(_finish_failed_reload)
+            self.reset_caches()
+            raise
         self.reset_caches()
         self.last_sync_s = time.perf_counter() - start
         return self.last_sync_s
@@ -458,16 +488,76 @@ class VLLMEngine:
     def load_weights_from(self, path: str) -> float:
         """Reload every weight from the checkpoint-format safetensors in directory ``path``
         (what the generation server does when the trainer has written them; see
-        ``opsd_mm.rollout.server``), then reset the caches as ``sync_weights`` does. Returns seconds."""
-        start = time.perf_counter()
-        self.wake()
-        self.drop_adapter()  # new weights: an adapter trained over the old ones is stale
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
-        )
-        self.reset_caches()
-        self.last_sync_s = time.perf_counter() - start
-        return self.last_sync_s
+        ``opsd_mm.rollout.server``), then reset the caches as ``sync_weights`` does. Returns
+        seconds.
+
+        The set is checked first (:meth:`check_weights`, from the files' headers): a directory
+        that is missing, empty, unreadable or holds another model's weights, or only some of
+        them, is a :class:`~opsd_mm.rollout.shared.WeightSetError` and the engine is not
+        touched. The files are then read tensor by tensor into :meth:`load_weights` (never
+        vLLM's own ``weights_path`` reload, which also points the engine's model config at the
+        directory, for good, even when the reload fails)."""
+        files = safetensors_files(path)
+        problems = self.check_weights(file_manifest(files))
+        if problems:
+            raise WeightSetError(
+                f"weights in {path} refused, nothing loaded: {'; '.join(problems)}"
+            )
+        return self.load_weights(iter_safetensors(files))
+
+    # ------------------------------------------------------------------ weight sets
+
+    def reference_weights(self) -> Manifest | None:
+        """The manifest of the checkpoint the engine was started from (names, dtypes, shapes
+        from its safetensors headers, read once): what every reload must replace, in
+        checkpoint format, which vLLM's own parameters are not (they are packed, and repacked
+        for the CPU kernels). None when the checkpoint has no safetensors to read (a warning:
+        reloads are then not checked)."""
+        if self._reference is None:
+            try:
+                directory = Path(self.model_path)
+                if not directory.is_dir():
+                    from huggingface_hub import snapshot_download
+
+                    revision = self.llm.llm_engine.model_config.revision
+                    directory = Path(
+                        snapshot_download(
+                            self.model_path,
+                            revision=revision,
+                            local_files_only=True,
+                            allow_patterns=["*.safetensors", "*.safetensors.index.json"],
+                        )
+                    )
+                manifest = file_manifest(safetensors_files(directory))
+            except Exception as e:  # noqa: BLE001 (any failure: no reference, said once)
+                log.warning(
+                    "weight reloads are not checked: no safetensors of %s (%s)", self.model_path, e
+                )
+                self._reference = []
+                return None
+            self._reference = [m for m in manifest if not m[0].endswith(_SKIPPED_BY_VLLM)]
+        return self._reference or None
+
+    def weight_key(self, name: str) -> tuple[str, str] | None:
+        """The engine weight a checkpoint name loads into, as vLLM maps it (its model's
+        ``hf_to_vllm_mapper``: prefixes renamed, q/k/v stacked into ``qkv_proj``), plus the
+        name's module (the shard of a stacked weight); None for a name vLLM drops."""
+        mapped = self._mapper.map_name(name) if self._mapper is not None else name
+        if mapped is None:
+            return None
+        parts = name.split(".")
+        return mapped, parts[-2] if len(parts) > 1 else ""
+
+    def check_weights(self, manifest: Manifest) -> list[str]:
+        """Why the weight set ``manifest`` must not be loaded (empty: it may): against
+        :meth:`reference_weights` under :meth:`weight_key`; a tied ``lm_head.weight`` may
+        come along (transformers lists it, the checkpoint does not, vLLM skips it)."""
+
+        def optional(name: str) -> bool:
+            key = self.weight_key(name)
+            return self._tied and key is not None and key[0].endswith("lm_head.weight")
+
+        return weight_set_problems(self.reference_weights(), manifest, self.weight_key, optional)
 
     def close(self) -> None:
         """Shut the in-process engine down and free its weights and KV cache (idempotent)."""
@@ -493,3 +583,35 @@ class VLLMEngine:
         if self._sleeping:
             self.llm.wake_up(tags=sorted(self._sleeping))
             self._sleeping.clear()
+
+
+# ----------------------------------------------------------------------------- worker calls
+# Run inside vLLM's worker through ``collective_rpc`` (module-level, so that a multi-process
+# executor can pickle them).
+
+
+def _model_attribute_of(worker: Any, name: str) -> Any:
+    return getattr(worker.model_runner.get_model(), name, None)
+
+
+def _model_attribute(llm: Any, name: str) -> Any:
+    """An attribute of the model vLLM runs (None when it has none or cannot be reached)."""
+    try:
+        return llm.collective_rpc(_model_attribute_of, args=(name,))[0]
+    except Exception as e:  # noqa: BLE001
+        log.warning("vLLM model attribute %s unavailable: %s", name, e)
+        return None
+
+
+def _finish_failed_reload(worker: Any) -> None:
+    """After an in-place reload that raised part-way: end vLLM's layerwise reload as its own
+    ``reload_weights`` would have (``finalize_layerwise_reload``): layers that got no weight
+    get their previous tensors back, the loaders are unwrapped, nothing stays on the meta
+    device. Without it the next ``generate`` fails on meta tensors and a generation after a
+    later complete reload hangs (vLLM 0.32). The layers that got some of their weights hold a
+    mix of old, new or uninitialised values: the weights stay unusable until a complete
+    reload."""
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    finalize_layerwise_reload(runner.get_model(), runner.vllm_config.model_config)

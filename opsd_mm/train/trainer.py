@@ -241,6 +241,7 @@ class Trainer:
             bar.close()
             if self.prefetcher is not None:
                 self.prefetcher.close()
+            getattr(self.engine, "release", lambda: None)()  # a generation server's run claim
             if writer:
                 writer.close()
             if cfg.logging.report_to:

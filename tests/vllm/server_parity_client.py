@@ -80,6 +80,7 @@ def main(url: str, path: str, sync_dir: str, transport: str = "file") -> None:
         HFEngine.for_processor(model, proc).generate(prompts, 1, GREEDY)
     )
     out["after_sync_moved"] = ids(after) != ids(before)
+    engine.release()  # the server is free for the next client
     print(json.dumps(out))
 
 

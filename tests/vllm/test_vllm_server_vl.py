@@ -70,10 +70,36 @@ def _ids(rollouts_P_G):
 
 
 def test_vl_server_greedy_matches_hf(vl_server, engine_gap):
+    """After a sync of the trainer's (transformers') weights, which the server checks against
+    its checkpoint under vLLM's names (``model.language_model.*`` here, ``model.*`` on disk)."""
     proc, model, engine, examples, prompts = vl_server
+    engine.sync_weights(model, version=1)
     assert max(len(p.images) for p in prompts) == 2
     served = engine.generate(prompts, 1, GREEDY)
     assert _ids(served) == _ids(HFEngine.for_processor(model, proc).generate(prompts, 1, GREEDY))
     assert all(len(r.completion_ids) for rs in served for r in rs)
     # The server's log-probs are the model's own on the images it was sent.
     assert engine_gap(proc, model, examples, prompts, served) < 1e-4
+
+
+def test_vl_server_answers_a_bad_image_with_400(vl_server):
+    """An image that is base64 but not an image, or not base64 at all: 400 naming the prompt
+    and the image (it was a 500 with a traceback in the server's log), and the server serves
+    on."""
+    from opsd_mm.rollout.client import ServerError
+    from opsd_mm.rollout.shared import encode_image
+
+    proc, model, engine, examples, prompts = vl_server
+    good = encode_image(prompts[0].images[0])
+    for bad, why in (("aGVsbG8=", "not a readable image"), ("%%%", "not base64")):
+        body = {
+            "prompts": [
+                {"input_ids": list(prompts[0].input_ids), "key": "a", "images": [good, bad]}
+            ],
+            "n": 1,
+            "sampling": {"temperature": 0.0, "max_new_tokens": 4},
+            "eos_token_ids": list(proc.eos_token_ids),
+        }
+        with pytest.raises(ServerError, match=rf"HTTP 400: prompts\[0\]\.images\[1\]: {why}"):
+            engine._call("POST", "/generate", body)
+    assert engine.generate(prompts[:1], 1, GREEDY)[0][0].completion_ids

@@ -57,9 +57,6 @@ def test_server_scores_equal_hf_forward(server, text_setup, text_prompts, tmp_pa
     """Teacher prompts (with a privileged trace) + completions sampled by the server, scored by
     ``POST /score`` (k = 0 and k = 8): equal to the transformers forward; then after a LoRA step
     and a weight sync, equal to the updated model's forward (the live teacher)."""
-    from opsd_mm.config import LoraConfig, ModelConfig
-    from opsd_mm.model.load import setup_trainable
-
     path, proc, base = text_setup
     engine = ServerEngine(
         server.url,
@@ -67,6 +64,16 @@ def test_server_scores_equal_hf_forward(server, text_setup, text_prompts, tmp_pa
         eos_token_ids=proc.eos_token_ids,
         suppress_token_ids=proc.suppress_token_ids,
     )
+    try:
+        _scores_equal_hf_forward(engine, proc, base, text_prompts)
+    finally:
+        engine.release()  # the module's server serves the next test's trainer
+
+
+def _scores_equal_hf_forward(engine, proc, base, text_prompts):
+    from opsd_mm.config import LoraConfig, ModelConfig
+    from opsd_mm.model.load import setup_trainable
+
     engine.sync_weights(base, version=0)
     sampled = SamplingConfig(temperature=1.0, max_new_tokens=20, seed=3)
     rollouts = engine.generate(text_prompts[:4], 2, sampled)
