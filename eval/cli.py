@@ -127,6 +127,7 @@ def _judge_from_args(args: argparse.Namespace, predictions: str | None = None) -
         "concurrency": getattr(args, "judge_concurrency", None),
         "timeout": getattr(args, "judge_timeout", None),
         "retries": getattr(args, "judge_retries", None),
+        "max_tokens": getattr(args, "judge_max_tokens", None),
     }
     return Judge(model, url, **{k: v for k, v in flags.items() if v is not None})
 
@@ -163,6 +164,13 @@ def _add_judge_flags(p: argparse.ArgumentParser, default: Any = None) -> None:
         default=default,
         help="retries, with exponential backoff, of a request that failed to connect or got "
         f"HTTP 408/409/429/5xx (default {DEFAULT_RETRIES})",
+    )
+    p.add_argument(
+        "--judge-max-tokens",
+        type=int,
+        default=default,
+        help="cap on the judge's reply length (default: the official budgets, mathvista 1024, "
+        "amo_bench 8192; a judge with a shorter context needs less)",
     )
 
 

@@ -84,13 +84,17 @@ def last_boxed(text: str, commands: Sequence[str] = ("boxed",)) -> str | None:
 # ``10^{10^{100}}`` never finish (the item sits at its deadline), ``3^{10^6}`` against
 # ``3^{1000000}`` takes longer than 20 s, and a literal of more than 4,300 digits exceeds
 # Python's int-string limit (sympy then reports an error, a digit run of 20,000 with ``.0``
-# already costs 5 s). Such expressions are compared as normalised strings instead, and the
-# score says so (``graded_by_guard``); the per-item deadline stays as the last line of defence.
+# already costs 5 s); their parsers take exponential time in the brace nesting depth. Such
+# expressions are compared as normalised strings instead, and the score says so
+# (``graded_by_guard``); the per-item deadline stays as the last line of defence.
 
 # Longest digit run handed to symbolic evaluation: Python's default int-string limit.
 MAX_LITERAL_DIGITS = 4300
 # Largest estimated size, in decimal digits, of an integer power (``3^{10^5}`` is 47,713).
 MAX_POWER_DIGITS = 100_000
+# Deepest brace nesting: math-verify's parse time grows exponentially with it (12 levels of
+# ``{`` take 3 s, 14 run past a 20 s deadline; 16 of ``\\frac{`` take 8 s), latex2sympy's too.
+MAX_NESTING = 12
 
 # ``(?<!\\d)``: only a digit run's first character starts a match, so a long run is scanned once.
 _LONG_DIGITS = re.compile(rf"(?<!\d)\d{{{MAX_LITERAL_DIGITS + 1}}}")
@@ -113,12 +117,26 @@ def _chain_digits(chain: str) -> float:
     return log10_value
 
 
+def _too_deep(expr: str) -> bool:
+    """``{`` nested more than ``MAX_NESTING`` deep (a stray ``}`` closes nothing; an unclosed
+    ``{`` counts)."""
+    if expr.count("{") <= MAX_NESTING:
+        return False
+    import numpy as np
+
+    codes_T = np.frombuffer(expr.encode("ascii", "replace"), dtype=np.uint8)
+    raw_T = np.cumsum((codes_T == ord("{")).astype(np.int64) - (codes_T == ord("}")))
+    # Depth floored at 0: subtract the lowest point reached so far below zero.
+    return int((raw_T - np.minimum.accumulate(np.minimum(raw_T, 0))).max()) > MAX_NESTING
+
+
 def beyond_symbolic(expr: str) -> bool:
-    """True when ``expr`` is too big for exact symbolic evaluation in time: a digit run longer
-    than ``MAX_LITERAL_DIGITS`` or an integer power chain (``9^{9^{9^9}}``, ``10^{-10^{100}}``, ``2**2**64``) estimated at more than
+    """True when ``expr`` is too big for exact symbolic evaluation in time: braces nested more
+    than ``MAX_NESTING`` deep, a digit run longer than ``MAX_LITERAL_DIGITS`` or an integer
+    power chain (``9^{9^{9^9}}``, ``10^{-10^{100}}``, ``2**2**64``) estimated at more than
     ``MAX_POWER_DIGITS`` digits. Brackets are ignored for the estimate, so ``(10^{10})^{10}``
     is counted as a tower (an overestimate). Linear in ``len(expr)``."""
-    if _LONG_DIGITS.search(expr):
+    if _LONG_DIGITS.search(expr) or _too_deep(expr):
         return True
     flat = _FLATTEN.sub("", expr).replace("**", "^")
     return any(_chain_digits(m.group()) > MAX_POWER_DIGITS for m in _POWER_CHAIN.finditer(flat))

@@ -90,18 +90,21 @@ class Judge:
         concurrency: int = DEFAULT_CONCURRENCY,
         timeout: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
+        max_tokens: int | None = None,
     ) -> None:
         if not model:
             raise EvalError("--judge-model must name the judge model")
-        if concurrency < 1 or retries < 0 or timeout <= 0:
+        if concurrency < 1 or retries < 0 or timeout <= 0 or (max_tokens or 1) < 1:
             raise EvalError(
                 f"--judge-concurrency {concurrency} (>= 1), --judge-retries {retries} (>= 0), "
-                f"--judge-timeout {timeout} (> 0): out of range"
+                f"--judge-timeout {timeout} (> 0), --judge-max-tokens {max_tokens} (>= 1): "
+                "out of range"
             )
         if key_env is not None and not os.environ.get(key_env):
             raise EvalError(f"--judge-key-env {key_env}: the environment variable is not set")
         self.model, self.url, self.key_env = model, url, key_env
         self.concurrency, self.timeout, self.retries = concurrency, timeout, retries
+        self.max_tokens = max_tokens  # a cap on each benchmark's official budget
         self._replies: dict[tuple[str, int], JudgeReply] = {}
         self._lock = threading.Lock()
         self._client: Any = None
@@ -195,7 +198,9 @@ class Judge:
                 model=self.model,
                 messages=[{"role": "user", "content": request.prompt}],
                 temperature=request.temperature,
-                max_completion_tokens=request.max_tokens,
+                max_completion_tokens=min(
+                    request.max_tokens, self.max_tokens or request.max_tokens
+                ),
                 n=1,
             )
         except openai.APITimeoutError:

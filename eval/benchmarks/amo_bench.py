@@ -131,6 +131,12 @@ TRY_LISTS = {
 }
 
 
+def strip_before_brace(s: str) -> str:
+    """The official loops replace " }" (then ".}") until none is left, one character of a run
+    per pass (quadratic on a long run); removing whole runs gives the same text in one pass."""
+    return _DOTS_BEFORE_BRACE.sub("}", _SPACES_BEFORE_BRACE.sub("}", s))
+
+
 def extract(response: str, answer_type: str) -> str:
     """AMO-Bench's ``pred_extractor``."""
     s = response.replace("：", ": ")
@@ -146,10 +152,7 @@ def extract(response: str, answer_type: str) -> str:
             s = s.replace(pat, "")
     for old, new in _REPLACE:
         s = s.replace(old, new)
-    # The official loops replace " }" (then ".}") until none is left, one character of a run
-    # per pass; removing whole runs gives the same text in one pass.
-    s = _SPACES_BEFORE_BRACE.sub("}", s)
-    s = _DOTS_BEFORE_BRACE.sub("}", s)
+    s = strip_before_brace(s)
     if answer_type in PARSER_TYPES:
         s = s.replace("\\,", "").replace("\\;", "").replace("\n", " ")
     if answer_type in ("number", "variable"):
