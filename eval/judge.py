@@ -41,7 +41,9 @@ DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_RETRIES = 4
 # An HTTP 400/413 whose message says the prompt does not fit is a per-request failure; any other
 # refusal (a wrong key, model or parameter) would fail every request the same way.
-_TOO_LONG = re.compile(r"context length|too long|too many tokens|reduce the length", re.I)
+_TOO_LONG = re.compile(
+    r"context length|too long|too many tokens|reduce the length|longer than the maximum", re.I
+)
 
 
 def prompt_sha256(prompt: str) -> str:
@@ -193,14 +195,13 @@ class Judge:
         import openai
 
         where = f"judge endpoint {self.url} (model '{self.model}')"
+        max_tokens = min(request.max_tokens, self.max_tokens or request.max_tokens)
         try:
             completion = client.chat.completions.create(
                 model=self.model,
                 messages=[{"role": "user", "content": request.prompt}],
                 temperature=request.temperature,
-                max_completion_tokens=min(
-                    request.max_tokens, self.max_tokens or request.max_tokens
-                ),
+                max_completion_tokens=max_tokens,
                 n=1,
             )
         except openai.APITimeoutError:
@@ -218,8 +219,11 @@ class Judge:
             if e.status_code in (400, 413) and _TOO_LONG.search(message):
                 self._store(request, JudgeReply("", f"HTTP {e.status_code}: {message}"))
                 return
+            hint = ""
+            if e.status_code == 400 and re.search(r"max_(completion_)?tokens", message):
+                hint = f" (asked for {max_tokens} tokens; lower --judge-max-tokens)"
             raise EvalError(
-                f"{where} refused the request: HTTP {e.status_code}: {message}"
+                f"{where} refused the request: HTTP {e.status_code}: {message}{hint}"
             ) from None
         choices = getattr(completion, "choices", None) or []
         text = (choices[0].message.content or "") if choices else ""

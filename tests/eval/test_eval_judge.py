@@ -285,6 +285,30 @@ def test_a_run_without_judge_cannot_resume_with_one(
         judged_run(fixture_root, out, stub().url, make_engine(), plain_processor)
 
 
+def test_eval_score_judges_saved_responses(
+    fixture_root, plain_processor, make_engine, stub, tmp_path, capsys
+):
+    """Predictions made without a judge, judged afterwards by ``eval score --judge-url``."""
+    out = tmp_path / "run"
+    args = eval_args(
+        "--model", "m", "--benchmarks", "mathvista", "--data-dir", str(fixture_root),
+        "--output", str(out), "--no-progress",
+    )  # fmt: skip
+    engine = make_engine()
+    main_eval(args, runtime_factory=lambda a: Runtime(engine, plain_processor, engine.decode))
+    judge = stub()
+    args = eval_args(
+        "score", "--benchmark", "mathvista", "--predictions",
+        str(out / "mathvista" / "predictions.jsonl"), "--data-dir", str(fixture_root),
+        "--output", str(tmp_path / "judged"), "--judge-url", judge.url, "--judge-model", "stub-judge",
+    )  # fmt: skip
+    assert main_eval(args) == 0
+    assert len(judge.requests) == 2
+    assert "judge stub-judge: 2 requests sent" in capsys.readouterr().out
+    s = json.loads((tmp_path / "judged" / "summary.json").read_text())["mathvista"]
+    assert s["label"] == "official extraction by stub-judge" and s["metrics"]["judge_calls"] == 2
+
+
 # ----------------------------------------------------------------------------- failures
 
 
