@@ -281,6 +281,11 @@ def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None =
     # Everything that can be checked without the model fails before the model loads.
     names = _benchmark_names(args.benchmarks)
     check_run_args(limit=args.limit, samples=args.samples, batch_size=args.batch_size)
+    if args.judge_model and not args.judge_url:
+        raise EvalError(
+            "--judge-model needs --judge-url for a run ('opsd-mm eval score' reads the stored "
+            "replies without one)"
+        )
     judge = _judge_from_args(args)
     benches = [_make_benchmark(n, args.prompt_style, judge) for n in names]
     rows = load_benchmarks(benches, args.data_dir)

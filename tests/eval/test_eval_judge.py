@@ -399,8 +399,9 @@ def test_concurrency_is_bounded_and_the_key_and_cap_are_sent(stub, monkeypatch):
 def test_judge_flags_are_checked(fixture_root, tmp_path):
     for argv, msg in [
         (["--judge-url", "http://127.0.0.1:1/v1"], "--judge-url needs --judge-model"),
-        (["--judge-key-env", "X", "--judge-model", "m"], "--judge-key-env is the key"),
-        (["--judge-model", "m", "--judge-concurrency", "0"], "out of range"),
+        (["--judge-model", "m"], "--judge-model needs --judge-url for a run"),
+        (["--judge-key-env", "X", "--judge-model", "m", "--judge-url", "u"], "X: the environ"),
+        (["--judge-model", "m", "--judge-url", "u", "--judge-concurrency", "0"], "out of range"),
     ]:
         args = eval_args(
             "--model", "m", "--benchmarks", "mathvista", "--data-dir", str(fixture_root),
