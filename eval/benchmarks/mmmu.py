@@ -117,6 +117,7 @@ def mmmu_parse_choice(
 # lookbehind only skips attempts that fail, and a 100k-digit run is scanned once instead of once
 # per digit. bench/grading_legacy.py keeps the official patterns; the tests fuzz one against
 # the other.
+_DIGIT = re.compile(r"\d")
 _MMMU_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")  # linear as it is: \b starts a run
 _MMMU_SCIENTIFIC = re.compile(r"-?(?<!\d)\d+(?:\.\d+)?[eE][+-]?\d+")
 _MMMU_SIMPLE = re.compile(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?\d+)(?![,\d])")
@@ -124,6 +125,8 @@ _MMMU_SIMPLE = re.compile(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?
 
 def mmmu_extract_numbers(s: str) -> list[str]:
     """Comma-grouped, scientific and plain numbers, in that order (official patterns)."""
+    if _DIGIT.search(s) is None:  # no digit, no number: three passes saved
+        return []
     return _MMMU_COMMAS.findall(s) + _MMMU_SCIENTIFIC.findall(s) + _MMMU_SIMPLE.findall(s)
 
 
