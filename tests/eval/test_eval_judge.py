@@ -383,7 +383,7 @@ def test_a_prompt_too_long_for_the_judge_is_recorded_not_fatal(
 
 
 def test_concurrency_is_bounded_and_the_key_and_cap_are_sent(stub, monkeypatch):
-    slow = stub(lambda body, attempt: (200, completion("x"), {}, 0.3))
+    slow = stub(lambda body, attempt: (200, completion("x"), {}, 0.5))
     monkeypatch.setenv("JUDGE_TEST_KEY", "sk-test")
     judge = ask(slow.url, n=6, concurrency=2, key_env="JUDGE_TEST_KEY", max_tokens=4)
     assert judge.sent == 6 and slow.most_in_flight == 2
