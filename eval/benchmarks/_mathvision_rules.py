@@ -233,10 +233,10 @@ def mathvision_equal(
             return grading.Verdict(True)
     timed_out = by_guard = False
     for g in (gold, gold_option):
-        # An exponent tower or a huge integer would sit at the deadline in latex2sympy.
-        v = grading.guard_verdict(g, pred) or grading.guarded(
-            _mathvision_equal_job, (g, pred), timeout
-        )
+        # An exponent tower or a huge integer would sit at the deadline in latex2sympy (an
+        # empty gold, e.g. no option text, is left to the job, which rejects it at once).
+        guard = grading.guard_verdict(g, pred) if g.strip() else None
+        v = guard or grading.guarded(_mathvision_equal_job, (g, pred), timeout)
         if v.correct:
             return v
         timed_out, by_guard = timed_out or v.timed_out, by_guard or v.graded_by_guard
