@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from opsd_mm.eval.benchmarks._common import EvalError
+from opsd_mm.eval.judge import DEFAULT_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
 from opsd_mm.eval.registry import DEFAULT_SUITE, TEXT_MATH, get_benchmark, list_benchmarks
 from opsd_mm.rollout.base import RolloutEngine
 from opsd_mm.types import Processor
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens")
+# The benchmarks whose official score needs an LLM judge (--judge-url, --judge-model).
+JUDGED = ("mathvista", "amo_bench")
 
 
 @dataclass
@@ -89,9 +92,95 @@ def _benchmark_names(spec: str) -> list[str]:
     return names
 
 
-def _make_benchmark(name: str, prompt_style: str) -> Any:
-    return (
-        get_benchmark(name, prompt_style=prompt_style) if name in TEXT_MATH else get_benchmark(name)
+def _make_benchmark(name: str, prompt_style: str, judge: Any = None) -> Any:
+    if name in TEXT_MATH:
+        return get_benchmark(name, prompt_style=prompt_style)
+    if name in JUDGED and judge is not None:
+        return get_benchmark(name, judge=judge)
+    return get_benchmark(name)
+
+
+def _judge_from_args(args: argparse.Namespace, predictions: str | None = None) -> Any:
+    """The Judge the --judge-* flags describe, or None. For ``eval score`` without
+    --judge-model, the one judge whose replies the predictions hold (offline), if any."""
+    from opsd_mm.eval.judge import Judge, stored_judge_models
+
+    url, model = getattr(args, "judge_url", None), getattr(args, "judge_model", None)
+    if url and not model:
+        raise EvalError("--judge-url needs --judge-model (the model name the endpoint serves)")
+    if getattr(args, "judge_key_env", None) and not url:
+        raise EvalError("--judge-key-env is the key for --judge-url; give the URL too")
+    if model is None and predictions is not None:
+        from opsd_mm.eval.runner import read_predictions
+
+        models = stored_judge_models(read_predictions(predictions))
+        if len(models) > 1:
+            raise EvalError(
+                f"{predictions} holds replies of several judges {models}; pick one with "
+                "--judge-model"
+            )
+        model = models[0] if models else None
+    if model is None:
+        return None
+    flags = {
+        "key_env": getattr(args, "judge_key_env", None),
+        "concurrency": getattr(args, "judge_concurrency", None),
+        "timeout": getattr(args, "judge_timeout", None),
+        "retries": getattr(args, "judge_retries", None),
+        "max_tokens": getattr(args, "judge_max_tokens", None),
+    }
+    return Judge(model, url, **{k: v for k, v in flags.items() if v is not None})
+
+
+def _add_judge_flags(p: argparse.ArgumentParser, default: Any = None) -> None:
+    p.add_argument(
+        "--judge-url",
+        default=default,
+        help="OpenAI-compatible endpoint (e.g. https://api.openai.com/v1, or vLLM's "
+        "http://127.0.0.1:8000/v1) for the official LLM steps of mathvista (answer extraction) "
+        "and amo_bench (description answers)",
+    )
+    p.add_argument("--judge-model", default=default, help="the judge model's name at that endpoint")
+    p.add_argument(
+        "--judge-key-env",
+        default=default,
+        help="environment variable holding the endpoint's API key (e.g. OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--judge-concurrency",
+        type=int,
+        default=default,
+        help=f"requests in flight (default {DEFAULT_CONCURRENCY})",
+    )
+    p.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=default,
+        help=f"seconds per request (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--judge-retries",
+        type=int,
+        default=default,
+        help="retries, with exponential backoff, of a request that failed to connect or got "
+        f"HTTP 408/409/429/5xx (default {DEFAULT_RETRIES})",
+    )
+    p.add_argument(
+        "--judge-max-tokens",
+        type=int,
+        default=default,
+        help="cap on the judge's reply length (default: the official budgets, mathvista 1024, "
+        "amo_bench 8192; a judge with a shorter context needs less)",
+    )
+
+
+def _judge_report(benches: list[Any]) -> str:
+    from opsd_mm.eval.judge import Judge
+
+    judges = {id(b.judge): b.judge for b in benches if isinstance(getattr(b, "judge", None), Judge)}
+    return "".join(
+        f"judge {j.model}: {j.sent} requests sent, {j.reused} answered from stored replies\n"
+        for j in judges.values()
     )
 
 
@@ -145,6 +234,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-prompt-tokens", type=int, default=16384)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_judge_flags(p)
     sub = p.add_subparsers(dest="eval_command", metavar="{score}")
     s = sub.add_parser(
         "score",
@@ -168,6 +258,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="text math: the style the predictions were generated with (matharena also reads "
         "\\fbox{})",
     )
+    # Without --judge-model, the replies stored in the predictions are used (offline).
+    _add_judge_flags(s, default=argparse.SUPPRESS)
     p.set_defaults(func=main_eval)
     return p
 
@@ -178,16 +270,24 @@ def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None =
     from opsd_mm.eval.runner import check_run_args, load_benchmarks, run_eval, score_predictions
 
     if getattr(args, "eval_command", None) == "score":
-        bench = _make_benchmark(args.benchmark, args.prompt_style)
+        judge = _judge_from_args(args, args.predictions) if args.benchmark in JUDGED else None
+        bench = _make_benchmark(args.benchmark, args.prompt_style, judge)
         summary = score_predictions(bench, args.predictions, args.data_dir, args.output)
         sys.stdout.write(markdown_table({bench.name: summary}))
+        sys.stdout.write(_judge_report([bench]))
         return 0
     if not args.model:
         raise EvalError("--model is required (or use 'opsd-mm eval score')")
     # Everything that can be checked without the model fails before the model loads.
     names = _benchmark_names(args.benchmarks)
     check_run_args(limit=args.limit, samples=args.samples, batch_size=args.batch_size)
-    benches = [_make_benchmark(n, args.prompt_style) for n in names]
+    if args.judge_model and not args.judge_url:
+        raise EvalError(
+            "--judge-model needs --judge-url for a run ('opsd-mm eval score' reads the stored "
+            "replies without one)"
+        )
+    judge = _judge_from_args(args)
+    benches = [_make_benchmark(n, args.prompt_style, judge) for n in names]
     rows = load_benchmarks(benches, args.data_dir)
     runtime = (runtime_factory or default_runtime)(args)
     overrides = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
@@ -209,6 +309,7 @@ def main_eval(args: argparse.Namespace, runtime_factory: RuntimeFactory | None =
         rows=rows,
     )
     sys.stdout.write(markdown_table(summaries))
+    sys.stdout.write(_judge_report(benches))
     sys.stdout.write(f"outputs in {output}\n")
     return 0
 

@@ -121,12 +121,22 @@ def rule_counts(records: Sequence[Record]) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
+def judge_counts(records: Sequence[Record]) -> dict[str, int]:
+    """``judge_calls``: the judge replies behind the scores (one request each, sent by this run
+    or stored by an earlier one, so re-scoring counts the same); ``judge_errors``: those the
+    endpoint rejected as too long (scored as an empty reply)."""
+    entries = [e for r in records for s in (r.get("scores") or []) for e in (s.get("judge") or [])]
+    return {"judge_calls": len(entries), "judge_errors": sum(1 for e in entries if e.get("error"))}
+
+
 def base_counts(records: Sequence[Record]) -> dict[str, Any]:
-    """Items, errored items, samples per item, timed-out samples and rule usage."""
+    """Items, errored items, samples per item, timed-out samples, samples graded by the guard
+    (an expression beyond symbolic evaluation compared as a string) and rule usage."""
     return {
         "n": len(records),
         "n_errors": sum(1 for r in records if r.get("error")),
         "samples": num_samples(records),
         "n_timeouts": count_flag(records, "timed_out"),
+        "n_graded_by_guard": count_flag(records, "graded_by_guard"),
         "rules": rule_counts(records),
     }

@@ -11,7 +11,9 @@ Layout::
 A record holds ``id``, ``prompt``, ``responses`` (one per sample), ``scores`` (one score dict per
 sample), the first sample's ``response``/``extracted``/``rule``/``correct`` for reading, the
 item's ``meta`` (categories) and ``error`` (a message when the item could not be run; it counts
-as wrong).
+as wrong). A sample scored with an LLM judge keeps the replies it used in its score
+(``"judge": [{"model", "prompt_sha256", "sample", "reply"}]``, eval/judge.py), so that a resumed
+run and a re-scoring read them instead of asking again.
 
 Records are JSON Lines appended as batches finish; a torn last line (a run killed mid-write) is
 dropped on resume, a bad line elsewhere is an error naming the file and line. Summaries hold

@@ -8,6 +8,10 @@ on evaluation's grading so that training and evaluation score an answer the same
   ``\\boxed{X}``, else the last ``(X)`` or ``answer is X``), against the gold letter. Unlike
   MMMU's evaluation parser it never guesses a random letter: a reward must be deterministic.
 
+An answer beyond symbolic evaluation (an exponent tower such as ``9^{9^{9^9}}``, a digit run of
+more than 4,300 digits) is compared with the gold answer as a normalised string instead of by
+math-verify, and counted (``RewardScore.graded_by_guard``: ``reward/graded_by_guard``).
+
 Reward 1 for a correct answer, 0 otherwise. Failures score 0 and are named in
 ``RewardScore.failure`` so that the trainer counts them: ``timeout`` (math-verify past its
 deadline: the worker is killed and restarted), ``error`` (math-verify raised), ``no_answer``
@@ -46,6 +50,9 @@ class MathVerifyReward:
             return RewardScore(0.0, "no_answer")
         if pred.strip() == ex.answer.strip():  # the common case: no worker round trip
             return RewardScore(1.0)
+        by_guard = grading.guard_verdict(ex.answer, pred)  # a tower would sit at the deadline
+        if by_guard is not None:
+            return RewardScore(float(by_guard.correct), graded_by_guard=True)
         verdict = grading.guarded(self.job, (ex.answer, pred), self.timeout)
         if verdict.timed_out:
             return RewardScore(0.0, "timeout")

@@ -6,13 +6,18 @@ carries ``meta["key"] = "<benchmark>:<id>"``, which the engines use to seed each
 row, so completions do not depend on batch composition; with records aggregated in dataset order,
 a resumed run's summary equals an uninterrupted one's. Summaries contain metrics only, so
 ``score_predictions`` on the same predictions reproduces them exactly.
+
+A benchmark with an LLM judge (``bench.judge``, eval/judge.py) names the requests each response
+needs (``bench.judge_requests``); :func:`ask_judge` sends a batch's missing ones together before
+the batch is scored, and the replies stored in earlier records are remembered first, so a
+resumed run or a re-scoring never sends a request twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from opsd_mm.eval.benchmarks._common import EvalError, without_image_decoding
+from opsd_mm.eval.judge import Judge
 from opsd_mm.eval.records import (
     append_records,
     json_lines,
@@ -78,6 +84,23 @@ def _running_accuracy(records: Mapping[str, dict[str, Any]]) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
+def ask_judge(
+    bench: Benchmark, items_responses: Sequence[tuple[Mapping[str, Any], Sequence[str]]]
+) -> None:
+    """Have ``bench``'s judge answer every request its responses need (a no-op without one)."""
+    judge, requests_for = getattr(bench, "judge", None), getattr(bench, "judge_requests", None)
+    if not isinstance(judge, Judge) or requests_for is None:
+        return
+    judge.ask([q for item, rs in items_responses for r in rs for q in requests_for(dict(item), r)])
+
+
+def remember_judged(bench: Benchmark, records: Iterable[Mapping[str, Any]]) -> None:
+    """Seed ``bench``'s judge with the replies stored in ``records``."""
+    judge = getattr(bench, "judge", None)
+    if isinstance(judge, Judge):
+        judge.remember(records)
+
+
 def run_benchmark(
     bench: Benchmark,
     engine: RolloutEngine,
@@ -119,7 +142,9 @@ def run_benchmark(
         },
     )
     preds_path = bench_dir / "predictions.jsonl"
-    done = rescore_records(bench, raw, ids, read_records(preds_path), preds_path)
+    earlier = read_records(preds_path)
+    remember_judged(bench, earlier.values())
+    done = rescore_records(bench, raw, ids, earlier, preds_path)
     todo = [i for i, iid in enumerate(ids) if iid not in done]
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc=bench.name, disable=not progress)
     for start in range(0, len(todo), batch_size):
@@ -138,13 +163,15 @@ def run_benchmark(
                 finished.append(make_record(bench, raw[i], error=msg))
         if ready:
             rollouts_P_G = engine.generate([p for _, p in ready], n=samples, sampling=cfg)
-            for (i, prompt), rollouts in zip(ready, rollouts_P_G):
+            responses_P_G = [[decode(r.completion_ids) for r in rs] for rs in rollouts_P_G]
+            ask_judge(bench, [(raw[i], rs) for (i, _), rs in zip(ready, responses_P_G)])
+            for (i, prompt), rollouts, responses in zip(ready, rollouts_P_G, responses_P_G):
                 finished.append(
                     make_record(
                         bench,
                         raw[i],
                         prompt=prompt.text,
-                        responses=[decode(r.completion_ids) for r in rollouts],
+                        responses=responses,
                         finish_reasons=[r.finish_reason for r in rollouts],
                     )
                 )
@@ -166,10 +193,14 @@ def rescore_records(
     fixed or changed scorer must not leave stale ``correct`` values in the summary); the file
     is rewritten when a score changed. Errored records (no responses) are kept as they are."""
     changed = False
-    for i, iid in enumerate(ids):
-        old = done.get(iid)
-        if old is None or old.get("error") or not old.get("responses"):
-            continue
+    scored = [
+        (i, done[iid])
+        for i, iid in enumerate(ids)
+        if iid in done and not done[iid].get("error") and done[iid].get("responses")
+    ]
+    ask_judge(bench, [(raw[i], old["responses"]) for i, old in scored])
+    for i, old in scored:
+        iid = ids[i]
         new = make_record(
             bench,
             raw[i],
@@ -305,7 +336,8 @@ def score_predictions(
             f"{predictions_path}: {len(unknown)} ids not in benchmark '{bench.name}' "
             f"(e.g. {unknown[:5]}); check --benchmark and --data-dir"
         )
-    records = []
+    remember_judged(bench, preds.values())
+    todo = []
     for i, iid in enumerate(ids):
         if iid not in preds:
             continue
@@ -313,6 +345,10 @@ def score_predictions(
         responses = p.get("responses")
         if responses is None:
             responses = [p["response"]] if p.get("response") is not None else []
+        todo.append((i, p, responses))
+    ask_judge(bench, [(raw[i], responses) for i, _, responses in todo])
+    records = []
+    for i, p, responses in todo:
         records.append(
             make_record(
                 bench,

@@ -5,7 +5,9 @@ Prompt styles: ``opsd`` (default, OPSD's own evaluation) ``{problem}\\n\\nPlease
 step, and put your final answer within \\boxed{}.``; ``matharena`` ``{instruction}\\n\\n{problem}``
 with MathArena's competition instruction. Scoring: the last ``\\boxed{}`` (MathArena style also
 accepts ``\\fbox{}``) with balanced braces, then math-verify against the gold answer (gold
-first) in the grading worker; a timeout scores 0 and is counted. No box scores 0
+first) in the grading worker; a timeout scores 0 and is counted. An expression beyond symbolic
+evaluation (an exponent tower, a huge integer) is compared as a normalised string instead and
+counted (``graded_by_guard``, grading.guard_verdict). No box scores 0
 (``rule: no_boxed``). Metrics: avg@k (``accuracy``), pass@k and maj@k over k samples, and
 accuracy per the benchmark's categories. MathArena checks equivalence with its own sympy-based
 parser; math-verify stands in for it, which the label says.
@@ -82,12 +84,15 @@ class MathBenchmark:
         if boxed is None:
             return {"correct": False, "extracted": None, "rule": "no_boxed", "timed_out": False}
         verdict = grading.math_equal(str(item[self.answer_field]), boxed, self.timeout)
-        return {
+        out = {
             "correct": verdict.correct,
             "extracted": boxed,
             "rule": "timeout" if verdict.timed_out else "boxed",
             "timed_out": verdict.timed_out,
         }
+        if verdict.graded_by_guard:
+            out["graded_by_guard"] = True
+        return out
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -7,27 +7,27 @@ runs (``_mathvision_equal_job`` here) inside the call's deadline: this module im
 
 from __future__ import annotations
 
-import re
-
 from opsd_mm.eval import grading
 
 
+# The official helpers build their result with ``+=``; lists joined once keep them linear on
+# an answer of thousands of ``\\frac``s whatever the interpreter does with string concatenation.
 def _mv_fix_fracs(s: str) -> str:
     parts = s.split("\\frac")
-    out = parts[0]
+    out = [parts[0]]
     for sub in parts[1:]:
-        out += "\\frac"
+        out.append("\\frac")
         if sub and sub[0] == "{":
-            out += sub
+            out.append(sub)
             continue
         if len(sub) < 2:
             return s
         a, b = sub[0], sub[1]
         if b != "{":
-            out += "{" + a + "}{" + b + "}" + sub[2:]
+            out.append("{" + a + "}{" + b + "}" + sub[2:])
         else:
-            out += "{" + a + "}" + b + sub[2:]
-    return out
+            out.append("{" + a + "}" + b + sub[2:])
+    return "".join(out)
 
 
 def _mv_fix_a_slash_b(s: str) -> str:
@@ -47,13 +47,13 @@ def _mv_fix_sqrt(s: str) -> str:
     if "\\sqrt" not in s:
         return s
     parts = s.split("\\sqrt")
-    out = parts[0]
+    out = [parts[0]]
     for sub in parts[1:]:
         if sub and sub[0] != "{":
-            out += "\\sqrt{" + sub[0] + "}" + sub[1:]
+            out.append("\\sqrt{" + sub[0] + "}" + sub[1:])
         else:
-            out += "\\sqrt" + sub
-    return out
+            out.append("\\sqrt" + sub)
+    return "".join(out)
 
 
 def _mv_strip_string(s: str) -> str:
@@ -83,12 +83,22 @@ def _mv_strip_string(s: str) -> str:
     return _mv_fix_a_slash_b(s)
 
 
+def _greedy_boxed(s: str) -> str | None:
+    """The last match of the official ``re.findall(r"oxed{(.*)}", s, flags=re.S)`` in linear
+    time: the greedy match runs from the first ``oxed{`` to the last ``}``, so there is at most
+    one, and none when no ``}`` follows the first ``oxed{`` (the regex finds that out again from
+    every later ``oxed{``; it is kept in bench/grading_legacy.py and fuzzed against this)."""
+    first = s.find("oxed{")
+    close = s.rfind("}")
+    return s[first + 5 : close] if first >= 0 and close >= first + 5 else None
+
+
 def mathvision_find_answer(s: str) -> str:
     """MathVision's ``find_math_answer``: greedy ``oxed{...}`` content, the part after the last
     ``=``/``\\approx``, LaTeX and unit clean-up, then MATH-style string normalisation."""
     s = s.lower().replace("{}", "")
-    found = re.findall(r"oxed{(.*)}", s, flags=re.S)
-    ans = found[-1] if found else s
+    boxed = _greedy_boxed(s)
+    ans = boxed if boxed is not None else s
     if ans.find("}") != -1 and (ans.find("{") == -1 or ans.find("}") < ans.find("{")):
         ans = ans.split("}")[0]
     ans = ans.split("=")[-1].split("\\approx")[-1]
@@ -221,10 +231,13 @@ def mathvision_equal(
             and g.lower().strip() == pred.lower().strip()
         ):
             return grading.Verdict(True)
-    timed_out = False
+    timed_out = by_guard = False
     for g in (gold, gold_option):
-        v = grading.guarded(_mathvision_equal_job, (g, pred), timeout)
+        # An exponent tower or a huge integer would sit at the deadline in latex2sympy (an
+        # empty gold, e.g. no option text, is left to the job, which rejects it at once).
+        guard = grading.guard_verdict(g, pred) if g.strip() else None
+        v = guard or grading.guarded(_mathvision_equal_job, (g, pred), timeout)
         if v.correct:
             return v
-        timed_out = timed_out or v.timed_out
-    return grading.Verdict(False, timed_out=timed_out)
+        timed_out, by_guard = timed_out or v.timed_out, by_guard or v.graded_by_guard
+    return grading.Verdict(False, timed_out=timed_out, graded_by_guard=by_guard)

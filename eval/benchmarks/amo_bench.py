@@ -9,13 +9,24 @@ the right-hand side of a trailing ``=``); ``variable`` answers: substitute the o
 values (problems 5 and 37) and compare the solved ``y``; each also retried on the answer cut at
 ``\\medskip``/``---``. All of it runs in the grading worker under a timeout.
 
-``description`` answers (11 of 50) need AMO-Bench's LLM judge. Without a ``judge`` hook they are
-not graded (``rule: needs_judge``) and the headline is AMO-Bench-P, the 39 parser-gradable
-problems. With ``judge(question, gold, extracted) -> bool`` the full accuracy is reported too.
+``description`` answers (11 of 50) need AMO-Bench's LLM judge. Without a judge they are not
+graded (``rule: needs_judge``) and the headline is AMO-Bench-P, the 39 parser-gradable problems.
+With a judge the full accuracy is reported too: a :class:`~opsd_mm.eval.judge.Judge`
+(``opsd-mm eval --judge-url URL --judge-model NAME``) gets the official judge prompt
+(:data:`SCORE_PROMPT`, byte for byte, filled and truncated as ``verify_description_answer``
+does) five times at the official temperature 1.0 and 8,192 tokens, each reply is read by the
+official conclusion rule, and the majority decides (``rule: judge``, ``votes``); a
+``judge(question, gold, extracted) -> bool`` callable is the older hook. The official code asks
+o4-mini with ``reasoning_effort="low"``; that parameter is not sent (other endpoints reject it).
+
+An answer beyond symbolic evaluation (an exponent tower, a huge integer) is compared as a
+normalised string instead of by math-verify and counted (``graded_by_guard``); the official code
+would spend its deadline on it and score 0.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +35,59 @@ import datasets
 
 from opsd_mm.eval import grading, metrics
 from opsd_mm.eval.benchmarks._common import load_rows
+from opsd_mm.eval.judge import Judge, JudgeRequest
 from opsd_mm.types import Example
 
-Judge = Callable[[str, str, str], bool]
+JudgeHook = Callable[[str, str, str], bool]
 PARSER_TYPES = ("number", "set", "variable")
+
+# AMO-Bench's judge prompt, byte for byte: meituan-longcat/AMO-Bench, utils.py (SCORE_PROMPT) at
+# commit 52e1f378e4bcb0c593e860be38f9251b1a192571 (file last changed in e87664784a12);
+# tests/eval/test_eval_judge.py checks its SHA-256.
+SCORE_PROMPT = """
+For the following math problem, we have the reference answer and the student's answer.
+Determine whether the student's answer is equivalent to the reference answer.
+If equivalent, output "Correct".
+If not equivalent, output "Incorrect".
+
+### Problem
+QUESTION
+
+### Reference Answer
+GOLD
+
+### Student Answer
+PRED
+
+Now, please provide your judgment.
+Please strictly follow the format below to summarize your conclusion at the end of your judgment:
+### Conclusion: Correct/Incorrect
+If the answer involves a decimal approximation, it must be accurate to at least four decimal places.
+""".strip()
+# The official call_api settings and vote count (verify_description_answer).
+JUDGE_TEMPERATURE, JUDGE_MAX_TOKENS, JUDGE_VOTES = 1.0, 8192, 5
+
+
+def judge_prompt(question: str, gold: str, pred: str) -> str:
+    """The official filling: GOLD, then PRED, then QUESTION replaced in that order (so a
+    placeholder word inside an earlier value is replaced too, as officially), and a prompt of
+    20,000 characters or more cut to its first and last 10,000."""
+    prompt = SCORE_PROMPT.replace("GOLD", gold).replace("PRED", pred).replace("QUESTION", question)
+    if len(prompt) >= 20000:
+        prompt = prompt[:10000] + "\n\n...\n\n" + prompt[-10000:]
+    return prompt
+
+
+def judge_vote(reply: str) -> bool:
+    """The official reading of one reply: the text after the last ``conclusion:``, lowercased,
+    holds the word ``correct`` and neither ``not correct`` nor ``n't correct``."""
+    conclusion = reply.lower().split("conclusion:")[-1]
+    return (
+        "correct" in conclusion.split()
+        and "not correct" not in conclusion
+        and "n't correct" not in conclusion
+    )
+
 
 _PREFIXES = [
     "### the final answer is:",
@@ -62,11 +122,19 @@ _REPLACE = [
     ("–", "-"),
     ("−", "-"),
 ]
+_SPACES_BEFORE_BRACE = re.compile(r" +\}")
+_DOTS_BEFORE_BRACE = re.compile(r"\.+\}")
 # Official sample values for the two "variable" problems (AMO-Bench utils.append_try_list).
 TRY_LISTS = {
     5: [f"n={i}" for i in range(1, 21)],
     37: [f"a={i},b={i + 1},c={i + 2}" for i in range(2, 19)],
 }
+
+
+def strip_before_brace(s: str) -> str:
+    """The official loops replace " }" (then ".}") until none is left, one character of a run
+    per pass (quadratic on a long run); removing whole runs gives the same text in one pass."""
+    return _DOTS_BEFORE_BRACE.sub("}", _SPACES_BEFORE_BRACE.sub("}", s))
 
 
 def extract(response: str, answer_type: str) -> str:
@@ -84,10 +152,7 @@ def extract(response: str, answer_type: str) -> str:
             s = s.replace(pat, "")
     for old, new in _REPLACE:
         s = s.replace(old, new)
-    while " }" in s:
-        s = s.replace(" }", "}")
-    while ".}" in s:
-        s = s.replace(".}", "}")
+    s = strip_before_brace(s)
     if answer_type in PARSER_TYPES:
         s = s.replace("\\,", "").replace("\\;", "").replace("\n", " ")
     if answer_type in ("number", "variable"):
@@ -188,17 +253,23 @@ class AMOBench:
         self,
         name: str = "amo_bench",
         split: str = "test",
-        judge: Judge | None = None,
+        judge: Judge | JudgeHook | None = None,
         timeout: float = 60.0,
     ) -> None:
         self.name, self.split, self.judge, self.timeout = name, split, judge, timeout
         self.headline: tuple[str, ...] = ("amo_bench_p",) + (("accuracy",) if judge else ())
-        self.label = (
-            "official parser grading; description answers by the supplied judge"
-            if judge
-            else "AMO-Bench-P (official parser grading of the 39 parser-gradable problems); "
-            "description answers need an LLM judge and are not graded"
-        )
+        if isinstance(judge, Judge):
+            self.label = (
+                f"official grading; description answers judged by {judge.model} with "
+                f"AMO-Bench's judge prompt (majority of {JUDGE_VOTES})"
+            )
+        elif judge is not None:
+            self.label = "official parser grading; description answers by the supplied judge"
+        else:
+            self.label = (
+                "AMO-Bench-P (official parser grading of the 39 parser-gradable problems); "
+                "description answers need an LLM judge and are not graded"
+            )
 
     def load(self, data_dir: str | Path | None = None) -> datasets.Dataset:
         return load_rows(self.name, self.hub_id, self.split, data_dir)
@@ -217,14 +288,36 @@ class AMOBench:
             meta={"benchmark": self.name, **self.categories(item)},
         )
 
+    def judge_requests(self, item: dict[str, Any], response: str) -> list[JudgeRequest]:
+        """The votes the judge must cast before :meth:`score` can grade ``response``."""
+        if not isinstance(self.judge, Judge) or item["answer_type"] != "description":
+            return []
+        prompt = judge_prompt(item["prompt"], str(item["answer"]), extract(response, "description"))
+        return [
+            JudgeRequest(prompt, JUDGE_TEMPERATURE, JUDGE_MAX_TOKENS, sample=k)
+            for k in range(JUDGE_VOTES)
+        ]
+
     def score(self, item: dict[str, Any], response: str) -> dict[str, Any]:
         kind = item["answer_type"]
         pred = extract(response, kind)
         if kind == "description":
             if self.judge is None:
                 return {"correct": False, "extracted": pred, "rule": "needs_judge", "graded": False}
+            if isinstance(self.judge, Judge):
+                return self._score_judged(item, response, pred)
             ok = bool(self.judge(item["prompt"], str(item["answer"]), pred))
             return {"correct": ok, "extracted": pred, "rule": "judge", "graded": True}
+        by_guard = grading.guard_verdict(str(item["answer"]), pred)
+        if by_guard is not None:
+            return {
+                "correct": by_guard.correct,
+                "extracted": pred,
+                "rule": "parser",
+                "graded": True,
+                "timed_out": False,
+                "graded_by_guard": True,
+            }
         try_list = TRY_LISTS.get(int(item["question_id"]), []) if kind == "variable" else []
         status, value = grading.call_with_timeout(
             _amo_job, (pred, str(item["answer"]), kind, try_list), self.timeout
@@ -235,6 +328,21 @@ class AMOBench:
             "rule": "timeout" if status == "timeout" else "parser",
             "graded": True,
             "timed_out": status == "timeout",
+        }
+
+    def _score_judged(self, item: dict[str, Any], response: str, pred: str) -> dict[str, Any]:
+        assert isinstance(self.judge, Judge)
+        where = f"{self.name} item {self.item_id(item)}"
+        requests = self.judge_requests(item, response)
+        replies = [self.judge.reply(r, where) for r in requests]
+        votes = [judge_vote(r.text) for r in replies]
+        return {
+            "correct": votes.count(True) > votes.count(False),
+            "extracted": pred,
+            "rule": "judge",
+            "graded": True,
+            "votes": votes.count(True),
+            "judge": [self.judge.entry(q, r) for q, r in zip(requests, replies)],
         }
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -254,6 +362,8 @@ class AMOBench:
             out[f"amo_bench_p_pass@{k}"] = metrics.pass_at_k(metrics.correct_matrix(p_subset), k)
         if self.judge is not None:
             out.update(metrics.sample_metrics(records))
+        if isinstance(self.judge, Judge):
+            out.update(metrics.judge_counts(records))
         return out
 
     def default_sampling(self, samples: int) -> dict[str, Any]:

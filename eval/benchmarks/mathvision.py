@@ -78,12 +78,15 @@ class MathVision:
             gold_option = options[ord(gold) - 65]
         extracted, rule = mathvision_extract(response)
         verdict = mathvision_equal(gold, gold_option, extracted, self.timeout)
-        return {
+        out = {
             "correct": verdict.correct,
             "extracted": extracted,
             "rule": rule,
             "timed_out": verdict.timed_out,
         }
+        if verdict.graded_by_guard:
+            out["graded_by_guard"] = True
+        return out
 
     def aggregate(self, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return {

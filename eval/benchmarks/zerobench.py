@@ -27,10 +27,30 @@ from opsd_mm.types import Example
 SUFFIX = "\n\n\nLet's think step by step and give the final answer in curly braces, like this: {final answer}"
 
 
+# A ``{`` followed by a ``}`` with no brace or newline between, searched in the reversed text:
+# the first hit there is the last such pair.
+_LAST_PAIR_REVERSED = re.compile(r"\}[^{}\n]*\{")
+
+
 def parse_curly(response: str) -> str | None:
-    """Last ``{...}`` of the stripped, lowercased response, or None."""
-    found = re.findall(r"\{(.*?)\}", response.strip().lower())
-    return found[-1] if found else None
+    """Last ``{...}`` of the stripped, lowercased response, or None: the last match of the
+    official ``re.findall(r"\\{(.*?)\\}", ...)``, found in linear time.
+
+    The official pattern's matches go left to right, each from a ``{`` to the first ``}`` after
+    it on the same line. The last match lies on the last line holding a ``{`` before a ``}``;
+    there it ends at the first ``}`` after the line's last ``{`` that has one, and starts at the
+    first ``{`` after the ``}`` before that (or the line's start). The regex itself rescans the
+    line from every unclosed ``{``; it is kept in bench/grading_legacy.py, and the tests fuzz
+    the two against each other.
+    """
+    s = response.strip().lower()
+    found = _LAST_PAIR_REVERSED.search(s[::-1])
+    if found is None:
+        return None
+    last_open, close = len(s) - found.end(), len(s) - 1 - found.start()
+    line_start = s.rfind("\n", 0, last_open) + 1
+    start = s.find("{", max(s.rfind("}", line_start, last_open) + 1, line_start))
+    return s[start + 1 : close]
 
 
 def is_correct(parsed: str | None, gold: str) -> bool:

@@ -29,10 +29,13 @@ class RewardScore:
     """One completion's reward. ``failure`` names why it could not be scored normally
     (``timeout``: the symbolic check passed its deadline; ``no_answer``: nothing to extract, e.g.
     no ``\\boxed{}``; ``error``: the checker raised; ``no_gold``: the example has no answer). A
-    failed item's ``value`` is 0: it still takes part in its group, as a wrong answer."""
+    failed item's ``value`` is 0: it still takes part in its group, as a wrong answer.
+    ``graded_by_guard``: scored normally, but by string comparison because the answer was beyond
+    symbolic evaluation (an exponent tower, a huge integer); counted, not a failure."""
 
     value: float
     failure: str | None = None
+    graded_by_guard: bool = False
 
 
 @runtime_checkable
@@ -84,7 +87,8 @@ def reward_metrics(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Per-step reward metrics: the mean reward, the fraction of groups with zero variance (no
-    learning signal from the reward), and the step's failures by kind (``reward/failed_*``).
+    learning signal from the reward), the step's failures by kind (``reward/failed_*``) and the
+    completions graded by the guard (``reward/graded_by_guard``).
 
     ``reduce_sum`` sums a tensor over processes (the trainer passes accelerate's): the metrics
     are then the step's over every process - each process scores only its own prompts, and the
@@ -96,16 +100,18 @@ def reward_metrics(
             zero_P.double().sum().item(),
             zero_P.numel(),
             *(sum(s.failure == kind for s in scores) for kind in FAILURE_KINDS),
+            sum(s.graded_by_guard for s in scores),
         ],
         dtype=torch.float64,
     )
     if reduce_sum is not None:
         sums = reduce_sum(sums)
-    total, n, zero, groups, *failed = sums.tolist()
+    total, n, zero, groups, *failed, by_guard = sums.tolist()
     out = {
         "reward/mean": total / n if n else float("nan"),
         "reward/zero_variance_groups": zero / groups if groups else 0.0,
     }
     for kind, count in zip(FAILURE_KINDS, failed):
         out[f"reward/failed_{kind}"] = int(count)
+    out["reward/graded_by_guard"] = int(by_guard)
     return out
