@@ -278,6 +278,12 @@ class LossConfig:
     # torch.compile each chunk's loss computation in the fused path (fuses its elementwise
     # passes into few kernels; costs a compile on the first step).
     compile: bool = False
+    # Who computes each chunk's divergence and logit gradient on the fused path: triton (our
+    # Triton kernel, opsd_mm/loss/triton_divergence.py: the logits read in their own dtype,
+    # the gradient written over them, no [chunk x vocab] fp32 buffer), torch (the closed form
+    # in torch, or torch.compile with loss.compile), or auto: triton on CUDA when Triton
+    # imports and loss.compile is off, torch otherwise.
+    kernel: Literal["auto", "triton", "torch"] = "auto"
     # Truncated importance weight min(p_trainer(y) / p_rollout(y), c) per sampled token,
     # detached, multiplying the per-token loss (engine/trainer mismatch, stale weights); null:
     # off. See opsd_mm.loss.importance.
@@ -475,4 +481,15 @@ def validate_loss_config(cfg: LossConfig) -> None:
             raise ConfigError(
                 "loss.top_k does not apply to loss.divergence=sampled_pg (it uses the sampled "
                 "token only); set loss.top_k=0"
+            )
+    if cfg.kernel == "triton":
+        if not cfg.fused:
+            raise ConfigError(
+                "loss.kernel=triton is the fused path's chunk kernel; with loss.fused=false "
+                "there is none: set loss.fused=true, or loss.kernel=auto"
+            )
+        if cfg.compile:
+            raise ConfigError(
+                "loss.kernel=triton and loss.compile=true are two ways to fuse a chunk's "
+                "divergence: set loss.compile=false (or loss.kernel=torch to compile)"
             )
