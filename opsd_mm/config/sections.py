@@ -341,9 +341,12 @@ class TrainerConfig:
     # the results do not change (micro_batch_mean averages whatever micro-batches form).
     micro_batch_tokens: int = 0
     # Padding-free forwards: each micro-batch's rows packed into one sequence (per-row position
-    # ids, block-diagonal attention); off, or where the model does not support it, rows are
-    # padded to the longest (the reference layout).
-    packing: bool = True
+    # ids, block-diagonal attention). true: packed wherever the model supports it; false: rows
+    # padded to the longest (the reference layout). auto: packed where an attention that skips
+    # the packed block's masked-off parts runs (CUDA: flash-attention's varlen kernel when
+    # installed, else flex attention; the packed forwards switch to it), and without one (a CPU)
+    # only for row micro-batches, not token budgets (docs/performance.md). The log says which.
+    packing: bool | Literal["auto"] = "auto"
     # AdamW's peak learning rate (after the warm-up, before the schedule's decay).
     lr: float = 2e-4
     # AdamW's (decoupled) weight decay.

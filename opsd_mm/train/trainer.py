@@ -42,7 +42,7 @@ from opsd_mm.loss.importance import importance_metrics
 from opsd_mm.loss.micro_batch import micro_batch_loss
 from opsd_mm.loss.rewards import Reward
 from opsd_mm.model.forward import unwrap
-from opsd_mm.model.packing import packable
+from opsd_mm.model.packing import packed_attention, resolve_packing
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
 from opsd_mm.rollout.prefetch import (
     RolloutBatch,
@@ -175,10 +175,18 @@ class Trainer:
         self.run_id: str | None = None
         self.signals = StopSignals()
         self.timer_cuda = acc.device.type == "cuda"
-        why_not = packable(unwrap(self.model)) if tc.packing else "trainer.packing=false"
-        self.packing = why_not is None
-        if tc.packing and why_not:
-            log.warning("trainer.packing: padded forwards (%s)", why_not)
+        half = acc.mixed_precision in ("bf16", "fp16") or getattr(
+            unwrap(self.model), "dtype", None
+        ) in (torch.bfloat16, torch.float16)
+        packing = resolve_packing(
+            unwrap(self.model),
+            tc.packing,
+            acc.device,
+            half=half,
+            micro_batch_tokens=tc.micro_batch_tokens,
+        )
+        self.packing, self.packed_attention = packing.packed, packing.attention
+        log.info("trainer.packing=%s: %s", str(tc.packing).lower(), packing.reason)
 
     # ------------------------------------------------------------------ the loop
 
@@ -355,8 +363,12 @@ class Trainer:
         terms_total = torch.zeros(2, device=acc.device)
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
-        # The processor's step context (VL: each image encoded once for the whole step).
-        with self.processor.step_context(unwrap(self.model)):
+        # The processor's step context (VL: each image encoded once for the whole step); packed
+        # forwards (and their backwards) in the attention trainer.packing chose.
+        with (
+            self.processor.step_context(unwrap(self.model)),
+            packed_attention(unwrap(self.model), self.packed_attention),
+        ):
             for i, mb in enumerate(plan.micro):
                 batch = self.processor.collate(mb.pairs).to(acc.device)
                 last = i == len(plan.micro) - 1
