@@ -93,6 +93,13 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=768)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--micro-batch-tokens", type=int, default=2048)
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=list(CONTENDERS),
+        default=list(CONTENDERS),
+        help="run only these (the ratios need 'padded, rows' and/or 'padded, tokens')",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -106,6 +113,8 @@ def main() -> None:
         args.model_dir = model_dir
         trainers = {}
         for name, extra in CONTENDERS.items():
+            if name not in args.contenders:
+                continue
             cfg = load_config(
                 ROOT / "configs" / "tiny_text.yaml",
                 [*cfg_overrides(args, f"{tmp}/{len(trainers)}"), *extra],
@@ -161,16 +170,20 @@ def main() -> None:
     print(head + f"{'vs padded tokens':>18}")
     for name, ts in times.items():
         line = f"{name:<24}{statistics.mean(ts):>14.2f}{tps[name]:>13.0f}"
-        line += f"{tps[name] / tps['padded, rows']:>15.2f}x"
-        if name.endswith("tokens"):
+        rows_base = tps.get("padded, rows")
+        line += f"{tps[name] / rows_base:>15.2f}x" if rows_base else f"{'':>16}"
+        if name.endswith("tokens") and "padded, tokens" in tps:
             line += f"{tps[name] / tps['padded, tokens']:>17.2f}x"
         print(line)
-    attention = trainers["packed, tokens"].packed_attention or "the model's own"
-    print(f"packed forwards' attention: {attention}")
+    packed = next((t for n, t in trainers.items() if n.startswith("packed,")), None)
+    if packed is not None:
+        attention = packed.packed_attention or "the model's own"
+        print(f"packed forwards' attention: {attention}")
     for kind, reason in auto.items():
         print(f"trainer.packing=auto, {kind}: {reason}")
-    ratio = tps["packed, tokens"] / tps["padded, tokens"]
-    print(f"token budgets packed / padded: {ratio:.2f}x (GPU target >= 1.2x)")
+    if "packed, tokens" in tps and "padded, tokens" in tps:
+        ratio = tps["packed, tokens"] / tps["padded, tokens"]
+        print(f"token budgets packed / padded: {ratio:.2f}x (GPU target >= 1.2x)")
 
 
 if __name__ == "__main__":
