@@ -98,6 +98,10 @@ step packing packing 200 $PY bench/step_throughput.py --steps 2 --warmup 1 \
 # CUDA memory, MFU (targets: >= 1.5x TRL's tokens/s at <= 0.5x its peak memory; MFU >= 45%).
 step vs_trl vs_trl 400 $PY bench/vs_trl.py --real-shape --contenders trl ours \
   --child-timeout 170
+# By name only (ONLY="vs_trl_gc"), if a call has time left: the same with gradient
+# checkpointing on for both (activations no longer scale with ours' token budget).
+step vs_trl_gc vs_trl_gc 300 $PY bench/vs_trl.py --real-shape --contenders trl ours \
+  --gradient-checkpointing --modes jsd --child-timeout 140
 
 # ------------------------------------------------------------------ older checks, by name
 # Issue 16: FSDP2 on CUDA (nccl) through the shipped accelerate config: full fine-tuning with an

@@ -280,7 +280,7 @@ class _FusedDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
         grad_h_NH, grad_b_V = ctx.saved_tensors
         mult = grad_loss * ctx.scale
-        w_dtype, b_dtype = ctx.param_dtypes
+        _, b_dtype = ctx.param_dtypes
         gh = gw = gb = None
         if grad_h_NH is not None:
             # Scaled in fp32: a bf16 copy of 1/num_tokens would be off by up to 0.4%.
