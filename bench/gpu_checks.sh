@@ -1,32 +1,35 @@
 #!/usr/bin/env bash
 # The GPU checks, as ONE prepared script for a session that holds the device (one H200).
-# Issue 29 first (about 11 minutes of steps, in two calls of the device tool, whose commands
-# may run 600 s each):
+# Issue 29's, in about 11 minutes of commands: two calls of the device tool (a command may run
+# 600 s), the second at once so that the machine is still warm (one start, not two):
 #   here, first:  make gpu-wheels          (Liger-Kernel and TRL as wheels in .whl/)
-#   call 1:       ONLY="env install kernel liger modes" bash bench/gpu_checks.sh
-#                 (carry [".whl"], timeout_s 600): the Triton kernel's parity tests compiled on
-#                 CUDA with the other gpu tests, then fused (Triton kernel) vs Liger vs the torch
-#                 closed form at N x H = 8k x 2k / 8k x 4k / 16k x 2k / 16k x 4k, V = 151,936,
-#                 bf16, lm_head frozen and trainable; the other modes against the naive path
-#   call 2:       ONLY="env packing vs_trl" bash bench/gpu_checks.sh
-#                 packed vs padded token budgets on step_throughput's long-tailed lengths
-#                 (packed through flex attention or flash-attention's varlen kernel, and through
-#                 SDPA as before), then ours vs TRL's SDFTTrainer at a Qwen3-1.7B shape (bf16,
-#                 real vocabulary) with the training part's MFU
-# Older checks run only when named: ONLY="fsdp2" (issue 16: FSDP2 on CUDA; issue 18: the nccl
-# weight transport, with 2 GPUs).
+#   call 1:       ONLY="env kernel liger packing" bash bench/gpu_checks.sh
+#                 (carry [".whl"], timeout_s 600; ~7 min): the Triton kernel's parity tests
+#                 compiled on CUDA; fused (Triton kernel) vs Liger vs the torch closed form at
+#                 N x H = 8k x 2k / 8k x 4k / 16k x 2k / 16k x 4k, V = 151,936, bf16, lm_head
+#                 frozen and trainable; packed vs padded token budgets on step_throughput's
+#                 long-tailed lengths (packed through flex attention or flash-attention's varlen
+#                 kernel, and through SDPA as before)
+#   call 2:       ONLY="env vs_trl" bash bench/gpu_checks.sh      (~4 min)
+#                 ours vs TRL's SDFTTrainer (its best settings) at a Qwen3-1.7B shape (bf16, real
+#                 vocabulary), JSD and sampled-token, with the training part's MFU
+# With device time left, by name: "gpu_tests" (the gpu-marked tests: fused bf16 parity, the
+# trainer against its naive path, the packed step through flex attention), "modes" (the other
+# divergence modes against the naive path), "vs_trl_gc" (call 2 with gradient checkpointing).
+# Older checks run only when named: "fsdp2" (issue 16: FSDP2 on CUDA; issue 18: the nccl weight
+# transport, with 2 GPUs). "env" also installs the package (editable, no dependencies).
 # Every step has its own time limit, so one slow step cannot eat the rest; the script stops
-# starting steps at BUDGET seconds (default 540). Logs land in $OUT (the device tool brings them
-# back, at most 8 files: one per group), or in ./gpu-checks-out elsewhere. The figures go into
-# docs/performance.md ("On one H200").
+# starting steps at BUDGET seconds (default 540). DRY=1 lists the steps a call would run.
+# Logs land in $OUT (the device tool brings them back, at most 8 files: one per group), or in
+# ./gpu-checks-out elsewhere. The figures go into docs/performance.md ("On one H200").
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-checks-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
-ONLY=${ONLY:-env install kernel liger packing vs_trl}
+ONLY=${ONLY:-env kernel liger packing vs_trl}
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [[ -z "${DRY:-}" ]] && compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
@@ -47,6 +50,9 @@ step() {
   fi
   ((limit > left)) && limit=$left
   echo "=== $name (limit ${limit}s): $*" | tee -a "$log"
+  if [[ -n "${DRY:-}" ]]; then  # DRY=1: list the steps and their commands, run nothing
+    return
+  fi
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$log"
@@ -63,11 +69,11 @@ step env env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version
 step env install 90 $PY -m pip install -q --no-deps --no-build-isolation --no-index -e .
 
 # Issue 29: the Triton kernel against the naive path, compiled on CUDA (every mode, fp32 and
-# bf16, top-k, clips, ragged masks, a fully masked row); the fused path's bf16 parity (the
-# kernel is loss.kernel=auto's choice on CUDA); the trainer on CUDA against its naive path; the
-# packed step through flex attention / flash-attention against padded rows.
+# bf16, top-k, clips, ragged masks, a fully masked row). By name, "gpu_tests": the fused path's
+# bf16 parity (the kernel is loss.kernel=auto's choice on CUDA), the trainer on CUDA against its
+# naive path, the packed step through flex attention / flash-attention against padded rows.
 step kernel kernel 200 $PY -m pytest -q -p no:cacheprovider -x tests/loss/test_kernel.py
-step kernel gpu_tests 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/loss/test_fused.py \
+step gpu_tests gpu_tests 200 $PY -m pytest -q -p no:cacheprovider -m gpu tests/loss/test_fused.py \
   tests/train/test_trainer.py tests/model/test_packing.py
 
 # Issue 29: fused with the Triton kernel vs Liger's fused linear JSD vs the torch closed form,
@@ -96,7 +102,7 @@ step packing packing 200 $PY bench/step_throughput.py --steps 2 --warmup 1 \
 # Issue 29: ours vs TRL's SDFTTrainer (its best settings) at a Qwen3-1.7B shape, bf16, fixed
 # completions (mean 512, up to 2,048 tokens), JSD and sampled-token; training tokens/s, peak
 # CUDA memory, MFU (targets: >= 1.5x TRL's tokens/s at <= 0.5x its peak memory; MFU >= 45%).
-step vs_trl vs_trl 400 $PY bench/vs_trl.py --real-shape --contenders trl ours \
+step vs_trl vs_trl 420 $PY bench/vs_trl.py --real-shape --contenders trl ours \
   --child-timeout 170
 # By name only (ONLY="vs_trl_gc"), if a call has time left: the same with gradient
 # checkpointing on for both (activations no longer scale with ours' token budget).
@@ -116,7 +122,7 @@ step fsdp2 fsdp2_ema_1gpu 150 $PY bench/resume_check.py --out /tmp/fsdp2-ema-1 -
 step fsdp2 fsdp2_fixed_1gpu 150 $PY bench/resume_check.py --out /tmp/fsdp2-fixed-1 --sharded \
   --rtol 1e-3 --launch "$FSDP2_LAUNCH --num_processes 1 --main_process_port 29512" \
   $FSDP2_ARGS teacher.kind=fixed
-if [[ " $ONLY " == *" fsdp2 "* ]]; then
+if [[ " $ONLY " == *" fsdp2 "* && -z "${DRY:-}" ]]; then
   GPUS=$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
   if ((GPUS >= 2)); then
     step fsdp2 fsdp2_ema_2gpu 150 $PY bench/resume_check.py --out /tmp/fsdp2-ema-2 --sharded \

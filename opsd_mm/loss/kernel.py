@@ -43,8 +43,10 @@ log = logging.getLogger(__name__)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The top-k support is held in registers, one program per token: up to this many entries.
 MAX_TOP_K = 4096
-# V tile of the two kernels on a GPU (a power of two; the interpreter tests pass smaller ones).
-BLOCK_V_STATS = 4096
+# V tile of the two kernels on a GPU (a power of two; the interpreter tests pass smaller ones):
+# the stats kernel keeps 6-9 per-lane accumulators of its tile in registers (8 per thread at 8
+# warps); untuned until a GPU run.
+BLOCK_V_STATS = 2048
 BLOCK_V_GRAD = 2048
 
 

@@ -14,7 +14,8 @@ Two kernels, three passes over V for the vocabulary modes:
   V tiles (running max, sum and entropy sum, for student and teacher at the loss temperature,
   and the student at temperature 1 when the loss temperature is not 1); pass 2 (full
   vocabulary only) sums the mode's terms, the clipped terms, the clip count and
-  G = sum_v g_v, the gradient's projection through the log-softmax. A top-k support is
+  G = sum_v g_v, the gradient's projection through the log-softmax. Both passes accumulate per
+  lane of the tile and reduce across lanes once, after the loop (no reduction per tile). A top-k support is
   gathered (k entries, in registers) after pass 1 instead of pass 2; the sampled-token mode
   reads log p(y) and needs no pass 2.
 - :func:`divergence_grad_kernel`, one program per (token, V tile), after the caller has applied
@@ -131,16 +132,30 @@ def _terms_and_grad(s, t, S, T, beta, log_beta, log1m_beta, MODE: tl.constexpr):
 
 @triton.jit
 def _online(x, valid, m, d, e):
-    """One V tile into a running (max m, sum d = sum exp(x - m), e = sum exp(x - m) (x - m)):
-    at the end lse = m + log d and the entropy is log d - e / d (both relative to the max, so a
-    peaked distribution's small entropy is not a difference of two large numbers)."""
-    m_new = tl.maximum(m, tl.max(tl.where(valid, x, float("-inf")), 0))
+    """One V tile into per-lane running (max m, sum d = sum exp(x - m), e = sum exp(x - m)
+    (x - m)), [BLOCK_V] each: elementwise, no reduction inside the loop (:func:`_finish`
+    reduces the lanes once, after it)."""
+    m_new = tl.maximum(m, tl.where(valid, x, float("-inf")))
     scale = tl.exp(m - m_new)
     xs = tl.where(valid, x - m_new, 0.0)
     p = tl.where(valid, tl.exp(xs), 0.0)
-    e = scale * (e + (m - m_new) * d) + tl.sum(p * xs, 0)
-    d = scale * d + tl.sum(p, 0)
+    e = scale * (e + (m - m_new) * d) + p * xs
+    d = scale * d + p
     return m_new, d, e
+
+
+@triton.jit
+def _finish(m, d, e):
+    """The lanes of :func:`_online` combined: (max, log sum, entropy), with lse = max + log sum
+    and the entropy log d - e / d, both relative to the max (so a peaked distribution's small
+    entropy is not a difference of two large numbers). A lane that saw no entry (m at its
+    finite start, d = e = 0) adds nothing."""
+    m_all = tl.max(m, 0)
+    w = tl.exp(m - m_all)
+    d_all = tl.sum(w * d, 0)
+    e_all = tl.sum(w * (e + (m - m_all) * d), 0)
+    log_d = tl.log(d_all)
+    return m_all, log_d, log_d - e_all / d_all
 
 
 @triton.jit
@@ -205,17 +220,19 @@ def divergence_stats_kernel(
     u_row = u_ptr + row * stride_u
     zero = tl.zeros((), tl.float32)
     nan = zero + float("nan")
+    lanes = tl.zeros((BLOCK_V,), tl.float32)
 
-    # Pass 1: online log-sum-exp and entropy of both sides (and of z itself when tau != 1).
-    m_s = zero + _NEG_START
-    d_s = zero
-    e_s = zero
-    m_t = zero + _NEG_START
-    d_t = zero
-    e_t = zero
-    m_1 = zero + _NEG_START
-    d_1 = zero
-    e_1 = zero
+    # Pass 1: online log-sum-exp and entropy of both sides (and of z itself when tau != 1),
+    # per lane; the lanes are reduced once, after the loop.
+    m_s = lanes + _NEG_START
+    d_s = lanes
+    e_s = lanes
+    m_t = lanes + _NEG_START
+    d_t = lanes
+    e_t = lanes
+    m_1 = lanes + _NEG_START
+    d_1 = lanes
+    e_1 = lanes
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         valid = offs < V
@@ -226,18 +243,18 @@ def divergence_stats_kernel(
         if not SCORED:
             u = tl.load(u_row + offs, mask=valid, other=0.0).to(tl.float32)
             m_t, d_t, e_t = _online(_scaled(u, tau, TAU_ONE), valid, m_t, d_t, e_t)
-    logd_s = tl.log(d_s)
-    ent_s = logd_s - e_s / d_s
+    m_s, logd_s, ent_s = _finish(m_s, d_s, e_s)
     if SCORED:
+        m_t = zero
         logd_t = zero
         ent_t = nan  # the teacher's full distribution never reached the trainer
     else:
-        logd_t = tl.log(d_t)
-        ent_t = logd_t - e_t / d_t
+        m_t, logd_t, ent_t = _finish(m_t, d_t, e_t)
     if TAU_ONE:
         lse_1 = m_s + logd_s
     else:
-        lse_1 = m_1 + tl.log(d_1)
+        m_1, logd_1, _ = _finish(m_1, d_1, e_1)
+        lse_1 = m_1 + logd_1
 
     # The sampled token: log p(y) at temperature 1 (for DivergenceOut), s_y and t_y at tau.
     logp_y = nan
@@ -261,7 +278,12 @@ def divergence_stats_kernel(
     g_sum = zero
     if MODE != _SAMPLED:
         if SUPPORT == _FULL:
-            # Pass 2: the terms, the point-wise clip and G = sum_v g_v over the vocabulary.
+            # Pass 2: the terms, the point-wise clip and G = sum_v g_v over the vocabulary,
+            # summed per lane and reduced once after the loop.
+            loss_v = lanes
+            div_v = lanes
+            count_v = lanes
+            g_v = lanes
             for start in range(0, V, BLOCK_V):
                 offs = start + tl.arange(0, BLOCK_V)
                 valid = offs < V
@@ -274,15 +296,18 @@ def divergence_stats_kernel(
                 )
                 term = tl.where(valid, term, 0.0)
                 g = tl.where(valid, g, 0.0)
-                div += tl.sum(term, 0)
+                div_v += term
                 if CLIP:
                     over = valid & (term > clip)
-                    count += tl.sum(over.to(tl.float32), 0)
+                    count_v += over.to(tl.float32)
                     term = tl.where(over, clip, term)
                     g = tl.where(over, 0.0, g)
-                loss += tl.sum(term, 0)
-                g_sum += tl.sum(g, 0)
-            count = count / V
+                loss_v += term
+                g_v += g
+            loss = tl.sum(loss_v, 0)
+            div = tl.sum(div_v, 0)
+            count = tl.sum(count_v, 0) / V
+            g_sum = tl.sum(g_v, 0)
         else:
             # The teacher's top-k support, gathered into registers.
             koffs = tl.arange(0, BLOCK_K)
