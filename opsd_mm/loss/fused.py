@@ -300,12 +300,16 @@ class _FusedDivergence(torch.autograd.Function):
 
 def _scale_in_place(x: torch.Tensor, mult: torch.Tensor, block_bytes: int = 64 * 2**20) -> None:
     """x *= mult with the product in fp32 (at least), rounded once into x's dtype: a bf16 x
-    is scaled in row blocks of ~``block_bytes`` of fp32, never a full-size copy (a bf16 copy of
-    1/num_tokens itself would be off by up to 0.4%)."""
+    is scaled in row blocks of at most ``block_bytes`` and 1/16 of x in fp32, never a
+    full-size copy (a bf16 copy of 1/num_tokens itself would be off by up to 0.4%)."""
     if x.dtype in (torch.float32, torch.float64):
         x.mul_(mult.to(x.dtype))
         return
-    rows = max(1, block_bytes // max(1, x[0].numel() * 4)) if x.dim() > 1 else x.shape[0]
+    if x.dim() < 2:
+        x.copy_(x.float() * mult)
+        return
+    row_bytes = x[0].numel() * 4
+    rows = max(1, min(block_bytes, x.numel() * 4 // 16) // row_bytes)
     for block in x.split(rows):
         block.copy_(block.float() * mult)
 
