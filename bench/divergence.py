@@ -71,13 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-weight", action="store_true", help="lm_head trainable (full FT)")
     p.add_argument(
         "--shapes",
-        help="CUDA: several N x H in one process, e.g. 8192x2048,16384x4096 (overrides --n, --hidden)",
+        help="CUDA: several N x H in one process, e.g. 8192x2048,16384x4096 (not --n, --hidden)",
     )
     p.add_argument(
         "--heads",
         nargs="+",
         choices=["frozen", "trainable"],
-        help="CUDA: run each shape with the lm_head frozen and/or trainable (default: --train-weight)",
+        help="CUDA: each shape with the lm_head frozen and/or trainable (default: --train-weight)",
     )
     p.add_argument(
         "--contenders",

@@ -15,9 +15,9 @@ Two kernels, three passes over V for the vocabulary modes:
   and the student at temperature 1 when the loss temperature is not 1); pass 2 (full
   vocabulary only) sums the mode's terms, the clipped terms, the clip count and
   G = sum_v g_v, the gradient's projection through the log-softmax. Both passes accumulate per
-  lane of the tile and reduce across lanes once, after the loop (no reduction per tile). A top-k support is
-  gathered (k entries, in registers) after pass 1 instead of pass 2; the sampled-token mode
-  reads log p(y) and needs no pass 2.
+  lane of the tile and reduce across lanes once, after the loop (no reduction per tile). A
+  top-k support is gathered (k entries, in registers) after pass 1 instead of pass 2; the
+  sampled-token mode reads log p(y) and needs no pass 2.
 - :func:`divergence_grad_kernel`, one program per (token, V tile), after the caller has applied
   the token clip and the importance weight (``mult`` per token): pass 3 recomputes g_v and writes
   dL/dz_v = mult * (g_v - S_v * G) over the student logits.
