@@ -225,7 +225,7 @@ def triton_chunk(
             CLIP=clip is not None,
             TAU_ONE=tau == 1.0,
             BLOCK_V=block_stats,
-            BLOCK_K=_next_pow2(max(n_support, 1)),
+            BLOCK_K=max(16, _next_pow2(n_support)),  # >= 16 lanes: no 1-wide layouts
             num_warps=8,
         )
     loss_N, div_N, clipped_N, ent_s_N, ent_t_N, logp_N = stats_SN.unbind(0)

@@ -200,8 +200,9 @@ def resolve_packing(
     one. ``auto``: packed through a skipping attention; without one (a CPU), packed only for
     row micro-batches (``micro_batch_tokens`` 0), where padding to the longest row costs more
     than attending over the packed block, and padded for token budgets, which already group
-    similar lengths (bench/step_throughput.py on this project's CPU; docs/performance.md). So
-    no default makes a step slower than the padded layout. false: padded."""
+    similar lengths (bench/step_throughput.py on this project's CPU; docs/performance.md): the
+    layouts measured slower than padding are never the default (the skipping attentions' GPU
+    figure is ``bench/gpu_checks.sh``'s to measure). false: padded."""
     if setting is False:
         return PackingPlan(False, None, "padded rows (trainer.packing=false)")
     why_not = packable(model)
