@@ -48,7 +48,7 @@ config-reference: $(STAMP)
 	$(VENV)/bin/opsd-mm config reference --output docs/config.md
 
 # Wheels the GPU machine lacks, for bench/gpu_checks.sh (carried as .whl; see bench/gpu_checks.sh).
-LIGER_SPEC ?= liger-kernel==0.8.5
+LIGER_SPEC ?= liger-kernel==0.8.5 trl==1.16.0
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \

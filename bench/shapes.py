@@ -16,10 +16,23 @@ QWEN_VOCAB = 151_936
 
 
 def build_model_dir(
-    out: str | Path, *, hidden: int, layers: int, vocab: int, heads: int = 4, seed: int = 0
+    out: str | Path,
+    *,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    heads: int = 4,
+    seed: int = 0,
+    kv_heads: int | None = None,
+    head_dim: int | None = None,
+    intermediate: int | None = None,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """A random Qwen3ForCausalLM (fp32, head_dim 64 or hidden/heads) saved with the tiny
-    tokenizer into ``out``; returns ``out``."""
+    """A random Qwen3ForCausalLM saved with the tiny tokenizer into ``out``; returns ``out``.
+    Defaults: kv_heads heads/2, head_dim hidden/heads, intermediate 3 x hidden, untied head,
+    fp32. A Qwen3-1.7B shape: hidden 2048, 28 layers, 16 heads, 8 kv heads, head_dim 128,
+    intermediate 6144, tied embeddings (built in ``dtype``: bf16 halves the memory)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from opsd_mm.model.tiny import resolve_tiny
@@ -34,19 +47,24 @@ def build_model_dir(
     cfg = Qwen3Config(
         vocab_size=max(vocab, base.vocab_size),
         hidden_size=hidden,
-        intermediate_size=3 * hidden,
+        intermediate_size=intermediate or 3 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        head_dim=hidden // heads,
+        num_key_value_heads=kv_heads or max(1, heads // 2),
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=8192,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         bos_token_id=base.bos_token_id,
         eos_token_id=base.eos_token_id,
         pad_token_id=base.pad_token_id,
     )
     torch.manual_seed(seed)
-    Qwen3ForCausalLM(cfg).save_pretrained(out)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        Qwen3ForCausalLM(cfg).save_pretrained(out)
+    finally:
+        torch.set_default_dtype(default)
     return out
 
 

@@ -6,6 +6,13 @@ lengths for every contender at a given step): only the training part of the step
 (teacher forward, student forward + backward, optimizer; ``time/teacher + time/student +
 time/optimizer``). Contenders alternate step by step so machine noise hits all alike.
 
+``trainer.packing=true`` packs through an attention that skips the packed block's masked
+parts where one runs (CUDA: flash-attention's varlen kernel, or flex attention;
+``opsd_mm.model.packing.resolve_packing``); there the bench adds "packed sdpa" contenders, the
+same packed forwards through the model's own SDPA (what packing did before), so the attention's
+share is visible. The last lines say what ``trainer.packing=auto`` resolves to here, rows and
+token budgets, and the token budgets' packed / padded ratio (the GPU target: >= 1.2x).
+
     OMP_NUM_THREADS=1 python bench/step_throughput.py [--steps 4] [--hidden 384 --layers 6]
 """
 
@@ -22,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import build_model_dir, lognormal_lengths  # noqa: E402
 
+from opsd_mm.model.forward import unwrap  # noqa: E402
+from opsd_mm.model.packing import resolve_packing  # noqa: E402
 from opsd_mm.types import Rollout  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +63,22 @@ class LengthsEngine:
         pass
 
 
+def cfg_overrides(args: argparse.Namespace, run_dir: str) -> list[str]:
+    return [
+        f"run_dir={run_dir}",
+        f"model.name_or_path={args.model_dir}",
+        "trainer.save_every=0",
+        "logging.progress=false",
+        "logging.samples_every=0",
+        f"trainer.max_steps={args.steps + args.warmup}",
+        f"trainer.batch_size={args.prompts}",
+        f"rollout.n={args.n}",
+        f"trainer.micro_batch_size={args.micro_batch_size}",
+        f"trainer.micro_batch_tokens={args.micro_batch_tokens}",
+        *args.overrides,
+    ]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--steps", type=int, default=4)
@@ -68,6 +93,13 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=768)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--micro-batch-tokens", type=int, default=2048)
+    p.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=list(CONTENDERS),
+        default=list(CONTENDERS),
+        help="run only these (the ratios need 'padded, rows' and/or 'padded, tokens')",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -78,24 +110,14 @@ def main() -> None:
         model_dir = build_model_dir(
             Path(tmp) / "model", hidden=args.hidden, layers=args.layers, vocab=args.vocab
         )
+        args.model_dir = model_dir
         trainers = {}
         for name, extra in CONTENDERS.items():
+            if name not in args.contenders:
+                continue
             cfg = load_config(
                 ROOT / "configs" / "tiny_text.yaml",
-                [
-                    f"run_dir={tmp}/{len(trainers)}",
-                    f"model.name_or_path={model_dir}",
-                    "trainer.save_every=0",
-                    "logging.progress=false",
-                    "logging.samples_every=0",
-                    f"trainer.max_steps={args.steps + args.warmup}",
-                    f"trainer.batch_size={args.prompts}",
-                    f"rollout.n={args.n}",
-                    f"trainer.micro_batch_size={args.micro_batch_size}",
-                    f"trainer.micro_batch_tokens={args.micro_batch_tokens}",
-                    *extra,
-                    *args.overrides,
-                ],
+                [*cfg_overrides(args, f"{tmp}/{len(trainers)}"), *extra],
             )
             t = build_trainer(cfg)
             tok = t.processor.tokenizer
@@ -103,6 +125,26 @@ def main() -> None:
             ids = [i for i in range(50, len(tok)) if i not in specials]
             t.engine = LengthsEngine(args, ids)
             trainers[name] = t
+            if name.startswith("packed") and t.packed_attention is not None:
+                # The same packed forwards through the model's own attention (SDPA).
+                sdpa = build_trainer(
+                    load_config(
+                        ROOT / "configs" / "tiny_text.yaml",
+                        [*cfg_overrides(args, f"{tmp}/{len(trainers)}"), *extra],
+                    )
+                )
+                sdpa.engine, sdpa.packed_attention = t.engine, None
+                trainers[name.replace("packed", "packed sdpa")] = sdpa
+        auto = {}
+        for kind, tokens in (("rows", 0), ("tokens", args.micro_batch_tokens)):
+            plan = resolve_packing(
+                unwrap(t.model),
+                "auto",
+                t.accelerator.device,
+                half=t.accelerator.mixed_precision in ("bf16", "fp16"),
+                micro_batch_tokens=tokens,
+            )
+            auto[kind] = plan.reason
         times = {name: [] for name in trainers}
         tokens, lengths_seen = [], []
         for step in range(args.warmup + args.steps):
@@ -123,12 +165,25 @@ def main() -> None:
         f"(max/mean {max(lengths_seen) / mean_len:.1f}); micro_batch_size "
         f"{args.micro_batch_size}, micro_batch_tokens {args.micro_batch_tokens}; {args.steps} steps"
     )
-    base = None
-    print(f"{'contender':<18}{'train s/step':>14}{'train tok/s':>13}{'vs padded rows':>16}")
+    tps = {name: sum(tokens) / sum(ts) for name, ts in times.items()}
+    head = f"{'contender':<24}{'train s/step':>14}{'train tok/s':>13}{'vs padded rows':>16}"
+    print(head + f"{'vs padded tokens':>18}")
     for name, ts in times.items():
-        tps = sum(tokens) / sum(ts)
-        base = base or tps
-        print(f"{name:<18}{statistics.mean(ts):>14.2f}{tps:>13.0f}{tps / base:>15.2f}x")
+        line = f"{name:<24}{statistics.mean(ts):>14.2f}{tps[name]:>13.0f}"
+        rows_base = tps.get("padded, rows")
+        line += f"{tps[name] / rows_base:>15.2f}x" if rows_base else f"{'':>16}"
+        if name.endswith("tokens") and "padded, tokens" in tps:
+            line += f"{tps[name] / tps['padded, tokens']:>17.2f}x"
+        print(line)
+    packed = next((t for n, t in trainers.items() if n.startswith("packed,")), None)
+    if packed is not None:
+        attention = packed.packed_attention or "the model's own"
+        print(f"packed forwards' attention: {attention}")
+    for kind, reason in auto.items():
+        print(f"trainer.packing=auto, {kind}: {reason}")
+    if "packed, tokens" in tps and "padded, tokens" in tps:
+        ratio = tps["packed, tokens"] / tps["padded, tokens"]
+        print(f"token budgets packed / padded: {ratio:.2f}x (GPU target >= 1.2x)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (ours in opsd_mm/loss/triton_divergence.py, tests/loss/
+# test_kernel.py) run in Triton's interpreter, which must be chosen before Triton is first
+# imported (it decorates its own library then): set here, before any test module loads. Not in
+# the vLLM environment (tests/vllm), whose engine must see the machine as it is.
+if (
+    not torch.cuda.is_available()
+    and "triton" not in sys.modules
+    and importlib.util.find_spec("vllm") is None
+):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -373,6 +373,12 @@ class LossConfig:
     # torch.compile each chunk's loss computation in the fused path (fuses its elementwise
     # passes into few kernels; costs a compile on the first step).
     compile: bool = False
+    # Who computes each chunk's divergence and logit gradient on the fused path: triton (our
+    # Triton kernel, opsd_mm/loss/triton_divergence.py: the logits read in their own dtype,
+    # the gradient written over them, no [chunk x vocab] fp32 buffer), torch (the closed form
+    # in torch, or torch.compile with loss.compile), or auto: triton on CUDA when Triton
+    # imports and loss.compile is off, torch otherwise.
+    kernel: Literal["auto", "triton", "torch"] = "auto"
     # Truncated importance weight min(p_trainer(y) / p_rollout(y), c) per sampled token,
     # detached, multiplying the per-token loss (engine/trainer mismatch, stale weights); null:
     # off. See opsd_mm.loss.importance.
@@ -515,9 +521,12 @@ class TrainerConfig:
     # the results do not change (micro_batch_mean averages whatever micro-batches form).
     micro_batch_tokens: int = 0
     # Padding-free forwards: each micro-batch's rows packed into one sequence (per-row position
-    # ids, block-diagonal attention); off, or where the model does not support it, rows are
-    # padded to the longest (the reference layout).
-    packing: bool = True
+    # ids, block-diagonal attention). true: packed wherever the model supports it; false: rows
+    # padded to the longest (the reference layout). auto: packed where an attention that skips
+    # the packed block's masked-off parts runs (CUDA: flash-attention's varlen kernel when
+    # installed, else flex attention; the packed forwards switch to it), and without one (a CPU)
+    # only for row micro-batches, not token budgets (docs/performance.md). The log says which.
+    packing: bool | Literal["auto"] = "auto"
     # AdamW's peak learning rate (after the warm-up, before the schedule's decay).
     lr: float = 2e-4
     # AdamW's (decoupled) weight decay.
@@ -701,3 +710,14 @@ def validate_loss_config(cfg: LossConfig) -> None:
         0 <= cfg.va_high_weight <= 1,
         "must lie in [0, 1]",
     )
+    if cfg.kernel == "triton":
+        if not cfg.fused:
+            raise ConfigError(
+                "loss.kernel=triton is the fused path's chunk kernel; with loss.fused=false "
+                "there is none: set loss.fused=true, or loss.kernel=auto"
+            )
+        if cfg.compile:
+            raise ConfigError(
+                "loss.kernel=triton and loss.compile=true are two ways to fuse a chunk's "
+                "divergence: set loss.compile=false (or loss.kernel=torch to compile)"
+            )

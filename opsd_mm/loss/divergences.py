@@ -225,11 +225,22 @@ def apply_clips(terms_NK: torch.Tensor, cfg: LossConfig, *, in_place: bool = Fal
         loss_N = terms_NK.sum(-1)
         div_N = loss_N.detach()
         clipped_N = torch.zeros_like(div_N)
-    if cfg.token_clip is not None:
-        over_N = loss_N.detach() > cfg.token_clip
-        clipped_N = torch.where(over_N, torch.ones_like(clipped_N), clipped_N)
-        loss_N = loss_N.clamp(max=cfg.token_clip)
+    loss_N, clipped_N, over_N = apply_token_clip(loss_N, clipped_N, cfg)
     return Clips(loss_N, div_N, clipped_N, over_NK, over_N)
+
+
+def apply_token_clip(
+    loss_N: torch.Tensor, clipped_N: torch.Tensor, cfg: LossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``cfg.token_clip`` c on per-token losses (after any point-wise clip): (loss_N clamped to
+    at most c, clipped_N set to 1 where it binds, over_N the bool rows whose gradient is zero;
+    None when the clip is off). Part of :func:`apply_clips`, and what the Triton kernel's
+    caller applies to the sums the kernel returns (``opsd_mm.loss.kernel``)."""
+    if cfg.token_clip is None:
+        return loss_N, clipped_N, None
+    over_N = loss_N.detach() > cfg.token_clip
+    clipped_N = torch.where(over_N, torch.ones_like(clipped_N), clipped_N)
+    return loss_N.clamp(max=cfg.token_clip), clipped_N, over_N
 
 
 def sampled_token_logprobs(

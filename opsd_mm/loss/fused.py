@@ -16,7 +16,15 @@ whose gather/renormalisation has no short closed form, and for a mode whose entr
 ``opsd_mm.loss.modes`` has no ``terms_and_grad``. Which one runs follows
 :func:`~opsd_mm.loss.closed_form.has_closed_form` and the mode's fields (``mode_for``), never its
 name. ``token_divergence`` stays the one reference: both are tested against it, values and
-gradients.
+gradients. ``loss.kernel`` (``opsd_mm.loss.kernel``) may hand every chunk to our Triton kernel
+instead (any support, any mode with a ``kernel_mode``): the logits in their own dtype, the
+gradient written over the student logits, no fp32 [chunk, V] buffer at all.
+
+A trainable lm_head's gradient is accumulated over the chunks in ONE [V, H] buffer of the
+weight's own dtype, which backward scales in place and hands to autograd: no second full-size
+buffer (an fp32 accumulator plus its cast was 2.3x Liger's memory on an H200). With fp32
+weights, as under the trainer's autocast, nothing changes; with bf16 weights each chunk's
+product is added in fp32 inside the GEMM and rounded once per chunk, as Liger does.
 
 Consequences worth knowing: the forward pass does the backward work too (skipped when no input
 needs a gradient, e.g. under ``torch.no_grad``); the graph cannot be differentiated twice.
@@ -43,6 +51,8 @@ from opsd_mm.loss.divergences import (
     check_scored_teacher,
     token_divergence,
 )
+from opsd_mm.loss.importance import importance_weights
+from opsd_mm.loss.kernel import log_choice, resolve_kernel, triton_chunk
 from opsd_mm.loss.modes import mode_for
 from opsd_mm.types import TeacherLogprobs
 
@@ -141,26 +151,45 @@ def _compiled_chunk_divergence_and_grad() -> ChunkFn:
     return _compiled_closed_form(torch.compile(divergence_and_grad, dynamic=True))
 
 
-def _chunk_weights(
-    stats_SN: torch.Tensor,
-    rollout_logprob_N: torch.Tensor | None,
-    cfg: LossConfig,
-    start: int,
-    end: int,
-    token_weight_N: torch.Tensor | None = None,
+def _row_weight(
+    student_logprob_c: torch.Tensor,
+    rollout_logprob_c: torch.Tensor | None,
+    clip: float | None,
+    fixed_c: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The weights of tokens start..end: importance weights from their just-computed student
-    log-probs (when ``rollout_logprob_N`` is given), times the fixed ``token_weight_N``."""
-    from opsd_mm.loss.importance import importance_weights
-
+    """The weights of one chunk's tokens: importance weights from their just-computed student
+    log-probs (when ``rollout_logprob_c`` is given), times the fixed per-token weights
+    ``fixed_c`` (``loss.view_weighting``)."""
     w_c = None
-    if rollout_logprob_N is not None:
-        student_c = stats_SN[_STATS.index("student_logprob_N"), start:end]
-        w_c = importance_weights(student_c, rollout_logprob_N[start:end], cfg.importance_clip)
-    if token_weight_N is not None:
-        fixed_c = token_weight_N[start:end].float()
+    if rollout_logprob_c is not None:
+        w_c = importance_weights(student_logprob_c, rollout_logprob_N=rollout_logprob_c, clip=clip)
+    if fixed_c is not None:
+        fixed_c = fixed_c.float()
         w_c = fixed_c if w_c is None else w_c * fixed_c
     return w_c
+
+
+def _weighted(chunk_grad_fn: ChunkFn) -> ChunkFn:
+    """A torch chunk-gradient function with the importance weights applied to its gradient:
+    d(sum_n w_n loss_n)/d logits_n = w_n dloss_n/dlogits_n (w detached). The Triton chunk
+    folds the weights into its own gradient pass instead."""
+
+    def fn(logits, sampled_ids_c, cfg, row_weight=None):
+        *outs, grad_cV = chunk_grad_fn(logits, sampled_ids_c, cfg)
+        if row_weight is not None:
+            w_c = row_weight(outs[_STATS.index("student_logprob_N")])
+            grad_cV = grad_cV * w_c.to(grad_cV.dtype)[:, None]
+        return (*outs, grad_cV)
+
+    return fn
+
+
+def _triton_chunk_stats(student_logits_cV, teacher_logits_cV, sampled_ids_c, cfg):
+    return triton_chunk([student_logits_cV, teacher_logits_cV], sampled_ids_c, cfg, need_grad=False)
+
+
+def _triton_chunk_grad(logits, sampled_ids_c, cfg, row_weight=None):
+    return triton_chunk(logits, sampled_ids_c, cfg, row_weight=row_weight)
 
 
 class _FusedDivergence(torch.autograd.Function):
@@ -191,9 +220,9 @@ class _FusedDivergence(torch.autograd.Function):
         stats_dtype = torch.promote_types(student_hidden_NH.dtype, torch.float32)
         stats_SN = torch.zeros(len(_STATS), n_tokens, dtype=stats_dtype, device=device)
         grad_h_NH = torch.zeros_like(student_hidden_NH) if need_h else None
-        # Weight/bias gradients accumulate in fp32 across chunks (bf16 accumulation would add a
-        # rounding per chunk); they are cast back to the parameter dtype in backward.
-        grad_w_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if need_w else None
+        # The weight's gradient accumulates in the weight's own dtype: the one [V, H] buffer,
+        # handed to autograd as is (see the module docstring). The bias's, [V], in fp32.
+        grad_w_VH = torch.zeros_like(weight_VH) if need_w else None
         grad_b_V = None
         if need_b and bias_V is not None:
             grad_b_V = torch.zeros_like(bias_V, dtype=torch.float32)
@@ -224,39 +253,49 @@ class _FusedDivergence(torch.autograd.Function):
                     F.linear(ht_cH, teacher_weight_VH, teacher_bias_V),
                 ]
             ids_c = sampled_ids_N[start:end]
+            # Importance weights (opsd_mm.loss.importance), from the chunk's own student
+            # log-probs: known only once the chunk function has them; times the fixed weights.
+            row_weight = None
+            if weight_N is not None:
+                row_weight = functools.partial(
+                    _row_weight,
+                    rollout_logprob_c=None
+                    if rollout_logprob_N is None
+                    else rollout_logprob_N[start:end],
+                    clip=cfg.importance_clip,
+                    fixed_c=None if token_weight_N is None else token_weight_N[start:end],
+                )
             if not any_grad:
                 outs = chunk_fn(*logits, ids_c, cfg)
-                stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
-                if weight_N is not None:
-                    weight_N[start:end] = _chunk_weights(
-                        stats_SN, rollout_logprob_N, cfg, start, end, token_weight_N
-                    )
-                continue
-            # The list is the only reference to the logits: the chunk function frees them.
-            *outs, g_logits_cV = chunk_grad_fn(logits, ids_c, cfg)
-            stats_SN[:, start:end] = torch.stack([o.to(stats_dtype) for o in outs])
+                del logits
+            else:
+                # The list is the only reference to the logits: the chunk function frees them.
+                *outs, g_logits_cV = chunk_grad_fn(logits, ids_c, cfg, row_weight)
+            stats_SN[:, start:end] = torch.stack([o.detach().to(stats_dtype) for o in outs])
+            if row_weight is not None:
+                weight_N[start:end] = row_weight(outs[_STATS.index("student_logprob_N")])
             del outs
-            if weight_N is not None:
-                w_c = _chunk_weights(stats_SN, rollout_logprob_N, cfg, start, end, token_weight_N)
-                weight_N[start:end] = w_c
-                # d(sum_n w_n loss_n)/d logits_n = w_n dloss_n/dlogits_n (w detached).
-                g_logits_cV = g_logits_cV * w_c.to(g_logits_cV.dtype)[:, None]
+            if not any_grad:
+                continue
             g_cV = g_logits_cV.to(weight_VH.dtype)
             del g_logits_cV  # the fp32 gradient, when the weight is bf16
             if grad_h_NH is not None:
                 grad_h_NH[start:end] = g_cV @ weight_VH
             if grad_w_VH is not None:
-                if g_cV.dtype == grad_w_VH.dtype:
-                    grad_w_VH.addmm_(g_cV.t(), h_cH)
-                else:
-                    grad_w_VH += g_cV.t() @ h_cH
+                # In place, in the weight's dtype: no [V, H] temporary per chunk.
+                grad_w_VH.addmm_(g_cV.t(), h_cH.to(grad_w_VH.dtype))
             if grad_b_V is not None:
                 grad_b_V += g_cV.float().sum(0)
             del g_cV  # before the next chunk's logits: one chunk's working set at a time
 
         ctx.scale = scale
         ctx.param_dtypes = (weight_VH.dtype, bias_V.dtype if bias_V is not None else None)
-        ctx.save_for_backward(grad_h_NH, grad_w_VH, grad_b_V)
+        ctx.save_for_backward(grad_h_NH, grad_b_V)
+        # Not saved for backward: a saved tensor is still referenced when autograd accumulates
+        # the returned gradient, which then copies it (a second [V, H] buffer). Backward takes
+        # it from here and drops the reference.
+        ctx.grad_w_VH = grad_w_VH
+        ctx.has_grad_w = grad_w_VH is not None
         loss_N = stats_SN[0] if weight_N is None else stats_SN[0] * weight_N.to(stats_dtype)
         loss = loss_N.sum() * scale
         ctx.mark_non_differentiable(stats_SN)
@@ -264,18 +303,40 @@ class _FusedDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_stats: torch.Tensor):
-        grad_h_NH, grad_w_VH, grad_b_V = ctx.saved_tensors
+        grad_h_NH, grad_b_V = ctx.saved_tensors
         mult = grad_loss * ctx.scale
-        w_dtype, b_dtype = ctx.param_dtypes
+        _, b_dtype = ctx.param_dtypes
         gh = gw = gb = None
         if grad_h_NH is not None:
             # Scaled in fp32: a bf16 copy of 1/num_tokens would be off by up to 0.4%.
             gh = (grad_h_NH.to(mult.dtype) * mult).to(grad_h_NH.dtype)
-        if grad_w_VH is not None:
-            gw = (grad_w_VH * mult).to(w_dtype)
+        if ctx.has_grad_w:
+            gw, ctx.grad_w_VH = ctx.grad_w_VH, None
+            if gw is None:
+                raise RuntimeError(
+                    "fused_divergence: backward ran twice through one loss (its weight gradient "
+                    "was handed over the first time); compute the loss again"
+                )
+            _scale_in_place(gw, mult)
         if grad_b_V is not None:
             gb = (grad_b_V * mult).to(b_dtype)
         return gh, gw, gb, *([None] * 14)
+
+
+def _scale_in_place(x: torch.Tensor, mult: torch.Tensor, block_bytes: int = 64 * 2**20) -> None:
+    """x *= mult with the product in fp32 (at least), rounded once into x's dtype: a bf16 x
+    is scaled in row blocks of at most ``block_bytes`` and 1/16 of x in fp32, never a
+    full-size copy (a bf16 copy of 1/num_tokens itself would be off by up to 0.4%)."""
+    if x.dtype in (torch.float32, torch.float64):
+        x.mul_(mult.to(x.dtype))
+        return
+    if x.dim() < 2:
+        x.copy_(x.float() * mult)
+        return
+    row_bytes = x[0].numel() * 4
+    rows = max(1, min(block_bytes, x.numel() * 4 // 16) // row_bytes)
+    for block in x.split(rows):
+        block.copy_(block.float() * mult)
 
 
 def fused_divergence(
@@ -313,10 +374,13 @@ def fused_divergence(
             ``reduce_loss`` gives on the naive path.
         chunk_size: tokens per chunk; None -> :func:`default_chunk_size` (~256 MiB of logits).
         compile: run each chunk's divergence through ``torch.compile`` (off by default).
+            ``cfg.kernel`` (``opsd_mm.loss.kernel.resolve_kernel``) decides whether the chunks
+            go to the Triton kernel instead (``auto``: on CUDA, without ``compile``).
         closed_form: the chunk's logit gradient in closed form (``opsd_mm.loss.closed_form``);
             None (default) uses it wherever it applies (the full vocabulary, and a mode with a
             closed form: ``has_closed_form``), False forces autograd through
-            ``token_divergence`` (the reference), True raises where it does not apply.
+            ``token_divergence`` (the reference, never the kernel), True raises where it does
+            not apply.
         rollout_logprob_N: the rollout engine's log p of each sampled token (NaN: unknown).
             With ``cfg.importance_clip`` set, token n's loss (and gradient) is multiplied by
             ``opsd_mm.loss.importance.importance_weights`` of the chunk's own student log-prob, so
@@ -341,6 +405,7 @@ def fused_divergence(
     if (teacher_hidden_NH is None) == (teacher_logprobs is None):
         raise ValueError("fused_divergence needs teacher_hidden_NH or teacher_logprobs, not both")
     mode = mode_for(cfg.divergence, cfg.beta)
+    autograd_asked = closed_form is False
     if teacher_logprobs is not None:
         # An empty [N, 0] stand-in, so the shape checks below cover the scored tokens too.
         teacher_hidden_NH = student_hidden_NH.new_empty(teacher_logprobs.token_N.shape[0], 0)
@@ -395,13 +460,25 @@ def fused_divergence(
             "closed_form=True: no closed-form gradient for "
             f"{no_closed_form_reason(cfg, weight_VH.shape[0])}; pass closed_form=None"
         )
-    chunk_fn = _compiled_chunk_divergence() if compile else _chunk_divergence
-    if closed_form:
-        chunk_grad_fn = (
-            _compiled_chunk_divergence_and_grad() if compile else _chunk_divergence_and_grad
-        )
+    kernel = "torch"
+    if not autograd_asked:  # closed_form=False asks for the autograd reference
+        device = student_hidden_NH.device
+        logits_dtype = weight_VH.dtype
+        if torch.is_autocast_enabled(device.type):
+            logits_dtype = torch.get_autocast_dtype(device.type)
+        kernel, why = resolve_kernel(cfg, device, logits_dtype, compile)
+        log_choice(kernel, why)
+    if kernel == "triton":
+        chunk_fn, chunk_grad_fn = _triton_chunk_stats, _triton_chunk_grad
     else:
-        chunk_grad_fn = _autograd_chunk_divergence_and_grad(chunk_fn)
+        chunk_fn = _compiled_chunk_divergence() if compile else _chunk_divergence
+        if closed_form:
+            chunk_grad_fn = (
+                _compiled_chunk_divergence_and_grad() if compile else _chunk_divergence_and_grad
+            )
+        else:
+            chunk_grad_fn = _autograd_chunk_divergence_and_grad(chunk_fn)
+        chunk_grad_fn = _weighted(chunk_grad_fn)
     loss, stats_SN = _FusedDivergence.apply(
         student_hidden_NH,
         weight_VH,

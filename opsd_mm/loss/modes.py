@@ -28,6 +28,11 @@ Two forms per vocabulary mode, both pure arithmetic on log-distributions:
   Jacobian is applied by the caller). ``sides = [s_NV, t_NV, T_NV]`` is emptied and its tensors
   are overwritten in place, so the closed-form chunk holds as few [N, V] buffers as possible;
   ``S_NV`` is read, never written. Same values as ``terms`` within an ulp.
+
+A third form, for ``loss.kernel=triton``: the same terms and g written as Triton code, one
+branch per mode in ``opsd_mm.loss.triton_divergence._terms_and_grad``, selected by the entry's
+``kernel_mode`` (one of the ``KERNEL_*`` numbers below; None: no kernel branch, and
+``loss.kernel=auto`` runs the torch closed form).
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# The branches of the Triton kernel (``opsd_mm.loss.triton_divergence``), by number: a
+# DivergenceMode's ``kernel_mode``.
+KERNEL_FORWARD_KL = 0
+KERNEL_REVERSE_KL = 1
+KERNEL_JSD = 2
+KERNEL_SAMPLED_TOKEN = 3
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,15 @@ class DivergenceMode:
     ``sampled_token_only``: reads only log p(y) of the sampled token y: no vocabulary terms, no
     top-k support, no point-wise clip (its loss and closed-form gradient are the shared
     sampled-token ones, ``opsd_mm.loss.divergences.sampled_pg_loss``).
+    ``kernel_mode``: the mode's branch in the Triton kernel (a ``KERNEL_*`` number), None
+    without one (``loss.kernel=auto`` then runs the torch path; ``triton`` is a config error).
     """
 
     name: str
     terms: Callable[..., torch.Tensor] | None
     terms_and_grad: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None
     sampled_token_only: bool = False
+    kernel_mode: int | None = None
 
     def __post_init__(self) -> None:
         # A mode either sums vocabulary terms or reads the sampled token, never both or neither;
@@ -65,6 +80,10 @@ class DivergenceMode:
             raise ValueError(f"mode {self.name!r}: terms must be None exactly when sampled-only")
         if self.terms is None and self.terms_and_grad is not None:
             raise ValueError(f"mode {self.name!r}: terms_and_grad without terms")
+        if (self.kernel_mode == KERNEL_SAMPLED_TOKEN) != (
+            self.sampled_token_only and self.kernel_mode is not None
+        ):
+            raise ValueError(f"mode {self.name!r}: the sampled-token kernel is for sampled modes")
 
 
 # ----------------------------------------------------------------------------- forward KL
@@ -163,10 +182,22 @@ def jsd_terms_and_grad(
 MODES: dict[str, DivergenceMode] = {
     m.name: m
     for m in (
-        DivergenceMode("jsd", jsd_terms, jsd_terms_and_grad),
-        DivergenceMode("forward_kl", forward_kl_terms, forward_kl_terms_and_grad),
-        DivergenceMode("reverse_kl", reverse_kl_terms, reverse_kl_terms_and_grad),
-        DivergenceMode("sampled_pg", None, None, sampled_token_only=True),
+        DivergenceMode("jsd", jsd_terms, jsd_terms_and_grad, kernel_mode=KERNEL_JSD),
+        DivergenceMode(
+            "forward_kl",
+            forward_kl_terms,
+            forward_kl_terms_and_grad,
+            kernel_mode=KERNEL_FORWARD_KL,
+        ),
+        DivergenceMode(
+            "reverse_kl",
+            reverse_kl_terms,
+            reverse_kl_terms_and_grad,
+            kernel_mode=KERNEL_REVERSE_KL,
+        ),
+        DivergenceMode(
+            "sampled_pg", None, None, sampled_token_only=True, kernel_mode=KERNEL_SAMPLED_TOKEN
+        ),
     )
 }
 

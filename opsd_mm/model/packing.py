@@ -10,12 +10,28 @@ compute on padding. Qwen-VL models take a [4, 1, S] position tensor: row 0 the t
 (for the mask), rows 1-3 the M-RoPE positions, computed per row in the padded layout by the
 model's own ``get_rope_index`` and packed the same way.
 
+Which attention runs a packed row decides whether packing pays. SDPA and eager attention take
+the block-diagonal mask as a dense [S, S] mask and compute every block of it, the masked-off
+ones included: a packed micro-batch of rows that were already similar in length (token budgets,
+longest first) then costs MORE attention than the padded rows it replaced (measured on an
+H200: 0.86x). flash-attention's varlen kernel (``flash_attention_2``/``3``/``4``, from the packed
+position ids) and PyTorch's flex attention (``flex_attention``: a block mask built from the same
+position ids, whose empty blocks are skipped) compute only each row's own causal triangle.
+:func:`resolve_packing` chooses (``trainer.packing``): where such an attention exists the packed
+forwards switch to it for the step (:func:`packed_attention`; generation and everything outside
+the step keep the model's own attention); ``auto`` packs only then, or, with none (a CPU),
+where the padded layout measured slower: rows of ``trainer.micro_batch_size``, not token
+budgets (bench/step_throughput.py; docs/performance.md).
+
 Shape letters as in ``opsd_mm.types``; S = packed length (real tokens of all rows).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib.util
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -98,6 +114,132 @@ def packable(model: torch.nn.Module) -> str | None:
     if getattr(config, "vision_config", None) is not None and kind not in PACKED_VL_TYPES:
         return f"packed VL inputs are implemented for {sorted(PACKED_VL_TYPES)}, not {kind!r}"
     return None
+
+
+# ------------------------------------------------------------------ attention for packed rows
+
+# Attention implementations that compute only each packed row's own blocks.
+SKIPPING_ATTENTION = (
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+)
+
+
+@dataclass(frozen=True)
+class PackingPlan:
+    """What ``trainer.packing`` resolved to: ``packed`` forwards or padded rows; ``attention``
+    the implementation the packed forwards switch to (None: the model's own); ``reason`` the
+    one line the trainer logs."""
+
+    packed: bool
+    attention: str | None
+    reason: str
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    config = model.config
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if get_text is not None else config
+
+
+def _supports(model: torch.nn.Module, flag: str) -> bool:
+    """The transformers model class's ``_supports_<...>`` flag (through PEFT/DDP wrappers)."""
+    for m in model.modules():
+        if hasattr(type(m), "_supports_sdpa"):  # the first PreTrainedModel: the outer one
+            return bool(getattr(type(m), flag, False))
+    return False
+
+
+def skipping_attention(
+    model: torch.nn.Module, device: torch.device | str, half: bool
+) -> tuple[str | None, str]:
+    """(implementation, why) of an attention that skips a packed row's masked-off blocks here,
+    or (None, why there is none): the model's own when it already is one; on CUDA
+    flash-attention's varlen kernel when ``flash_attn`` imports, the forwards run in bf16/fp16
+    (``half``) and the model class supports it, else PyTorch's flex attention (compiled by
+    Triton) where the model class supports it (transformers 5.25: Qwen3 yes, Qwen-VL no)."""
+    own = getattr(_text_config(model), "_attn_implementation", None) or "sdpa"
+    if own in SKIPPING_ATTENTION:
+        return own, f"the model's own {own}"
+    if torch.device(device).type != "cuda":
+        return None, (
+            f"{own} attends over the whole packed block; flash-attention's varlen kernel and "
+            "flex attention, which skip its masked blocks, run on CUDA"
+        )
+    if (
+        half
+        and importlib.util.find_spec("flash_attn") is not None
+        and _supports(model, "_supports_flash_attn")
+    ):
+        return "flash_attention_2", "flash-attention's varlen kernel (flash_attn installed)"
+    if (
+        importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+        and _supports(model, "_supports_flex_attn")
+    ):
+        return "flex_attention", "PyTorch's flex attention (flash_attn not installed)"
+    return None, (
+        f"{own} attends over the whole packed block (flash_attn not installed, and "
+        f"{type(model).__name__} has no flex attention)"
+    )
+
+
+def resolve_packing(
+    model: torch.nn.Module,
+    setting: bool | str,
+    device: torch.device | str,
+    *,
+    half: bool,
+    micro_batch_tokens: int,
+) -> PackingPlan:
+    """``trainer.packing`` (true, false or ``auto``) for this model on this device.
+
+    true: packed wherever the model supports it, through a skipping attention when there is
+    one. ``auto``: packed through a skipping attention; without one (a CPU), packed only for
+    row micro-batches (``micro_batch_tokens`` 0), where padding to the longest row costs more
+    than attending over the packed block, and padded for token budgets, which already group
+    similar lengths (bench/step_throughput.py on this project's CPU; docs/performance.md): the
+    layouts measured slower than padding are never the default (the skipping attentions' GPU
+    figure is ``bench/gpu_checks.sh``'s to measure). false: padded."""
+    if setting is False:
+        return PackingPlan(False, None, "padded rows (trainer.packing=false)")
+    why_not = packable(model)
+    if why_not is not None:
+        return PackingPlan(False, None, f"padded rows ({why_not})")
+    attention, why = skipping_attention(model, device, half)
+    if attention is not None:
+        return PackingPlan(True, attention, f"packed rows, attention {attention} ({why})")
+    if setting is True:
+        return PackingPlan(True, None, f"packed rows (trainer.packing=true; {why})")
+    if micro_batch_tokens <= 0:
+        return PackingPlan(
+            True,
+            None,
+            f"packed rows (auto: row micro-batches, padded to their longest row, "
+            f"cost more than the packed block; {why})",
+        )
+    return PackingPlan(
+        False, None, f"padded rows (auto: token budgets group similar lengths already; {why})"
+    )
+
+
+@contextmanager
+def packed_attention(model: torch.nn.Module, attention: str | None) -> Iterator[None]:
+    """Run the model's (text) attention as ``attention`` inside the block, then restore it;
+    None: no change. Wraps a step's forwards AND backwards: a layer recomputed under gradient
+    checkpointing must see the attention (and the mask type) its forward saw."""
+    if attention is None:
+        yield
+        return
+    config = _text_config(model)
+    before = config._attn_implementation
+    config._attn_implementation = attention
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 # ------------------------------------------------------------------ micro-batches

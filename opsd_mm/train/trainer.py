@@ -51,7 +51,7 @@ from opsd_mm.loss.view_gain import (
     va_opd_coefficients,
 )
 from opsd_mm.model.forward import unwrap
-from opsd_mm.model.packing import packable
+from opsd_mm.model.packing import packed_attention, resolve_packing
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
 from opsd_mm.rollout.prefetch import RolloutBatch, RolloutPrefetcher, staleness_metrics
 from opsd_mm.teacher.model import ModelTeacher
@@ -194,10 +194,18 @@ class Trainer:
         self.run_id: str | None = None
         self.signals = StopSignals()
         self.timer_cuda = acc.device.type == "cuda"
-        why_not = packable(unwrap(self.model)) if tc.packing else "trainer.packing=false"
-        self.packing = why_not is None
-        if tc.packing and why_not:
-            log.warning("trainer.packing: padded forwards (%s)", why_not)
+        half = acc.mixed_precision in ("bf16", "fp16") or getattr(
+            unwrap(self.model), "dtype", None
+        ) in (torch.bfloat16, torch.float16)
+        packing = resolve_packing(
+            unwrap(self.model),
+            tc.packing,
+            acc.device,
+            half=half,
+            micro_batch_tokens=tc.micro_batch_tokens,
+        )
+        self.packing, self.packed_attention = packing.packed, packing.attention
+        log.info("trainer.packing=%s: %s", str(tc.packing).lower(), packing.reason)
 
     # ------------------------------------------------------------------ the loop
 
@@ -513,8 +521,13 @@ class Trainer:
         outs: list[DivergenceOut] = []
         logprobs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (engine_N, trainer_N)
         # The processors' step contexts (VL: each image encoded once for the whole step, by the
-        # student's tower and by each model teacher's own).
-        with self.processor.step_context(unwrap(self.model)), self.teachers.step_context():
+        # student's tower and by each model teacher's own); packed forwards (and their
+        # backwards) in the attention trainer.packing chose.
+        with (
+            self.processor.step_context(unwrap(self.model)),
+            self.teachers.step_context(),
+            packed_attention(unwrap(self.model), self.packed_attention),
+        ):
             factors: dict[int, torch.Tensor] = {}
             if in_student_view is not None and plan.micro:
                 factors = self._view_gains(plan, in_student_view, timer)

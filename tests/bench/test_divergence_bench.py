@@ -84,3 +84,39 @@ def test_cuda_report_with_liger_and_a_naive_out_of_memory(capsys):
     rows["fused"]["seconds"] = 0.2  # 1.46x Liger's time
     assert not bench.report(args, rows)
     assert "time ratio        1.460 (target <= 1.2) NOT MET" in capsys.readouterr().out
+
+
+def test_cuda_shapes_hold_the_kernel_to_liger(capsys, monkeypatch):
+    # --shapes x --heads in one process (the GPU run of bench/gpu_checks.sh): each run reported,
+    # then the ratios to Liger; the Triton kernel is held to <= 1.0x Liger's memory and time.
+    bench = _bench_module()
+    args = bench.parse_args(
+        ["--device", "cuda", "--dtype", "bf16", "--shapes", "8192x2048,16384x4096"]
+        + ["--heads", "frozen", "trainable", "--contenders", "fused", "fused-triton", "liger"]
+    )
+    assert bench.contender_names(args) == ["fused", "fused-triton"]
+    gib = 2**30
+    seen = []
+
+    def fake_bench_cuda(run):
+        seen.append((run.n, run.hidden, run.train_weight))
+        slow = run.n == 16384 and run.train_weight  # the kernel misses at one point only
+        return {
+            "fused": {"loss": 0.25, "seconds": 0.15, "peak": 0.8 * gib},
+            "fused-triton": {"loss": 0.25, "seconds": 0.14 if slow else 0.10, "peak": 0.5 * gib},
+            "liger": {"loss": 0.25, "seconds": 0.12, "peak": 1.3 * gib},
+        }
+
+    monkeypatch.setattr(bench, "bench_cuda", fake_bench_cuda)
+    assert not bench.bench_cuda_shapes(args)
+    assert seen == [
+        (8192, 2048, False),
+        (8192, 2048, True),
+        (16384, 4096, False),
+        (16384, 4096, True),
+    ]
+    out = capsys.readouterr().out
+    assert "lm_head trainable" in out and "lm_head frozen" in out
+    assert re.search(r"16384 x 4096 +trainable .*fused-triton 0\.38x mem 1\.17x time", out)
+    assert "time ratio        1.167 (target <= 1.0) NOT MET" in out
+    assert "time ratio        0.833 (target <= 1.0) MET" in out

@@ -4,6 +4,7 @@ against row micro-batches: per-row logits, step loss and gradients (tiny text mo
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,3 +204,137 @@ def test_packable_names_why_not(text_setup):
         config=SimpleNamespace(_attn_implementation="sdpa", model_type="llava", vision_config={})
     )
     assert "llava" in packable(vl)
+
+
+# ------------------------------------------------------------------ trainer.packing=auto
+
+
+def test_resolve_packing_auto_follows_the_attention(text_setup, monkeypatch):
+    """auto packs through an attention that skips the packed block's masked parts (CUDA:
+    flash-attention's varlen kernel when installed, else flex attention); without one (the CPU)
+    it packs row micro-batches and pads token budgets, as measured fastest on the CPU."""
+    import importlib.util
+
+    from opsd_mm.model.packing import resolve_packing
+
+    _, model, _ = text_setup
+    rows = resolve_packing(model, "auto", "cpu", half=False, micro_batch_tokens=0)
+    assert (rows.packed, rows.attention) == (True, None) and "row micro-batches" in rows.reason
+    budget = resolve_packing(model, "auto", "cpu", half=False, micro_batch_tokens=2048)
+    assert (budget.packed, budget.attention) == (False, None)
+    assert "token budgets" in budget.reason and "CUDA" in budget.reason
+    forced = resolve_packing(model, True, "cpu", half=False, micro_batch_tokens=2048)
+    assert (forced.packed, forced.attention) == (True, None)
+    off = resolve_packing(model, False, "cuda", half=True, micro_batch_tokens=0)
+    assert (off.packed, off.attention) == (False, None)
+    # On CUDA (resolution only: nothing runs here): flex attention, which Qwen3 supports...
+    gpu = resolve_packing(model, "auto", "cuda", half=True, micro_batch_tokens=2048)
+    assert (gpu.packed, gpu.attention) == (True, "flex_attention")
+    # ... or flash-attention's varlen kernel when flash_attn is installed and the forwards are
+    # bf16/fp16 (fp32 stays on flex: flash-attention has no fp32 kernel).
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a),
+    )
+    flash = resolve_packing(model, "auto", "cuda", half=True, micro_batch_tokens=2048)
+    assert flash.attention == "flash_attention_2"
+    assert resolve_packing(model, "auto", "cuda", half=False, micro_batch_tokens=0).attention == (
+        "flex_attention"
+    )
+
+
+def test_resolve_packing_without_a_skipping_attention_on_cuda():
+    # A model class without flex attention (transformers' Qwen-VL classes) and no flash_attn:
+    # auto pads token budgets on CUDA too, and says why.
+    from opsd_mm.model.packing import resolve_packing
+
+    class NoFlex(torch.nn.Module):
+        _supports_sdpa = True
+
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(_attn_implementation="sdpa", model_type="qwen3")
+
+    plan = resolve_packing(NoFlex(), "auto", "cuda", half=False, micro_batch_tokens=512)
+    assert (plan.packed, plan.attention) == (False, None)
+    assert "NoFlex has no flex attention" in plan.reason
+
+
+def test_packed_attention_switches_the_text_attention_and_restores_it(text_setup):
+    from opsd_mm.model.packing import packed_attention
+
+    _, model, _ = text_setup
+    assert model.config._attn_implementation == "sdpa"
+    with packed_attention(model, None):
+        assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError, match="inside"):
+        with packed_attention(model, "flex_attention"):
+            assert model.config._attn_implementation == "flex_attention"
+            raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_trainer_logs_what_auto_chose(tiny_cache, tmp_path, tiny_text_dir, caplog):
+    import logging
+
+    results = {}
+    for tokens in (0, 256):
+        cfg = _cfg(tiny_cache, tmp_path / str(tokens), f"trainer.micro_batch_tokens={tokens}")
+        assert cfg.trainer.packing == "auto"  # the default
+        with caplog.at_level(logging.INFO, logger="opsd_mm.train.trainer"):
+            t = build_trainer(cfg)
+        results[tokens] = (t.packing, t.packed_attention)
+    assert results == {0: (True, None), 256: (False, None)}
+    assert "trainer.packing=auto: packed rows" in caplog.text
+    assert "trainer.packing=auto: padded rows" in caplog.text
+
+
+@pytest.mark.slow
+def test_flex_attention_packed_forward_matches_padded(text_setup):
+    """The attention a GPU packs through (flex attention's block mask from the packed position
+    ids) gives the padded layout's logits. On the CPU flex attention has a forward only (no
+    backward): a no-grad forward here (one side: each new packed length recompiles), the
+    training step on CUDA in the gpu test below."""
+    from opsd_mm.model.packing import packed_attention
+
+    _, model, batch = text_setup
+    C = batch.completion_ids_BC.shape[1]
+    mask_BC = batch.completion_mask_BC.bool()
+    with torch.no_grad():
+        ref_NV = completion_logits(model, batch.teacher, C)[mask_BC]
+        with packed_attention(model, "flex_attention"):
+            got_NV = completion_logits(model, batch.teacher, C, mask_BC, packed=True)
+    assert model.config._attn_implementation == "sdpa"
+    assert (got_NV - ref_NV).abs().max().item() <= 1e-5 * max(ref_NV.abs().max().item(), 1)
+
+
+@pytest.mark.gpu
+def test_packed_step_through_the_skipping_attention_matches_padded_on_cuda(
+    tiny_cache, tmp_path, tiny_text_dir
+):
+    """On CUDA trainer.packing=auto packs through flex attention (or flash-attention's varlen
+    kernel): one bf16-autocast step, token budgets, against padded rows: same loss and
+    gradients to bf16 accuracy (tolerances as the fused-vs-naive autocast test)."""
+    results = []
+    for packing in ("false", "auto"):
+        cfg = _cfg(
+            tiny_cache,
+            tmp_path / packing,
+            f"trainer.packing={packing}",
+            "trainer.micro_batch_tokens=200",
+            "trainer.batch_size=2",
+            "rollout.n=3",
+            "trainer.save_every=0",
+        )
+        t = build_trainer(cfg)
+        assert t.packing is (packing == "auto")
+        if packing == "auto":
+            assert t.packed_attention in ("flex_attention", "flash_attention_2")
+        results.append(_step_with_grads(t))
+    (m_pad, g_pad), (m_pack, g_pack) = results
+    assert m_pack["loss"] == pytest.approx(m_pad["loss"], rel=2e-2)
+    for n in g_pad:
+        scale = float(g_pad[n].abs().max())
+        torch.testing.assert_close(g_pack[n], g_pad[n], rtol=5e-2, atol=5e-2 * scale)
