@@ -255,9 +255,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tasks",
-        default="text,vision",
+        default="text,vision,vision_view",
         help="comma-separated: text, vision, vision_view (the privilege in the teacher's "
-        "pixels; not in the default, see docs/demo.md)",
+        "pixels; see docs/demo.md)",
     )
     parser.add_argument("--run-dir", default="runs/demo", help="where outputs go (replaced)")
     parser.add_argument("--task-seed", type=int, default=0, help="seed of data and warm start")

@@ -102,7 +102,7 @@ def test_demo_quick_end_to_end(tmp_path, tiny_cache, capsys):
     png = run_dir / "accuracy_loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["tasks"]) == {"text", "vision"}
+    assert set(results["tasks"]) == {"text", "vision", "vision_view"}
     for name, r in results["tasks"].items():
         for key in ("before", "teacher", "known_phrasing"):
             assert 0.0 <= r[key] <= 100.0
