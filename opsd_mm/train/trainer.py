@@ -43,13 +43,6 @@ from opsd_mm.loss.divergences import DivergenceOut, loss_mask
 from opsd_mm.loss.importance import importance_metrics
 from opsd_mm.loss.micro_batch import micro_batch_loss
 from opsd_mm.loss.rewards import Reward
-from opsd_mm.loss.view_gain import (
-    gain_metrics,
-    gain_sums,
-    teacher_view_logprobs,
-    token_multipliers,
-    va_opd_coefficients,
-)
 from opsd_mm.model.forward import unwrap
 from opsd_mm.model.packing import packed_attention, resolve_packing
 from opsd_mm.rollout.base import RolloutEngine, ScoringEngine
@@ -73,6 +66,7 @@ from opsd_mm.train.metrics import (
 )
 from opsd_mm.train.prompt_cache import PromptCache
 from opsd_mm.train.signals import StopSignals, TrainingInterrupted
+from opsd_mm.train.view_gain import ViewGain
 from opsd_mm.types import Example, Pair, PairBatch, Processor, Prompt, TeacherLogprobs, view_seed
 
 log = logging.getLogger(__name__)
@@ -189,8 +183,9 @@ class Trainer:
         )
         if self.teachers.routed:  # examples paired per teacher, over the run
             self.counters.values.update({f"routed/{n}": 0 for n in self.teachers.names})
+        # The view gain (logging.view_gain_every, loss.view_weighting): opsd_mm.train.view_gain.
+        self.view_gain = ViewGain(cfg, processor, self.counters, acc)
         self._bad_in_row = 0
-        self._gain_metrics: dict[str, float] = {}  # view_gain/* of the step, when computed
         self.run_id: str | None = None
         self.signals = StopSignals()
         self.timer_cuda = acc.device.type == "cuda"
@@ -293,7 +288,7 @@ class Trainer:
         # 2c. the view gain (logging.view_gain_every, loss.view_weighting): each example's
         # teacher context once more, in the student's view of the images (or
         # processor.gain_view).
-        in_student_view = self._student_view_teacher_prompts(batch, paired)
+        in_student_view = self.view_gain.prompts(self.step + 1, batch, paired)
         # The step's micro-batches (one teacher's rows each), padded to the busiest process per
         # teacher, and its global token count.
         plan = batches.plan_micro_batches(
@@ -352,7 +347,7 @@ class Trainer:
             "step_time": wall,
             **timer.as_metrics(),
             **self.teachers.step_metrics(),
-            **self._gain_metrics,
+            **self.view_gain.metrics,
             **self.counters.values,
         }
         self._last_step = (batch.examples, plan.pairs, div_N)  # for _log_samples
@@ -425,84 +420,6 @@ class Trainer:
         seed = self.cfg.seed
         return lambda ex: self.processor.student_prompt(ex, seed=view_seed(seed, step, ex.id))
 
-    def _view_gain_due(self) -> bool:
-        """The view gain is computed at this step: every step for ``loss.view_weighting``,
-        else every ``logging.view_gain_every`` steps."""
-        every = self.cfg.logging.view_gain_every
-        return self.cfg.loss.view_weighting != "none" or bool(
-            every and (self.step + 1) % every == 0
-        )
-
-    def _student_view_teacher_prompts(
-        self, batch: RolloutBatch, paired: batches.PairedStep
-    ) -> dict[int, Prompt] | None:
-        """When the view gain is due: each example's teacher context in the student's view (the
-        pixels of the student prompt its rollouts were sampled from; or ``processor.gain_view``),
-        keyed by ``id`` of that student prompt, which all its pairs share. An example whose prompt cannot be built is
-        left out of the step (counted as ``skipped/run/view_gain_prompt``)."""
-        self._gain_metrics = {}
-        if not self._view_gain_due():
-            return None
-        out: dict[int, Prompt] = {}
-        paired_ids = {id(p.student) for p in paired.pairs}
-        for ex, prompt in zip(batch.examples, batch.prompts):
-            if id(prompt) not in paired_ids:  # skipped while pairing (and counted there)
-                continue
-            try:
-                seed = prompt.meta.get("view_seed")
-                out[id(prompt)] = self.processor.gain_prompt(ex, seed=seed)
-            except ValueError as e:
-                self.counters.raise_if_policy(e)
-                self.counters.skip_example(e, "view_gain_prompt")
-                log.warning("skipped example: %s", e)
-        keep = [i for i, p in enumerate(paired.pairs) if id(p.student) in out]
-        paired.pairs = [paired.pairs[i] for i in keep]
-        paired.advantages = [paired.advantages[i] for i in keep]
-        return out
-
-    def _view_gains(
-        self, plan: StepPlan, in_student_view: dict[int, Prompt], timer: PhaseTimer
-    ) -> dict[int, torch.Tensor]:
-        """The per-token view gain of every pair of the plan (``opsd_mm.loss.view_gain``: two
-        teacher forwards, inside the step's vision cache), its metrics (summed over processes),
-        and with ``loss.view_weighting=va_opd`` the factor on each token's loss, keyed by
-        ``id`` of the pair ({} without the weighting)."""
-        cfg, acc = self.cfg, self.accelerator
-        pairs, gains = [], []
-        with timer.phase("view_gain"):
-            for mb in plan.micro:
-                # A padding micro-batch runs too (its gains unused): under FSDP2 every process
-                # must run as many forwards as the busiest, as in the loss's loop.
-                rows = [
-                    Pair(p.example_id, in_student_view[id(p.student)], p.teacher, p.completion_ids)
-                    for p in mb.pairs
-                ]
-                batch = self.processor.collate(rows).to(acc.device)
-                mask_BC = loss_mask(batch.completion_mask_BC, cfg.loss.skip_first_tokens)
-                with acc.autocast():
-                    own_N, student_view_N = teacher_view_logprobs(
-                        batch, self.model, self.teacher, mask_BC, self.packing
-                    )
-                if mb.padding:
-                    continue
-                gain_N = (own_N - student_view_N).cpu()
-                pairs += mb.pairs
-                gains += list(gain_N.split(mask_BC.sum(1).tolist()))
-        groups = [id(p.student) for p in pairs]
-        prompts = len({g for g, gain in zip(groups, gains) if gain.numel()})
-        sums = torch.cat([gain_sums(gains), torch.tensor([float(prompts)], dtype=torch.float64)])
-        sums = acc.reduce(sums.to(acc.device), "sum").cpu()
-        self._gain_metrics = gain_metrics(sums[:3])
-        if cfg.loss.view_weighting == "none":
-            return {}
-        lo = cfg.loss
-        coeffs, va_metrics = va_opd_coefficients(
-            gains, groups, lo.va_temperature, lo.va_high_fraction, lo.va_high_weight
-        )
-        self._gain_metrics.update(va_metrics)
-        factors = token_multipliers(coeffs, plan.tokens_global, float(sums[3]))
-        return {id(p): f for p, f in zip(pairs, factors)}
-
     def _forward_backward(
         self,
         plan: StepPlan,
@@ -513,7 +430,7 @@ class Trainer:
         plan (gradients reduced across processes in the last backward only). Returns the summed
         loss and the two weighted terms (distillation, reward policy gradient), the per-token
         stats of each real micro-batch, and its (engine, trainer) log-probs where the engine
-        reports them. ``in_student_view``: the view gain is due (:meth:`_view_gains`)."""
+        reports them. ``in_student_view``: the view gain is due (``opsd_mm.train.view_gain``)."""
         acc = self.accelerator
         self.model.train()
         loss_total = torch.zeros((), device=acc.device)
@@ -530,7 +447,9 @@ class Trainer:
         ):
             factors: dict[int, torch.Tensor] = {}
             if in_student_view is not None and plan.micro:
-                factors = self._view_gains(plan, in_student_view, timer)
+                factors = self.view_gain.factors(
+                    plan, in_student_view, self.model, self.teacher, self.packing, timer
+                )
             for i, mb in enumerate(plan.micro):
                 batch = self.teachers.collate(mb.teacher, mb.pairs, mb.foreign).to(acc.device)
                 last = i == len(plan.micro) - 1
