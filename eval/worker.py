@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -87,6 +88,7 @@ class Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            start_new_session=True,  # its own process group: close() kills what it started too
         )
         # Start-up (imports) never counts against a call's deadline.
         try:
@@ -101,9 +103,14 @@ class Worker:
             )
 
     def close(self) -> None:
-        """Kill the child (if any)."""
+        """Kill the child (if any) and every process it started (a grader that shells out,
+        a library's own pool): the whole process group, so a call killed at its deadline
+        leaves nothing running."""
         if self._proc is not None:
-            self._proc.kill()
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # already gone, with its group
+                pass
             self._proc.wait()
             for s in (self._proc.stdin, self._proc.stdout):
                 s.close()

@@ -146,6 +146,7 @@ class ServerEngine:
         trains_while_generating: bool = False,
         takeover: bool = False,
         label: str | None = None,
+        run: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.sync_dir = Path(sync_dir)
@@ -170,6 +171,7 @@ class ServerEngine:
         # tells others about this run.
         self.claim_id = _from_main(uuid.uuid4().hex)  # all of a run's processes share one
         self.label = label or f"pid {os.getpid()} on {socket.gethostname()}"
+        self.run = run or ""  # the run directory: a restart of this run waits for its old claim
         self.claimed = False  # whether this process holds the claim (the main one)
         self.lease_s = 0.0
         self._heartbeat: threading.Event | None = None
@@ -206,15 +208,48 @@ class ServerEngine:
 
     def _claim(self, takeover: bool) -> None:
         """Claim the server for this run (a :class:`ServerError` naming the run that holds
-        it), then keep the claim alive from a heartbeat thread."""
-        try:
-            reply = self._call("POST", "/claim", {"takeover": takeover}, retries=0)
-        except ServerError as e:
-            if e.status != 409:
-                raise
-            raise ServerError(
-                f"{e.reply.get('error', e)} (server {self.url})", 409, e.reply
-            ) from None
+        it), then keep the claim alive from a heartbeat thread.
+
+        A claim held under this run's own directory is an earlier process of this run that
+        stopped without releasing it (killed, preempted, crashed) and is now resumed: wait for
+        that claim to lapse (at most the server's lease) rather than fail - a requeued job
+        would otherwise die at once. A holder that stays alive through its lease is another
+        live process on the same run directory, and is refused."""
+        body = {"takeover": takeover, "run": self.run}
+        waited = False
+        deadline = None
+        while True:
+            try:
+                reply = self._call("POST", "/claim", body, retries=0)
+                break
+            except ServerError as e:
+                if e.status != 409:
+                    raise
+                same_run = bool(self.run) and e.reply.get("holder_run") == self.run
+                now = time.monotonic()
+                if same_run and deadline is None:
+                    lease, idle = float(e.reply.get("lease_s", 0)), float(e.reply.get("idle_s", 0))
+                    deadline = now + max(0.0, lease - idle) + 2.0
+                    log.warning(
+                        "generation server %s is still claimed by an earlier process of this "
+                        "run (%s); waiting up to %.0f s for that claim to lapse",
+                        self.url,
+                        self.run,
+                        deadline - now,
+                    )
+                if same_run and now < deadline:
+                    waited = True
+                    time.sleep(min(2.0, max(0.05, deadline - now)))
+                    continue
+                extra = (
+                    "; it stayed alive through its lease: another trainer is running on this run "
+                    "directory"
+                    if same_run and waited
+                    else ""
+                )
+                raise ServerError(
+                    f"{e.reply.get('error', e)}{extra} (server {self.url})", 409, e.reply
+                ) from None
         if reply.get("took"):
             log.warning(
                 "rollout.server_takeover: took the generation server from %s", reply["took"]
@@ -642,6 +677,7 @@ class ServerEngine:
             group_port=r.server_group_port,
             trains_while_generating=r.async_,
             takeover=r.server_takeover,
+            run=str(Path(cfg.run_dir).resolve()),
             label=f"the run in {Path(cfg.run_dir).resolve()} (pid {os.getpid()} on "
             f"{socket.gethostname()})",
         )

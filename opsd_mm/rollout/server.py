@@ -290,7 +290,8 @@ def build_app(service: Any, token: str | None, limits: Limits = Limits()) -> Any
             except sv.ClientError as e:
                 return JSONResponse({"error": str(e)}, 400)
             except sv.ClaimConflict as e:
-                return JSONResponse({"error": str(e)}, 409)
+                holder = {"holder_run": e.holder_run, "idle_s": e.idle_s, "lease_s": e.lease_s}
+                return JSONResponse({"error": str(e), **holder}, 409)
             except sv.Unhealthy as e:
                 return JSONResponse({"error": f"the server's weights are incomplete: {e}"}, 503)
             except sv.ReloadFailed as e:

@@ -61,7 +61,16 @@ class ClientError(ValueError):
 
 
 class ClaimConflict(RuntimeError):
-    """Another run holds the server (HTTP 409)."""
+    """Another run holds the server (HTTP 409). ``holder_run``: the holder's run directory as
+    its client declared it ("" when unknown), with ``idle_s`` since its last request and the
+    ``lease_s`` after which it lapses, so a restarted process of the same run can wait for its
+    predecessor's claim to lapse instead of failing."""
+
+    def __init__(
+        self, message: str, holder_run: str = "", idle_s: float = 0.0, lease_s: float = 0.0
+    ) -> None:
+        super().__init__(message)
+        self.holder_run, self.idle_s, self.lease_s = holder_run, idle_s, lease_s
 
 
 class Unhealthy(RuntimeError):
@@ -144,6 +153,7 @@ class InitGroupRequest(_Request):
 
 class ClaimRequest(_Request):
     takeover: bool = False
+    run: str = Field("", max_length=4096)  # the run directory, so its restart is recognised
 
 
 class Empty(_Request):
@@ -159,6 +169,7 @@ class _Holder:
     label: str
     since: float
     seen: float
+    run: str = ""
 
 
 class RunClaims:
@@ -180,7 +191,9 @@ class RunClaims:
         self.taken: dict[str, str] = {}  # claim taken over -> the run that took it
         self._lock = threading.Lock()
 
-    def admit(self, claim: str | None, label: str, *, takeover: bool = False) -> str | None:
+    def admit(
+        self, claim: str | None, label: str, *, takeover: bool = False, run: str = ""
+    ) -> str | None:
         """Admit ``claim`` (see the class docstring); returns the run it took the server from
         (None: it held it, or nobody did)."""
         if not claim:
@@ -200,6 +213,7 @@ class RunClaims:
             if held is not None and held.claim == claim:
                 held.seen = now
                 held.label = label or held.label
+                held.run = run or held.run
                 return None
             if held is not None and not takeover and now - held.seen < self.lease_s:
                 raise ClaimConflict(
@@ -207,7 +221,10 @@ class RunClaims:
                     f"(last request {now - held.seen:.0f} s ago; a claim lapses {self.lease_s:g} "
                     "s after its run's last request). Wait for that run to finish, point "
                     "rollout.server_url at another server, or, if that run has stopped, take "
-                    "the server over with rollout.server_takeover=true"
+                    "the server over with rollout.server_takeover=true",
+                    holder_run=held.run,
+                    idle_s=now - held.seen,
+                    lease_s=self.lease_s,
                 )
             if held is not None:
                 self.taken[held.claim] = label or "another client"
@@ -217,7 +234,7 @@ class RunClaims:
                     held.label or held.claim,
                     "takeover" if takeover else f"idle {now - held.seen:.0f} s",
                 )
-            self.holder = _Holder(claim, label, now, now)
+            self.holder = _Holder(claim, label, now, now, run)
             return held.label if held is not None else None
 
     def release(self, claim: str | None) -> bool:
@@ -492,7 +509,7 @@ class GenerationService:
     # ------------------------------------------------------------------ the claim
 
     def claim(self, claim: str, label: str, req: ClaimRequest) -> dict[str, Any]:
-        took = self.claims.admit(claim, label, takeover=req.takeover)
+        took = self.claims.admit(claim, label, takeover=req.takeover, run=req.run)
         if took is not None:
             self._drop_group_of_others(claim)
         return {"ok": True, "boot_id": self.boot_id, "lease_s": self.claims.lease_s, "took": took}

@@ -45,6 +45,7 @@ from opsd_mm.rollout.base import build_engine
 from opsd_mm.teacher.model import ModelTeacher, load_teacher_weights, model_config
 from opsd_mm.teacher.vocab import VocabInfo, check_same_vocabulary
 from opsd_mm.train.distributed import check_distributed_support, make_accelerator
+from opsd_mm.train.state import check_resumable
 from opsd_mm.train.trainer import Trainer
 from opsd_mm.types import Example, Processor
 
@@ -93,6 +94,8 @@ def trainer_from_examples(
     cfg = resolve_config(cfg)
     accelerator = accelerator or make_accelerator(cfg)
     check_distributed_support(cfg, accelerator)  # before the model loads
+    if cfg.trainer.resume:
+        check_resumable(cfg.run_dir)  # every state.json unusable: say so before the model loads
     path = model_path or resolve_model_path(cfg.model)
     checked = check_teachers(cfg, path, build_processor)  # before any weights load
     model = load_trainable_model(cfg, path, accelerator.device)

@@ -273,6 +273,7 @@ def save_sharded_checkpoint(
     state: dict[str, Any],
     is_main: bool,
     barrier: Callable[[], None],
+    settle: Callable[[BaseException | None], None] | None = None,
     teacher_state: dict[str, torch.Tensor] | None = None,
     rng_states: list[dict[str, Any]] | None = None,
     keep_last: int = 2,
@@ -281,17 +282,30 @@ def save_sharded_checkpoint(
     """:func:`save_checkpoint` for sharded models: called on every process (collective), each
     writes its shard into ``sharded/`` of the one temporary directory; the main process then
     writes the rest and renames it into place after a barrier. ``barrier``: waits for every
-    process (``Accelerator.wait_for_everyone``)."""
+    process (``Accelerator.wait_for_everyone``). ``settle(error)``: the barrier after the main
+    process's own work, told whether it failed, so that every process raises instead of the
+    others waiting (``opsd_mm.train.distributed.raise_together``); by default the main process
+    raises before its barrier, which is enough for one process."""
     import torch.distributed.checkpoint as dcp
 
+    def settle_alone(error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+        barrier()
+
+    settle = settle or settle_alone
     root = checkpoint_dir(run_dir)
     tmp = root / f".tmp-{step_name(step)}-sharded"  # one name for every process
+    error: BaseException | None = None
     if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except Exception as e:
+            error = _as_write_error(e, run_dir, step, tmp, run_id)
+    settle(error)
     sharded, _ = _sharded_state(model, optimizer, teacher_state)
     dcp.save(sharded, checkpoint_id=str(tmp / SHARDED_DIR))
     if os.environ.get(STALL_ENV) == str(step):
@@ -304,11 +318,26 @@ def save_sharded_checkpoint(
             _torch_save({"per_process": rng_states or [rng_state()]}, tmp / "rng.pt")
             _seal(tmp, step, state, run_id)
         except Exception as e:
-            _write_failed(e, run_dir, step, tmp, run_id)
-            raise
-        final = _publish(run_dir, step, tmp, keep_last=keep_last, run_id=run_id)
-    barrier()
+            error = _as_write_error(e, run_dir, step, tmp, run_id)
+        try:
+            if error is None:
+                final = _publish(run_dir, step, tmp, keep_last=keep_last, run_id=run_id)
+        except Exception as e:
+            error = e
+    settle(error)
     return final
+
+
+def _as_write_error(
+    e: Exception, run_dir: str | Path, step: int, tmp: Path, run_id: str | None
+) -> Exception:
+    """:func:`_write_failed` as a value: the :class:`CheckpointWriteError` for a disk's
+    failure, else ``e`` itself (a bug keeps its traceback)."""
+    try:
+        _write_failed(e, run_dir, step, tmp, run_id)
+    except CheckpointWriteError as user:
+        return user
+    return e
 
 
 def is_sharded(path: str | Path) -> bool:

@@ -8,6 +8,34 @@ from typing import Any
 import torch
 
 from opsd_mm.config import ConfigError, RunConfig, teacher_key, teacher_specs
+from opsd_mm.errors import UserError
+
+
+class PeerFailedError(UserError):
+    """Work that only some processes do (the main process writes a checkpoint) failed on
+    another process; this one stops with it instead of waiting at the next barrier."""
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+    """Collective: every process calls it after work that may have failed on some of them
+    (``error``: this process's failure, or None). If any failed, every process raises - the
+    failing ones their own error (traceback kept), the others :class:`PeerFailedError` naming
+    the first failing process and its error. Why: when one process raises while the others wait
+    at a barrier, they learn of it only from the transport - over NCCL after the collective
+    timeout, over gloo as a "connection closed by peer" traceback - and never say what failed.
+    Without a process group (one process) it only re-raises ``error``."""
+    import torch.distributed as dist
+
+    reports: list[str | None] = []
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        reports = [None] * dist.get_world_size()
+        mine = None if error is None else f"{type(error).__name__}: {error}"[:400]
+        dist.all_gather_object(reports, mine)
+    if error is not None:
+        raise error
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise PeerFailedError(f"{what} failed on process {rank} ({report}); stopping with it")
 
 
 def make_accelerator(cfg: RunConfig) -> Any:

@@ -35,6 +35,7 @@ from opsd_mm.errors import UserError
 from opsd_mm.rollout.prefetch import rollouts_from_state, rollouts_to_state
 from opsd_mm.train import checkpoint as ckpt
 from opsd_mm.train import run_dir as rundir
+from opsd_mm.train.distributed import raise_together
 from opsd_mm.types import Rollout
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,19 @@ def claim_run_dir(cfg: RunConfig, accelerator: Any) -> str | None:
     elif not tc.overwrite:
         rundir.check_fresh(run_dir)  # on every process: all raise, none waits
     acc.wait_for_everyone()
+    error = None
     if acc.is_main_process:
-        if not tc.resume and tc.overwrite:
-            moved = rundir.move_aside(run_dir)
-            if moved is not None:
-                log.warning("trainer.overwrite: moved the previous %s to %s", run_dir, moved)
-        if run_id is None:
-            run_id = rundir.new_run_id()
-            rundir.write_run_id(run_dir, run_id)
-    acc.wait_for_everyone()
+        try:
+            if not tc.resume and tc.overwrite:
+                moved = rundir.move_aside(run_dir)
+                if moved is not None:
+                    log.warning("trainer.overwrite: moved the previous %s to %s", run_dir, moved)
+            if run_id is None:
+                run_id = rundir.new_run_id()
+                rundir.write_run_id(run_dir, run_id)
+        except Exception as e:  # the other processes stop too, none waits
+            error = e
+    raise_together(error, f"claiming the run directory {run_dir}")
     return run_id
 
 
@@ -286,6 +291,39 @@ def _a(value: Any) -> str:
     return names.get(type(value), "null" if value is None else type(value).__name__)
 
 
+def _ours(run_dir: Path, run_id: str | None) -> list[Path]:
+    """The run's complete checkpoints, oldest first (None: unreadable or older ids count)."""
+    return [
+        p for p in ckpt.list_checkpoints(run_dir) if ckpt.checkpoint_run_id(p) in (run_id, None)
+    ]
+
+
+def _nothing_resumable(run_dir: Path, failed: list[tuple[Path, str]]) -> ResumeError:
+    return ResumeError(
+        f"trainer.resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)} can be resumed: "
+        + "; ".join(f"{p.name}: {why}" for p, why in failed)
+        + ". Fix or remove them, or start afresh with --overwrite (the run directory is "
+        "moved aside, nothing is deleted)"
+    )
+
+
+def check_resumable(run_dir: str | Path) -> None:
+    """Before the model loads: when every checkpoint of the run in ``run_dir`` has a
+    ``state.json`` that does not check, the :class:`ResumeError` :func:`load_newest` would
+    raise after loading the model (minutes, for a real one). Reads only the small
+    ``state.json`` files; a run without checkpoints passes (it starts at step 0)."""
+    run_dir = Path(run_dir)
+    failed: list[tuple[Path, str]] = []
+    for path in reversed(_ours(run_dir, rundir.read_run_id(run_dir))):
+        try:
+            CheckpointState.read(path)
+            return
+        except StateError as e:
+            failed.append((path, " ".join(str(e).split())))
+    if failed:
+        raise _nothing_resumable(run_dir, failed)
+
+
 def load_newest(
     run_dir: Path,
     run_id: str | None,
@@ -296,11 +334,7 @@ def load_newest(
     ``run_dir`` whose ``state.json`` checks (:meth:`CheckpointState.read`, before anything is
     restored) and that ``load`` restores (falling back past the others, see the module
     docstring); None when the run has no checkpoint. Every process loads the same files."""
-    ours = [
-        p
-        for p in ckpt.list_checkpoints(run_dir)
-        if ckpt.checkpoint_run_id(p) in (run_id, None)  # None: unreadable or older
-    ]
+    ours = _ours(run_dir, run_id)
     if not ours:
         return None
     failed: list[tuple[Path, str]] = []
@@ -314,12 +348,7 @@ def load_newest(
         except Exception as e:  # noqa: BLE001 - any unreadable file: try the previous one
             failed.append((path, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"))
     else:
-        raise ResumeError(
-            f"trainer.resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)} can be resumed: "
-            + "; ".join(f"{p.name}: {why}" for p, why in failed)
-            + ". Fix or remove them, or start afresh with --overwrite (the run directory is "
-            "moved aside, nothing is deleted)"
-        )
+        raise _nothing_resumable(run_dir, failed)
     if failed:
         log.warning(
             "checkpoint %s cannot be loaded (%s); resuming from the previous complete "

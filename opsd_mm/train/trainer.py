@@ -55,6 +55,7 @@ from opsd_mm.train import batches
 from opsd_mm.train import checkpoint as ckpt
 from opsd_mm.train import state as run_state
 from opsd_mm.train.batches import Counters, MicroBatch, StepPlan
+from opsd_mm.train.distributed import raise_together
 from opsd_mm.train.metrics import (
     MetricsWriter,
     PhaseTimer,
@@ -678,21 +679,29 @@ class Trainer:
             "keep_last": self.cfg.trainer.keep_last,
             "run_id": self.run_id,
         }
+        what = f"writing checkpoint step {self.step}"
         if self._sharded:  # every process writes its shard
             return ckpt.save_sharded_checkpoint(
                 self.run_dir,
                 self.step,
                 is_main=acc.is_main_process,
                 barrier=acc.wait_for_everyone,
+                settle=lambda error: raise_together(error, what),
                 teacher_state=self.teacher.ema or None,
                 **common,
             )
-        path = None
+        path, error = None, None
         if acc.is_main_process:
-            path = ckpt.save_checkpoint(
-                self.run_dir, self.step, teacher_state=self.teacher.state_dict() or None, **common
-            )
-        acc.wait_for_everyone()
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir,
+                    self.step,
+                    teacher_state=self.teacher.state_dict() or None,
+                    **common,
+                )
+            except Exception as e:  # every process stops, none waits (raise_together)
+                error = e
+        raise_together(error, what)
         return path
 
     @property

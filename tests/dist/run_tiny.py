@@ -17,6 +17,9 @@ completion only), so the processes hold unequal numbers of micro-batches.
 ``--vl`` trains the tiny Qwen2.5-VL of ``configs/tiny_vl.yaml`` instead of the tiny text model.
 ``--uneven-generate`` finally samples with a different ``max_new_tokens`` on each process: under
 a sharded model every forward is collective, so this hangs unless generation is synchronised.
+``--full-disk-on-main`` makes the main process's checkpoint write fail as a full disk does
+(ENOSPC while sealing), the other processes' writes (their FSDP2 shards) untouched; the run
+goes through ``opsd_mm.errors.run_command``, as the CLI's does, and returns its exit code.
 
 Each rank writes ``OUT_DIR/rank{r}.pt``: the metrics of every step it ran, the completions it
 sampled (example id -> completion ids, per step), its trainable parameters, its EMA teacher
@@ -26,6 +29,7 @@ state, and the bytes its parameters and teacher hold (``memory``; a separate tea
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -34,6 +38,7 @@ import torch
 from opsd_mm import cli
 from opsd_mm.cli import build_trainer
 from opsd_mm.config import load_config
+from opsd_mm.errors import run_command
 from opsd_mm.loss.rewards import RewardScore
 from opsd_mm.rollout.hf import row_seed
 from opsd_mm.types import Rollout, SamplingConfig
@@ -163,6 +168,16 @@ def model_teachers(trainer) -> dict:
     return out
 
 
+def fill_disk_at_seal() -> None:
+    """This process's checkpoint writes fail from now on as on a full disk."""
+    from opsd_mm.train import checkpoint as ckpt
+
+    def full(tmp, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "state.json"))
+
+    ckpt._seal = full
+
+
 def main(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
     out_dir, *overrides = [a for a in argv if not a.startswith("--")]
@@ -179,6 +194,10 @@ def main(argv: list[str]) -> int:
         reject_some(trainer.processor)
     generate = trainer.engine.generate
     completions = record_completions(trainer, cut="--ragged" in flags)
+    if "--full-disk-on-main" in flags:
+        if trainer.accelerator.is_main_process:
+            fill_disk_at_seal()
+        return run_command(lambda _: trainer.train() and None, None)
     history = trainer.train()
     acc = trainer.accelerator
     uneven = []

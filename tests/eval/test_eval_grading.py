@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,31 @@ def test_timeout_kills_the_call_and_the_worker_recovers():
     assert time.monotonic() - t0 < 10
     # The next call gets a fresh worker.
     assert g.math_equal("\\frac{1}{2}", "0.5").correct
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an unreaped one is dead too)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_timeout_kills_what_the_call_started_too(tmp_path):
+    """A grader that starts a process of its own (here ``sh`` running ``sleep``) and runs past
+    its deadline: the worker is killed with everything it started, nothing is left running."""
+    pid_file = tmp_path / "pid"
+    script = f"echo $$ > {pid_file}; exec sleep 60"
+    assert g.call_with_timeout(subprocess.call, (["sh", "-c", script],), timeout=2) == (
+        "timeout",
+        None,
+    )
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid), f"the grader's own process {pid} outlived the timeout"
 
 
 def test_timed_out_check_scores_zero_and_says_so(monkeypatch):

@@ -7,6 +7,7 @@ the real server app (around a fake engine): the run claim, the token, the weight
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -332,6 +333,29 @@ def test_heartbeat_keeps_a_quiet_run_claimed(serve_fake, tmp_path):
     engine._heartbeat.set()  # as if the trainer died
     now[0] += 1.0
     _client(url, tmp_path, label="run B").release()
+
+
+def test_a_resumed_run_waits_for_its_own_stale_claim(serve_fake, tmp_path, caplog):
+    """A trainer killed without releasing its claim, resumed at once on the same run directory
+    (a requeued job): the new process waits for the old claim to lapse and takes the server,
+    instead of failing; another run is still refused at once; and a holder of the same run
+    directory that stays alive (two trainers on one run directory) is refused after the wait."""
+    service, url = serve_fake(lease_s=1.0)  # the client beats every 0.25 s
+    first = _client(url, tmp_path, label="run A, pid 1", run="/runs/a")
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="in use by run A, pid 1") as refused:
+        _client(url, tmp_path, label="run B", run="/runs/b")
+    assert time.monotonic() - t0 < 1.0 and "this run directory" not in str(refused.value)
+    first._heartbeat.set()  # killed: no heartbeat, no release
+    with caplog.at_level(logging.WARNING, logger="opsd_mm.rollout.client"):
+        second = _client(url, tmp_path, label="run A, pid 2", run="/runs/a")
+    assert "still claimed by an earlier process of this run (/runs/a)" in caplog.text
+    assert service.claims.holder.label == "run A, pid 2"
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="another trainer is running on this run directory"):
+        _client(url, tmp_path, label="run A, pid 3", run="/runs/a")  # pid 2 is alive
+    assert time.monotonic() - t0 >= 1.0  # it waited for the lease first
+    second.release()
 
 
 def test_request_over_the_body_cap_is_a_clear_client_error(serve_fake, tmp_path):

@@ -370,6 +370,87 @@ def test_fsdp2_full_finetune_resumes_from_a_sharded_checkpoint(one_full_ft, tiny
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
 
 
+def test_raise_together_on_one_process():
+    """Without a process group: the process's own error, traceback kept; else nothing."""
+    from opsd_mm.train.distributed import raise_together
+
+    raise_together(None, "writing")
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as e:
+        with pytest.raises(OSError, match="No space left") as info:
+            raise_together(e, "writing")
+    assert info.value.__traceback__ is not None
+
+
+def _launch_failing(out: Path, launch: str, *args: str) -> str:
+    """A 2-process launch expected to stop with an error: ``launch`` is ``torchrun`` (one
+    launcher, which ends every process when one fails) or ``two`` (two ``accelerate
+    launch`` commands of one process each, as on two nodes: nothing ends the other machine's
+    process but the run itself). Returns the combined output after asserting both launches
+    failed; a hang (the other process waiting at a barrier) fails the test after 300 s."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    if launch == "torchrun":
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--standalone"]]
+        cmds[0] += ["--nproc_per_node", "2"]
+    else:
+        port = str(_free_port())
+        cmds = [
+            [
+                *(sys.executable, "-m", "accelerate.commands.launch"),
+                *("--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml")),
+                *("--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"),
+                *("--main_process_ip", "127.0.0.1", "--main_process_port", port),
+                "--mixed_precision=no",
+            ]
+            for rank in (0, 1)
+        ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(RUN_TINY), str(out), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for cmd in cmds
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, 9)
+            pytest.fail("a process hung after the main process's write failed")
+    assert all(p.returncode != 0 for p in procs), [p.returncode for p in procs]
+    return "\n".join(logs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_failed_checkpoint_write_on_the_main_process_stops_every_process(
+    engine, tiny_cache, tiny_text_dir, tmp_path
+):
+    """The main process's part of a checkpoint (all of it under DDP; the seal and the rename
+    under FSDP2) fails as on a full disk: the main process says so in one line, the other stops
+    naming process 0. Under DDP the two processes are two "machines", so no launcher ends the
+    second one: before, it learnt of the failure only from the transport (over gloo a traceback,
+    "Connection closed by peer"; over NCCL it waits at the barrier until the collective
+    timeout). Nothing half-written is left."""
+    run = tmp_path / "run"
+    args = [*_common(tiny_cache, run, "trainer.save_every=1"), "--full-disk-on-main"]
+    if engine == "fsdp2":
+        args.append("--fsdp2")
+    out = _launch_failing(tmp_path / "out", "torchrun" if engine == "fsdp2" else "two", *args)
+    assert "error: checkpoint" in out and "could not be written: No space left" in out
+    assert "error: writing checkpoint step 1 failed on process 0 (CheckpointWriteError" in out
+    assert ckpt.list_checkpoints(run) == []
+    assert not list(ckpt.checkpoint_dir(run).glob(".tmp-*"))
+
+
 @pytest.mark.slow
 def test_fsdp2_lora_ema_resumes_on_two_and_on_one_process(tiny_cache, tiny_text_dir, tmp_path):
     """LoRA and an EMA teacher under FSDP2 (the EMA sharded like the adapter): a sharded

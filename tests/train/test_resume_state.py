@@ -93,14 +93,23 @@ def test_bad_newest_state_json_falls_back(finished, tmp_path, tiny_cache, caplog
     assert rows[2]["loss"] == want[2]  # step 3 again, exactly: a resume repeats it
 
 
-def test_no_usable_checkpoint_is_one_line_naming_each(finished, tmp_path, tiny_cache, capsys):
+def test_no_usable_checkpoint_is_one_line_naming_each(
+    finished, tmp_path, tiny_cache, capsys, monkeypatch
+):
+    """...and says so before the model loads (minutes, for a real model)."""
+    from opsd_mm.train import build
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the state.json files were checked")
+
+    monkeypatch.setattr(build, "load_trainable_model", no_model)
     run = _copy(finished, tmp_path)
     DAMAGE["a list"](_state(run, 1))
     DAMAGE["a string step"](_state(run, 2))
     DAMAGE["another directory's step"](_state(run, 3))
     assert main([*_argv(tiny_cache, run), "--resume"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    # The one error line, last (before it: transformers' weight-loading progress bar).
+    # The one error line, last.
     errors = [x for x in lines if x.startswith("resume error: ")]
     assert len(errors) == 1 and lines[-1] == errors[0], lines[-5:]
     line = errors[0]

@@ -10,6 +10,7 @@ import torch
 
 from opsd_mm.config import LoraConfig, ModelConfig, RolloutConfig
 from opsd_mm.rollout.hf import HFEngine
+from opsd_mm.testing.greedy import greedy_mismatch
 from opsd_mm.types import SamplingConfig
 
 pytestmark = pytest.mark.vllm
@@ -71,7 +72,8 @@ def test_sync_after_lora_step_matches_hf(engine, text_setup, text_prompts, train
     )
     engine.sync_weights(model)  # the module's engine may hold another test's weights
     before = engine.generate(text_prompts, 1, GREEDY)
-    assert _ids(before) == _ids(_hf(model, proc).generate(text_prompts, 1, GREEDY))
+    want = _hf(model, proc).generate(text_prompts, 1, GREEDY)
+    assert greedy_mismatch(model, text_prompts, before, want) is None
 
     # Train towards completions sampled elsewhere, so that greedy outputs must move.
     targets = engine.generate(text_prompts, 1, SamplingConfig(1.0, max_new_tokens=12, seed=3))
@@ -82,7 +84,7 @@ def test_sync_after_lora_step_matches_hf(engine, text_setup, text_prompts, train
     engine.sync_weights(model)
     after = engine.generate(text_prompts, 1, GREEDY)
     want = _hf(model, proc).generate(text_prompts, 1, GREEDY)
-    assert _ids(after) == _ids(want)
+    assert greedy_mismatch(model, text_prompts, after, want) is None
     assert _ids(after) != _ids(before), "the optimizer steps did not change greedy outputs"
 
     sampled = engine.generate(text_prompts, 2, SamplingConfig(1.0, max_new_tokens=16, seed=5))
@@ -102,9 +104,9 @@ def test_sync_full_weights_matches_hf(engine, text_setup, text_prompts):
     targets = engine.generate(text_prompts, 1, SamplingConfig(1.0, max_new_tokens=12, seed=4))
     _optimizer_steps(model, proc, text_prompts, targets, steps=2, lr=1e-2)
     engine.sync_weights(model)
-    assert _ids(engine.generate(text_prompts, 1, GREEDY)) == _ids(
-        _hf(model, proc).generate(text_prompts, 1, GREEDY)
-    )
+    got = engine.generate(text_prompts, 1, GREEDY)
+    want = _hf(model, proc).generate(text_prompts, 1, GREEDY)
+    assert greedy_mismatch(model, text_prompts, got, want) is None
 
 
 def test_eos_stops_and_is_kept(engine, text_setup, text_prompts):
