@@ -305,7 +305,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The config as the nested dict that is written (``config.yaml``) and logged (tracker
     hyper-parameters): keys spelled as in YAML, secrets (``SECRET_KEYS``) masked, so a run
     directory or a dashboard never holds a bearer token."""
-    d = _rename_keys(dataclasses.asdict(cfg))
+    d = _rename_keys(_plain(cfg))
     for key in SECRET_KEYS:
         *parents, last = key.split(".")
         node = d
@@ -314,6 +314,38 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         if isinstance(node, dict) and node.get(last) is not None:
             node[last] = SECRET_MASK
     return d
+
+
+def _plain(obj: Any) -> Any:
+    """``dataclasses.asdict``, except that an item of a list (an operation of
+    ``processor.student_view``) keeps only the fields it sets - those that differ from the
+    field's default - so ``config.yaml`` shows ``{op: blur, radius: 1.5}`` rather than every
+    option of every operation, mostly null. Loading it back gives the same config."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_item(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+def _item(obj: Any) -> Any:
+    if not (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        return _plain(obj)
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:  # required: always written
+            out[f.name] = _plain(value)
+            continue
+        if value != default:
+            out[f.name] = _plain(value)
+    return out
 
 
 def _rename_keys(d: dict[str, Any]) -> dict[str, Any]:

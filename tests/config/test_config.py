@@ -166,6 +166,24 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
 
 
+def test_view_operations_are_saved_with_the_options_they_set(tmp_path):
+    """config.yaml shows each view operation as written ({op, and what it sets}), not every
+    option of every operation, mostly null; loading it back gives the same config."""
+    views = [
+        "processor.student_view=[{op: resolution, max_pixels: 3200}, {op: blur, p: 0.5}]",
+        "processor.teacher_view=[{op: zoom, placement: extra, margin: 0.2}]",
+    ]
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny_vl.yaml", views)
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())["processor"]
+    assert saved["student_view"] == [
+        {"op": "resolution", "max_pixels": 3200},
+        {"op": "blur", "p": 0.5},
+    ]
+    assert saved["teacher_view"] == [{"op": "zoom", "margin": 0.2, "placement": "extra"}]
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     load_config(path)
