@@ -766,14 +766,26 @@ class Trainer:
         self._bad_in_row = state.bad_in_row
         self._sync_engine()
         if state.ahead and self.prefetcher is not None:  # the batch the run generated ahead
-            batch = self._draw(state.ahead[0])
-            batch.rollouts_P_G = state.ahead[1]
-            if len(batch.rollouts_P_G) != len(batch.prompts):
-                raise RuntimeError(
-                    f"{path}: the batch generated ahead has {len(batch.rollouts_P_G)} prompts' "
-                    f"rollouts, the data gives {len(batch.prompts)} prompts at this position"
+            step, rollouts_P_G = state.ahead
+            batch = self._draw(step)
+            n = self.cfg.rollout.n
+            shape = [len(rs) for rs in rollouts_P_G]
+            if shape == [n] * len(batch.prompts):
+                batch.rollouts_P_G = rollouts_P_G
+                self.prefetcher.put(batch)
+            else:  # a changed batch size, process count or rollout.n: sample it again
+                log.warning(
+                    "%s: the batch generated ahead for step %d has %d prompts x %s rollouts; "
+                    "this run's batch has %d prompts x %d (trainer.batch_size, the process "
+                    "count or rollout.n changed): sampling it afresh",
+                    path,
+                    step,
+                    len(shape),
+                    sorted(set(shape)) if len(set(shape)) > 1 else (shape[0] if shape else 0),
+                    len(batch.prompts),
+                    n,
                 )
-            self.prefetcher.put(batch)
+                self.prefetcher.submit(batch, n, batches.sampling_for(self.cfg, step))
         elif state.ahead:
             log.info("%s: rollout.async=false samples the batch generated ahead afresh", path)
         log.info("resumed from %s at step %d", path, self.step)

@@ -780,6 +780,33 @@ def test_fsdp2_model_teacher_matches_one_process(tiny_cache, tiny_text_dir, tmp_
         assert m0["memory/teacher_weights_gib"] < m1["memory/teacher_weights_gib"] * 0.6
 
 
+@pytest.mark.slow
+def test_ddp_model_teacher_matches_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """A separate teacher under DDP: each process holds the whole teacher, frozen and outside
+    DDP's gradient sync, the same untrained weights everywhere; 2 processes x batch 2 match 1
+    process x batch 4 (ragged completions)."""
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r1", *MODEL_TEACHER),
+        "trainer.batch_size=4",
+    )
+    two = _two_processes(
+        tmp_path / "two",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r2", *MODEL_TEACHER),
+        "trainer.batch_size=2",
+    )
+    _assert_matches(one, two)
+    whole = one["model_teachers"]["teacher"]
+    for r in two:
+        t = r["model_teachers"]["teacher"]
+        assert not t["sharded"] and not t["requires_grad"]
+        assert t["local_bytes"] == t["bytes"] == whole["bytes"] > 0
+        assert t["checksum"] == pytest.approx(whole["checksum"], rel=1e-12)
+    assert two[0]["model_class"] == "DistributedDataParallel"
+
+
 def _alternating_sources(path: Path) -> Path:
     """Rows alternating between sources ``algebra`` and ``geometry``: in order, batch 1 per
     process, process 0 draws only algebra rows and process 1 only geometry rows."""
@@ -833,3 +860,37 @@ def test_fsdp2_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_
     assert own_rows[0] == [0, 0] and all(n > 0 for n in own_rows[1])
     assert two[0]["metrics"][-1]["routed/big"] == 2 and two[1]["metrics"][-1]["routed/own"] == 2
     assert two[0]["model_teachers"]["big"]["sharded"]
+
+
+@pytest.mark.slow
+def test_ddp_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_path):
+    """The routed pair of the test above under DDP: process 0 holds only the model teacher's
+    rows and process 1 only the self teacher's, and every backward is a gradient all-reduce, so
+    the processes must still run the same number of micro-batches. 2 processes x batch 1 match 1
+    process x batch 2."""
+    routed = (
+        f"data.source={_alternating_sources(tmp_path / 'data.jsonl')}",
+        "data.shuffle=false",
+        "teachers={big: {model: {name_or_path: 'tiny:text-teacher'}}, own: {kind: self}}",
+        "teacher.kind=fixed",
+        "teacher.route_by=source",
+        "teacher.routes={algebra: big, geometry: own}",
+    )
+    one = _one_process(
+        tmp_path / "one",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r1", *routed),
+        "trainer.batch_size=2",
+    )
+    two = _two_processes(
+        tmp_path / "two",
+        "--ragged",
+        *_common(tiny_cache, tmp_path / "r2", *routed),
+        "trainer.batch_size=1",
+    )
+    _assert_matches(one, two)
+    big_rows = [[m["teacher/big/rows"] for m in r["metrics"]] for r in two]
+    own_rows = [[m["teacher/own/rows"] for m in r["metrics"]] for r in two]
+    assert all(n > 0 for n in big_rows[0]) and big_rows[1] == [0, 0]
+    assert own_rows[0] == [0, 0] and all(n > 0 for n in own_rows[1])
+    assert not two[0]["model_teachers"]["big"]["sharded"]

@@ -141,3 +141,38 @@ def test_async_over_gloo_stops_clearly_when_the_server_restarts(
         assert "restarted while generating ahead (rollout.async)" in log, log[-3000:]
         assert "--resume" in log
         assert len(rows) < 30
+
+
+@pytest.mark.parametrize(
+    "change", ["trainer.batch_size=3", "rollout.n=3"], ids=["batch_size", "rollout_n"]
+)
+def test_async_resume_with_a_changed_batch_samples_the_ahead_batch_afresh(
+    server, tiny_cache, tmp_path, train_via_server, change
+):
+    """The checkpoint after step 2 holds step 3's batch, generated ahead at the old batch size
+    or rollout.n. Resumed with another one, that batch cannot be trained: it is sampled again
+    at the new size, with a warning, and the run goes on (it was a RuntimeError traceback)."""
+    import shutil
+
+    from opsd_mm.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    common = ("rollout.async=true", "trainer.save_every=2")
+    first = train_via_server(run_dir, tiny_cache, server.url, *common, "trainer.max_steps=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(ckpt.checkpoint_dir(run_dir) / ckpt.step_name(3))  # resume from step 2
+    resumed = train_via_server(
+        run_dir,
+        tiny_cache,
+        server.url,
+        *common,
+        "trainer.max_steps=4",
+        "trainer.resume=true",
+        change,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "the batch generated ahead for step 3 has 2 prompts x 2 rollouts" in resumed.stderr
+    assert "sampling it afresh" in resumed.stderr
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows)

@@ -3,6 +3,7 @@ lower resolution, a random crop, a random blur, seeded per example) is what vLLM
 its log-probs are the student forward's on the same pixels, its greedy completions HF's - and
 the teacher's view (a higher resolution, the region zoomed as an extra image, the box marked)
 is what vLLM scores for ``teacher.scoring=server``: equal to the transformers teacher forward.
+The same through the generation server, where the images travel as PNG.
 The engine receives ``Prompt.images``, the images after the view, and re-expands their
 placeholders itself; a different resize there would be refused by the engine (a prompt of
 another length), so these tests also show vLLM keeps the view's sizes."""
@@ -77,14 +78,14 @@ def views(tiny_cache):
         p = proc.student_prompt(ex, seed=100 + k)
         p.meta["key"] = ex.id
         prompts.append(p)
-    yield proc, model, engine, prompts
+    yield proc, model, engine, prompts, path
     engine.close()
 
 
 def test_the_views_differ_from_the_plain_prompt(views):
     """Guard: the student sees fewer image tokens than the teacher on every example, and the
     teacher gets the zoomed regions as extra images."""
-    proc, _, _, prompts = views
+    proc, _, _, prompts, _ = views
     for ex, p in zip(WITH_REGIONS, prompts):
         teacher = proc.teacher_prompt(ex)
         assert p.meta["image_tokens"] < teacher.meta["image_tokens"], ex.id
@@ -92,7 +93,7 @@ def test_the_views_differ_from_the_plain_prompt(views):
 
 
 def test_vllm_samples_from_the_students_view(views, engine_gap):
-    proc, model, engine, prompts = views
+    proc, model, engine, prompts, _ = views
     rollouts = engine.generate(prompts, 2, SamplingConfig(1.0, max_new_tokens=12, seed=3))
     assert engine_gap(proc, model, list(WITH_REGIONS), prompts, rollouts) < TOL
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
@@ -102,12 +103,18 @@ def test_vllm_samples_from_the_students_view(views, engine_gap):
 
 
 def test_vllm_scores_the_teachers_view(views):
-    proc, model, engine, prompts = views
+    proc, model, engine, prompts, _ = views
     rollouts = engine.generate(prompts, 1, SamplingConfig(1.0, max_new_tokens=10, seed=5))
     pairs = [
         proc.pair(ex, rs[0].completion_ids, student=p)
         for ex, p, rs in zip(WITH_REGIONS, prompts, rollouts)
     ]
+    _teacher_scores_match(proc, model, engine, pairs)
+
+
+def _teacher_scores_match(proc, model, engine, pairs) -> None:
+    """The engine's teacher scores of ``pairs`` (teacher prompt in the teacher's view, then the
+    completion) equal the transformers teacher forward's log-probs within TOL."""
     batch = proc.collate(pairs)
     P, C = batch.teacher.prompt_width, batch.completion_ids_BC.shape[1]
     with torch.no_grad():
@@ -122,3 +129,31 @@ def test_vllm_scores_the_teachers_view(views):
         n = len(pair.completion_ids)
         want_C = logp_BCV[b, :n].gather(-1, batch.completion_ids_BC[b, :n, None])[:, 0]
         torch.testing.assert_close(torch.tensor(s.logprobs), want_C, rtol=0, atol=TOL)
+
+
+def test_the_generation_server_samples_and_scores_the_views(views, engine_gap, tmp_path):
+    """The same through ``opsd-mm serve`` (images as PNG over HTTP): the server samples from
+    the student's view and scores the teacher's view as the transformers forwards do."""
+    from opsd_mm.rollout.client import ServerEngine
+    from opsd_mm.testing.server import ServerProcess
+
+    proc, model, _, prompts, path = views
+    srv = ServerProcess(path, max_model_len=2048)
+    srv.start()
+    try:
+        engine = ServerEngine(
+            srv.url,
+            tmp_path / "sync",
+            eos_token_ids=proc.eos_token_ids,
+            suppress_token_ids=proc.suppress_token_ids,
+        )
+        rollouts = engine.generate(prompts, 2, SamplingConfig(1.0, max_new_tokens=10, seed=3))
+        assert engine_gap(proc, model, list(WITH_REGIONS), prompts, rollouts) < TOL
+        pairs = [
+            proc.pair(ex, rs[0].completion_ids, student=p)
+            for ex, p, rs in zip(WITH_REGIONS, prompts, rollouts)
+        ]
+        _teacher_scores_match(proc, model, engine, pairs)
+        engine.release()
+    finally:
+        srv.stop()
