@@ -1,27 +1,27 @@
-"""Per-role image views with the colocated vLLM engine (tiny Qwen2.5-VL): the student's view (a
-lower resolution, a random crop, a random blur, seeded per example) is what vLLM samples from -
-its log-probs are the student forward's on the same pixels, its greedy completions HF's - and
-the teacher's view (a higher resolution, the region zoomed as an extra image, the box marked)
-is what vLLM scores for ``teacher.scoring=server``: equal to the transformers teacher forward.
-The same through the generation server, where the images travel as PNG.
-The engine receives ``Prompt.images``, the images after the view, and re-expands their
-placeholders itself; a different resize there would be refused by the engine (a prompt of
-another length), so these tests also show vLLM keeps the view's sizes."""
+"""Per-role image views with the colocated vLLM engine, on the three tiny Qwen-VL families: the
+student's view (a resolution below the model's own minimum, a random crop, a random blur,
+seeded per example) is what vLLM samples from - its log-probs are the student forward's on the
+same pixels, its greedy completions HF's - and the teacher's view (a higher resolution, the
+region zoomed as an extra image, the box marked) is what vLLM scores for
+``teacher.scoring=server``: equal to the transformers teacher forward. The same through the
+generation server (one family), where the images travel as PNG.
+
+The engine receives ``Prompt.images``, already at the view's size, and asks vLLM not to resize
+them again (``do_resize=False``, as the trainer's processor does); a different size there would
+be refused by the engine (a prompt of another length)."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest
 import torch
 
 from opsd_mm.config import ProcessorConfig, RolloutConfig
-from opsd_mm.config.sections import ViewOpConfig
 from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.testing.greedy import greedy_mismatch
-from opsd_mm.types import Prompt, Region, SamplingConfig
-from tests.fixtures.vl_examples import EXAMPLES, FROZEN
+from opsd_mm.types import Prompt, SamplingConfig
+from tests.fixtures.vl_examples import STUDENT_VIEW, TEACHER_VIEW, WITH_REGIONS
 
 pytestmark = [
     pytest.mark.vllm,
@@ -31,38 +31,21 @@ pytestmark = [
     ),
 ]
 
-TEACHER = [
-    ViewOpConfig("resolution", max_pixels=40_000),
-    ViewOpConfig("zoom", placement="extra", margin=0.2, pixels=6_000),
-    ViewOpConfig("mark", width=2),
-]
-STUDENT = [
-    ViewOpConfig("resolution", max_pixels=6_000),
-    ViewOpConfig("random_crop", scale=0.7),
-    ViewOpConfig("blur", radius=1.5, p=0.5),
-]
-WITH_REGIONS = (
-    dataclasses.replace(EXAMPLES[0], regions=(Region(0, (0.0, 0.0, 0.5, 0.5), normalized=True),)),
-    dataclasses.replace(
-        FROZEN,
-        regions=(Region(0, (20, 20, 40, 60)), Region(1, (0.2, 0.0, 0.6, 1.0), normalized=True)),
-    ),
-    EXAMPLES[2],
-)
 TOL = 1e-4  # nats: fp32 on both sides, two different computations (vLLM's kernels, HF's)
+FAMILIES = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 
 
-@pytest.fixture(scope="module")
-def views(tiny_cache):
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def views(request, tiny_cache):
     from transformers import AutoModelForImageTextToText
 
     from opsd_mm.model.tiny import resolve_tiny
     from opsd_mm.processors import build_processor
     from opsd_mm.rollout.vllm_engine import VLLMEngine
 
-    path = str(resolve_tiny("qwen2.5-vl", tiny_cache))
-    cfg = ProcessorConfig(student_view=STUDENT, teacher_view=TEACHER)
-    proc = build_processor(cfg, path, "qwen2_5_vl")
+    path = str(resolve_tiny(request.param, tiny_cache))
+    cfg = ProcessorConfig(student_view=STUDENT_VIEW, teacher_view=TEACHER_VIEW)
+    proc = build_processor(cfg, path, FAMILIES[request.param])
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     engine = VLLMEngine(
         path,
@@ -138,6 +121,8 @@ def test_the_generation_server_samples_and_scores_the_views(views, engine_gap, t
     from opsd_mm.testing.server import ServerProcess
 
     proc, model, _, prompts, path = views
+    if proc.family != "qwen2_5_vl":
+        pytest.skip("one family through the server: it runs the same engine as the others")
     srv = ServerProcess(path, max_model_len=2048)
     srv.start()
     try:
