@@ -20,7 +20,7 @@ import torch
 from opsd_mm.config import ProcessorConfig, RolloutConfig
 from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.testing.greedy import greedy_mismatch
-from opsd_mm.types import Prompt, SamplingConfig
+from opsd_mm.types import SamplingConfig
 from tests.fixtures.vl_examples import STUDENT_VIEW, TEACHER_VIEW, WITH_REGIONS
 
 pytestmark = [
@@ -85,36 +85,27 @@ def test_vllm_samples_from_the_students_view(views, engine_gap):
     assert greedy_mismatch(model, prompts, got, want) is None
 
 
-def test_vllm_scores_the_teachers_view(views):
+def test_vllm_scores_the_teachers_view(views, scored_teacher):
     proc, model, engine, prompts, _ = views
     rollouts = engine.generate(prompts, 1, SamplingConfig(1.0, max_new_tokens=10, seed=5))
     pairs = [
         proc.pair(ex, rs[0].completion_ids, student=p)
         for ex, p, rs in zip(WITH_REGIONS, prompts, rollouts)
     ]
-    _teacher_scores_match(proc, model, engine, pairs)
+    _teacher_scores_match(scored_teacher, proc, model, engine, pairs)
 
 
-def _teacher_scores_match(proc, model, engine, pairs) -> None:
+def _teacher_scores_match(scored_teacher, proc, model, engine, pairs) -> None:
     """The engine's teacher scores of ``pairs`` (teacher prompt in the teacher's view, then the
     completion) equal the transformers teacher forward's log-probs within TOL."""
-    batch = proc.collate(pairs)
-    P, C = batch.teacher.prompt_width, batch.completion_ids_BC.shape[1]
-    with torch.no_grad():
-        logits_BCV = model(**batch.teacher.model_inputs).logits[:, P - 1 : P - 1 + C]
-    logp_BCV = logits_BCV.float().log_softmax(-1)
-    rows = [
-        Prompt(input_ids=p.teacher.input_ids + p.completion_ids, images=p.teacher.images)
-        for p in pairs
-    ]
-    scores = engine.score(rows, [len(p.teacher.input_ids) for p in pairs], 0)
-    for b, (pair, s) in enumerate(zip(pairs, scores)):
-        n = len(pair.completion_ids)
-        want_C = logp_BCV[b, :n].gather(-1, batch.completion_ids_BC[b, :n, None])[:, 0]
+    for s, logp_CV, ids_C in scored_teacher(proc, model, engine, pairs, 0):
+        want_C = logp_CV.gather(-1, ids_C[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(s.logprobs), want_C, rtol=0, atol=TOL)
 
 
-def test_the_generation_server_samples_and_scores_the_views(views, engine_gap, tmp_path):
+def test_the_generation_server_samples_and_scores_the_views(
+    views, engine_gap, scored_teacher, tmp_path
+):
     """The same through ``opsd-mm serve`` (images as PNG over HTTP): the server samples from
     the student's view and scores the teacher's view as the transformers forwards do."""
     from opsd_mm.rollout.client import ServerEngine
@@ -138,7 +129,7 @@ def test_the_generation_server_samples_and_scores_the_views(views, engine_gap, t
             proc.pair(ex, rs[0].completion_ids, student=p)
             for ex, p, rs in zip(WITH_REGIONS, prompts, rollouts)
         ]
-        _teacher_scores_match(proc, model, engine, pairs)
+        _teacher_scores_match(scored_teacher, proc, model, engine, pairs)
         engine.release()
     finally:
         srv.stop()
