@@ -286,6 +286,10 @@ class VLLMEngine:
                 request["prompt_token_ids"] = collapse_placeholders(ids, self.image_token_id)
             images = list(prompt.images)
             request["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+            # The images are already at the size the processor chose (its pixel bounds, or a
+            # view's resolution, which may lie outside the checkpoint's own): vLLM must encode
+            # them as they are, as the trainer's processor does (``do_resize=False``).
+            request["mm_processor_kwargs"] = {"do_resize": False}
         return request
 
     @staticmethod
@@ -297,9 +301,9 @@ class VLLMEngine:
             raise RuntimeError(
                 f"prompt '{key}': vLLM expanded its image placeholders to "
                 f"{len(out.prompt_token_ids)} prompt tokens where the processor made "
-                f"{len(prompt.input_ids)}; vLLM resized the images differently. Give vLLM the "
-                "processor's pixel bounds (llm_kwargs={'mm_processor_kwargs': {'min_pixels': "
-                "..., 'max_pixels': ...}})"
+                f"{len(prompt.input_ids)}: vLLM encoded the images at another size although "
+                "asked not to resize them (do_resize=False); this vLLM or model family may not "
+                "honour that"
             )
 
     def generate(

@@ -19,32 +19,10 @@ from opsd_mm.processors.images import BadImageError
 from opsd_mm.processors.vision_cache import VisionCache, find_vision_tower
 from opsd_mm.processors.vl import QwenVLProcessor
 from opsd_mm.types import Pair, Region
-from tests.fixtures.vl_examples import EXAMPLES, FROZEN
+from tests.fixtures.vl_examples import EXAMPLES, FROZEN, STUDENT_VIEW, TEACHER_VIEW, WITH_REGIONS
 from tests.fixtures.vl_examples import random_completion as completion
 
-# The teacher: a higher resolution, the region zoomed as an extra image, the boxes marked. The
-# student: a lower resolution, a random crop and a random blur (seeded per step and example).
-TEACHER = [
-    ViewOpConfig("resolution", max_pixels=40_000),
-    ViewOpConfig("zoom", placement="extra", margin=0.2, pixels=6_000),
-    ViewOpConfig("mark", width=2),
-]
-STUDENT = [
-    ViewOpConfig("resolution", max_pixels=3_200),
-    ViewOpConfig("random_crop", scale=0.7),
-    ViewOpConfig("blur", radius=1.5, p=0.5),
-]
-# FROZEN and the others with regions: one box on each of FROZEN's two images (pixels and
-# fractions), one on "one" image, none on "tall" (its images pass the region operations as
-# they are).
-WITH_REGIONS = (
-    dataclasses.replace(EXAMPLES[0], regions=(Region(0, (0.0, 0.0, 0.5, 0.5), normalized=True),)),
-    dataclasses.replace(
-        FROZEN,
-        regions=(Region(0, (20, 20, 40, 60)), Region(1, (0.2, 0.0, 0.6, 1.0), normalized=True)),
-    ),
-    EXAMPLES[2],
-)
+TEACHER, STUDENT = TEACHER_VIEW, STUDENT_VIEW
 
 
 def with_views(proc: QwenVLProcessor, student=STUDENT, teacher=TEACHER, **cfg) -> QwenVLProcessor:

@@ -749,19 +749,32 @@ def test_unsupported_engines_are_refused_at_start():
 MODEL_TEACHER = ("teacher.kind=model", "teacher.model.name_or_path=tiny:text-teacher")
 
 
-@pytest.mark.slow
-def test_fsdp2_model_teacher_matches_one_process(tiny_cache, tiny_text_dir, tmp_path):
-    """A separate teacher (tiny:text-teacher, 4 layers) under FSDP2 is sharded like the student:
-    each process holds about half of its weights, none of them trainable, the same untrained
-    weights everywhere; 2 processes x batch 2 match 1 process x batch 4 (ragged completions, so
-    the processes hold different token counts)."""
-    one = _one_process(
-        tmp_path / "one",
+@pytest.fixture(scope="module")
+def one_model_teacher(tiny_cache, tiny_text_dir, tmp_path_factory):
+    """The 1-process x batch 4 reference with a separate teacher (tiny:text-teacher, 4 layers)."""
+    out = tmp_path_factory.mktemp("one-model-teacher")
+    return _one_process(
+        out / "one",
         "--ragged",
-        *_common(tiny_cache, tmp_path / "r1", *MODEL_TEACHER),
+        *_common(tiny_cache, out / "r1", *MODEL_TEACHER),
         "trainer.batch_size=4",
     )
-    two = _fsdp2(
+
+
+def _launch(engine: str, out: Path, *args: str) -> list[dict]:
+    return _fsdp2(out, *args) if engine == "fsdp2" else _two_processes(out, *args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_model_teacher_matches_one_process(one_model_teacher, tiny_cache, tmp_path, engine):
+    """A separate teacher, frozen, the same untrained weights everywhere; 2 processes x batch 2
+    match 1 process x batch 4 (ragged completions, so the processes hold different token
+    counts). Under FSDP2 it is sharded like the student: each process holds about half of its
+    weights. Under DDP each holds all of it, outside DDP's gradient sync."""
+    one = one_model_teacher
+    two = _launch(
+        engine,
         tmp_path / "two",
         "--ragged",
         *_common(tiny_cache, tmp_path / "r2", *MODEL_TEACHER),
@@ -772,39 +785,19 @@ def test_fsdp2_model_teacher_matches_one_process(tiny_cache, tiny_text_dir, tmp_
     assert not whole["sharded"] and whole["local_bytes"] == whole["bytes"] > 0
     for r in two:
         t = r["model_teachers"]["teacher"]
-        assert t["sharded"] and not t["requires_grad"]
-        assert t["bytes"] == whole["bytes"] and t["local_bytes"] <= whole["bytes"] // 2 + 4096
+        assert t["sharded"] == (engine == "fsdp2") and not t["requires_grad"]
+        assert t["bytes"] == whole["bytes"]
+        if engine == "fsdp2":
+            assert t["local_bytes"] <= whole["bytes"] // 2 + 4096
+        else:
+            assert t["local_bytes"] == whole["bytes"]
         assert t["checksum"] == pytest.approx(whole["checksum"], rel=1e-12)
     for m1, m0 in zip(one["metrics"], two[0]["metrics"]):
         assert m0["teacher/teacher/time_s"] > 0
-        assert m0["memory/teacher_weights_gib"] < m1["memory/teacher_weights_gib"] * 0.6
-
-
-@pytest.mark.slow
-def test_ddp_model_teacher_matches_one_process(tiny_cache, tiny_text_dir, tmp_path):
-    """A separate teacher under DDP: each process holds the whole teacher, frozen and outside
-    DDP's gradient sync, the same untrained weights everywhere; 2 processes x batch 2 match 1
-    process x batch 4 (ragged completions)."""
-    one = _one_process(
-        tmp_path / "one",
-        "--ragged",
-        *_common(tiny_cache, tmp_path / "r1", *MODEL_TEACHER),
-        "trainer.batch_size=4",
-    )
-    two = _two_processes(
-        tmp_path / "two",
-        "--ragged",
-        *_common(tiny_cache, tmp_path / "r2", *MODEL_TEACHER),
-        "trainer.batch_size=2",
-    )
-    _assert_matches(one, two)
-    whole = one["model_teachers"]["teacher"]
-    for r in two:
-        t = r["model_teachers"]["teacher"]
-        assert not t["sharded"] and not t["requires_grad"]
-        assert t["local_bytes"] == t["bytes"] == whole["bytes"] > 0
-        assert t["checksum"] == pytest.approx(whole["checksum"], rel=1e-12)
-    assert two[0]["model_class"] == "DistributedDataParallel"
+        if engine == "fsdp2":
+            assert m0["memory/teacher_weights_gib"] < m1["memory/teacher_weights_gib"] * 0.6
+    if engine == "ddp":
+        assert two[0]["model_class"] == "DistributedDataParallel"
 
 
 def _alternating_sources(path: Path) -> Path:
@@ -823,13 +816,18 @@ def _alternating_sources(path: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "naive"])
-def test_fsdp2_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_path, fused):
-    """Two teachers under FSDP2, routed by a data column: a sharded model teacher (algebra) and
-    the student's own weights (geometry). Process 0 holds only algebra rows and process 1 only
-    geometry rows, so each runs the other's teacher on a padding micro-batch (weight 0) to keep
-    the sharded forwards collective; without that the run would hang. 2 processes x batch 1
-    match 1 process x batch 2."""
+@pytest.mark.parametrize(
+    "engine, fused",
+    [("fsdp2", True), ("fsdp2", False), ("ddp", True)],
+    ids=["fsdp2-fused", "fsdp2-naive", "ddp-fused"],
+)
+def test_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_path, engine, fused):
+    """Two teachers routed by a data column: a model teacher (algebra) and the student's own
+    weights (geometry). Process 0 holds only algebra rows and process 1 only geometry rows.
+    Under FSDP2 each runs the other's teacher on a padding micro-batch (weight 0) to keep the
+    sharded forwards collective; without that the run would hang. Under DDP every backward is a
+    gradient all-reduce, so the processes must still run as many micro-batches. 2 processes x
+    batch 1 match 1 process x batch 2."""
     routed = (
         f"data.source={_alternating_sources(tmp_path / 'data.jsonl')}",
         "data.shuffle=false",
@@ -845,7 +843,8 @@ def test_fsdp2_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_
         *_common(tiny_cache, tmp_path / "r1", *routed),
         "trainer.batch_size=2",
     )
-    two = _fsdp2(
+    two = _launch(
+        engine,
         tmp_path / "two",
         "--ragged",
         *_common(tiny_cache, tmp_path / "r2", *routed),
@@ -859,38 +858,4 @@ def test_fsdp2_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_
     assert all(n > 0 for n in big_rows[0]) and big_rows[1] == [0, 0]
     assert own_rows[0] == [0, 0] and all(n > 0 for n in own_rows[1])
     assert two[0]["metrics"][-1]["routed/big"] == 2 and two[1]["metrics"][-1]["routed/own"] == 2
-    assert two[0]["model_teachers"]["big"]["sharded"]
-
-
-@pytest.mark.slow
-def test_ddp_routed_teachers_match_one_process(tiny_cache, tiny_text_dir, tmp_path):
-    """The routed pair of the test above under DDP: process 0 holds only the model teacher's
-    rows and process 1 only the self teacher's, and every backward is a gradient all-reduce, so
-    the processes must still run the same number of micro-batches. 2 processes x batch 1 match 1
-    process x batch 2."""
-    routed = (
-        f"data.source={_alternating_sources(tmp_path / 'data.jsonl')}",
-        "data.shuffle=false",
-        "teachers={big: {model: {name_or_path: 'tiny:text-teacher'}}, own: {kind: self}}",
-        "teacher.kind=fixed",
-        "teacher.route_by=source",
-        "teacher.routes={algebra: big, geometry: own}",
-    )
-    one = _one_process(
-        tmp_path / "one",
-        "--ragged",
-        *_common(tiny_cache, tmp_path / "r1", *routed),
-        "trainer.batch_size=2",
-    )
-    two = _two_processes(
-        tmp_path / "two",
-        "--ragged",
-        *_common(tiny_cache, tmp_path / "r2", *routed),
-        "trainer.batch_size=1",
-    )
-    _assert_matches(one, two)
-    big_rows = [[m["teacher/big/rows"] for m in r["metrics"]] for r in two]
-    own_rows = [[m["teacher/own/rows"] for m in r["metrics"]] for r in two]
-    assert all(n > 0 for n in big_rows[0]) and big_rows[1] == [0, 0]
-    assert own_rows[0] == [0, 0] and all(n > 0 for n in own_rows[1])
-    assert not two[0]["model_teachers"]["big"]["sharded"]
+    assert two[0]["model_teachers"]["big"]["sharded"] == (engine == "fsdp2")

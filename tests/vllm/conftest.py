@@ -162,3 +162,31 @@ def engine_gap():
         return logprob_gap(engine_BC[mask_BC], model_BC[mask_BC])
 
     return gap
+
+
+@pytest.fixture(scope="session")
+def scored_teacher():
+    """``scored(proc, model, engine, pairs, top_k)``: per pair, (the engine's teacher scores of
+    its completion after its teacher prompt, images included; the transformers teacher
+    forward's log-distributions over those tokens [C, V]; the completion ids [C]), the forward
+    in one padded batch."""
+    from opsd_mm.types import Prompt
+
+    def scored(proc, model, engine, pairs, top_k: int):
+        batch = proc.collate(pairs)
+        P, C = batch.teacher.prompt_width, batch.completion_ids_BC.shape[1]
+        with torch.no_grad():
+            logits_BCV = model(**batch.teacher.model_inputs).logits[:, P - 1 : P - 1 + C]
+        logp_BCV = logits_BCV.float().log_softmax(-1)
+        rows = [
+            Prompt(input_ids=p.teacher.input_ids + p.completion_ids, images=p.teacher.images)
+            for p in pairs
+        ]
+        scores = engine.score(rows, [len(p.teacher.input_ids) for p in pairs], top_k)
+        out = []
+        for b, (pair, s) in enumerate(zip(pairs, scores)):
+            n = len(pair.completion_ids)
+            out.append((s, logp_BCV[b, :n], batch.completion_ids_BC[b, :n]))
+        return out
+
+    return scored

@@ -117,7 +117,7 @@ def _scores_equal_hf_forward(engine, proc, base, text_prompts):
 @pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None, reason="Qwen-VL processing needs torchvision"
 )
-def test_vl_server_scores_equal_hf_forward(tiny_cache, tmp_path):
+def test_vl_server_scores_equal_hf_forward(tiny_cache, tmp_path, scored_teacher):
     """A tiny Qwen2.5-VL: the teacher side (question image + a teacher-only image) travels as
     PNG; the server's teacher log-probs and top-k equal the transformers forward of the teacher
     batch (M-RoPE positions, image features)."""
@@ -157,20 +157,8 @@ def test_vl_server_scores_equal_hf_forward(tiny_cache, tmp_path):
             proc.pair(ex, r.completion_ids, student=student, teacher=teacher) for r in rollouts[0]
         ]
         assert len(teacher.images) == 2
-        batch = proc.collate(pairs)
-        P, C = batch.teacher.prompt_width, batch.completion_ids_BC.shape[1]
-        with torch.no_grad():
-            logits_BCV = model(**batch.teacher.model_inputs).logits[:, P - 1 : P - 1 + C]
-        logp_BCV = logits_BCV.float().log_softmax(-1)
-        rows = [
-            Prompt(input_ids=p.teacher.input_ids + p.completion_ids, images=p.teacher.images)
-            for p in pairs
-        ]
-        starts = [len(p.teacher.input_ids) for p in pairs]
-        scores = engine.score(rows, starts, TOP_K)
-        for b, (pair, s) in enumerate(zip(pairs, scores)):
-            n = len(pair.completion_ids)
-            _check_scores(s, logp_BCV[b, :n], batch.completion_ids_BC[b, :n], TOP_K)
+        for s, logp_CV, ids_C in scored_teacher(proc, model, engine, pairs, TOP_K):
+            _check_scores(s, logp_CV, ids_C, TOP_K)
     finally:
         srv.stop()
 

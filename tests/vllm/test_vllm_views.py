@@ -1,27 +1,27 @@
-"""Per-role image views with the colocated vLLM engine (tiny Qwen2.5-VL): the student's view (a
-lower resolution, a random crop, a random blur, seeded per example) is what vLLM samples from -
-its log-probs are the student forward's on the same pixels, its greedy completions HF's - and
-the teacher's view (a higher resolution, the region zoomed as an extra image, the box marked)
-is what vLLM scores for ``teacher.scoring=server``: equal to the transformers teacher forward.
-The same through the generation server, where the images travel as PNG.
-The engine receives ``Prompt.images``, the images after the view, and re-expands their
-placeholders itself; a different resize there would be refused by the engine (a prompt of
-another length), so these tests also show vLLM keeps the view's sizes."""
+"""Per-role image views with the colocated vLLM engine, on the three tiny Qwen-VL families: the
+student's view (a resolution below the model's own minimum, a random crop, a random blur,
+seeded per example) is what vLLM samples from - its log-probs are the student forward's on the
+same pixels, its greedy completions HF's - and the teacher's view (a higher resolution, the
+region zoomed as an extra image, the box marked) is what vLLM scores for
+``teacher.scoring=server``: equal to the transformers teacher forward. The same through the
+generation server (one family), where the images travel as PNG.
+
+The engine receives ``Prompt.images``, already at the view's size, and asks vLLM not to resize
+them again (``do_resize=False``, as the trainer's processor does); a different size there would
+be refused by the engine (a prompt of another length)."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest
 import torch
 
 from opsd_mm.config import ProcessorConfig, RolloutConfig
-from opsd_mm.config.sections import ViewOpConfig
 from opsd_mm.rollout.hf import HFEngine
 from opsd_mm.testing.greedy import greedy_mismatch
-from opsd_mm.types import Prompt, Region, SamplingConfig
-from tests.fixtures.vl_examples import EXAMPLES, FROZEN
+from opsd_mm.types import SamplingConfig
+from tests.fixtures.vl_examples import STUDENT_VIEW, TEACHER_VIEW, WITH_REGIONS
 
 pytestmark = [
     pytest.mark.vllm,
@@ -31,38 +31,21 @@ pytestmark = [
     ),
 ]
 
-TEACHER = [
-    ViewOpConfig("resolution", max_pixels=40_000),
-    ViewOpConfig("zoom", placement="extra", margin=0.2, pixels=6_000),
-    ViewOpConfig("mark", width=2),
-]
-STUDENT = [
-    ViewOpConfig("resolution", max_pixels=6_000),
-    ViewOpConfig("random_crop", scale=0.7),
-    ViewOpConfig("blur", radius=1.5, p=0.5),
-]
-WITH_REGIONS = (
-    dataclasses.replace(EXAMPLES[0], regions=(Region(0, (0.0, 0.0, 0.5, 0.5), normalized=True),)),
-    dataclasses.replace(
-        FROZEN,
-        regions=(Region(0, (20, 20, 40, 60)), Region(1, (0.2, 0.0, 0.6, 1.0), normalized=True)),
-    ),
-    EXAMPLES[2],
-)
 TOL = 1e-4  # nats: fp32 on both sides, two different computations (vLLM's kernels, HF's)
+FAMILIES = {"qwen2-vl": "qwen2_vl", "qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl"}
 
 
-@pytest.fixture(scope="module")
-def views(tiny_cache):
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def views(request, tiny_cache):
     from transformers import AutoModelForImageTextToText
 
     from opsd_mm.model.tiny import resolve_tiny
     from opsd_mm.processors import build_processor
     from opsd_mm.rollout.vllm_engine import VLLMEngine
 
-    path = str(resolve_tiny("qwen2.5-vl", tiny_cache))
-    cfg = ProcessorConfig(student_view=STUDENT, teacher_view=TEACHER)
-    proc = build_processor(cfg, path, "qwen2_5_vl")
+    path = str(resolve_tiny(request.param, tiny_cache))
+    cfg = ProcessorConfig(student_view=STUDENT_VIEW, teacher_view=TEACHER_VIEW)
+    proc = build_processor(cfg, path, FAMILIES[request.param])
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     engine = VLLMEngine(
         path,
@@ -102,42 +85,35 @@ def test_vllm_samples_from_the_students_view(views, engine_gap):
     assert greedy_mismatch(model, prompts, got, want) is None
 
 
-def test_vllm_scores_the_teachers_view(views):
+def test_vllm_scores_the_teachers_view(views, scored_teacher):
     proc, model, engine, prompts, _ = views
     rollouts = engine.generate(prompts, 1, SamplingConfig(1.0, max_new_tokens=10, seed=5))
     pairs = [
         proc.pair(ex, rs[0].completion_ids, student=p)
         for ex, p, rs in zip(WITH_REGIONS, prompts, rollouts)
     ]
-    _teacher_scores_match(proc, model, engine, pairs)
+    _teacher_scores_match(scored_teacher, proc, model, engine, pairs)
 
 
-def _teacher_scores_match(proc, model, engine, pairs) -> None:
+def _teacher_scores_match(scored_teacher, proc, model, engine, pairs) -> None:
     """The engine's teacher scores of ``pairs`` (teacher prompt in the teacher's view, then the
     completion) equal the transformers teacher forward's log-probs within TOL."""
-    batch = proc.collate(pairs)
-    P, C = batch.teacher.prompt_width, batch.completion_ids_BC.shape[1]
-    with torch.no_grad():
-        logits_BCV = model(**batch.teacher.model_inputs).logits[:, P - 1 : P - 1 + C]
-    logp_BCV = logits_BCV.float().log_softmax(-1)
-    rows = [
-        Prompt(input_ids=p.teacher.input_ids + p.completion_ids, images=p.teacher.images)
-        for p in pairs
-    ]
-    scores = engine.score(rows, [len(p.teacher.input_ids) for p in pairs], 0)
-    for b, (pair, s) in enumerate(zip(pairs, scores)):
-        n = len(pair.completion_ids)
-        want_C = logp_BCV[b, :n].gather(-1, batch.completion_ids_BC[b, :n, None])[:, 0]
+    for s, logp_CV, ids_C in scored_teacher(proc, model, engine, pairs, 0):
+        want_C = logp_CV.gather(-1, ids_C[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(s.logprobs), want_C, rtol=0, atol=TOL)
 
 
-def test_the_generation_server_samples_and_scores_the_views(views, engine_gap, tmp_path):
+def test_the_generation_server_samples_and_scores_the_views(
+    views, engine_gap, scored_teacher, tmp_path
+):
     """The same through ``opsd-mm serve`` (images as PNG over HTTP): the server samples from
     the student's view and scores the teacher's view as the transformers forwards do."""
     from opsd_mm.rollout.client import ServerEngine
     from opsd_mm.testing.server import ServerProcess
 
     proc, model, _, prompts, path = views
+    if proc.family != "qwen2_5_vl":
+        pytest.skip("one family through the server: it runs the same engine as the others")
     srv = ServerProcess(path, max_model_len=2048)
     srv.start()
     try:
@@ -153,7 +129,7 @@ def test_the_generation_server_samples_and_scores_the_views(views, engine_gap, t
             proc.pair(ex, rs[0].completion_ids, student=p)
             for ex, p, rs in zip(WITH_REGIONS, prompts, rollouts)
         ]
-        _teacher_scores_match(proc, model, engine, pairs)
+        _teacher_scores_match(scored_teacher, proc, model, engine, pairs)
         engine.release()
     finally:
         srv.stop()
