@@ -24,24 +24,12 @@ import torch
 from opsd_mm.cli import main
 from opsd_mm.train import checkpoint as ckpt
 from opsd_mm.train.metrics import read_metrics
+from tests.fixtures.train_argv import tiny_train_argv
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_text.yaml"
 NO_MODEL = "model.name_or_path=/nonexistent/model"  # loading it would be a different error
 
 
-def _argv(tiny_cache, run_dir, *extra):
-    return [
-        "train",
-        str(TINY),
-        f"run_dir={run_dir}",
-        f"model.tiny_cache_dir={tiny_cache}",
-        "logging.progress=false",
-        "rollout.max_new_tokens=8",
-        "trainer.max_steps=3",
-        "trainer.save_every=1",
-        *extra,
-    ]
+_argv = tiny_train_argv
 
 
 def _one_line(capsys) -> str:

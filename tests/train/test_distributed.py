@@ -342,6 +342,11 @@ def _fsdp2(out: Path, *args: str, nproc: int = 2) -> list[dict]:
     return _two_processes(out, *args, "--fsdp2", launcher="torchrun", nproc=nproc)
 
 
+def _launch(engine: str, out: Path, *args: str) -> list[dict]:
+    """2 processes under ``engine``: ``ddp`` (accelerate launch) or ``fsdp2`` (torchrun)."""
+    return _fsdp2(out, *args) if engine == "fsdp2" else _two_processes(out, *args)
+
+
 def _resume_matches(one: dict, first: list[dict], second: list[dict]) -> None:
     """Step 1 from ``first`` (which checkpointed) + step 2 from ``second`` (which resumed) on 2
     processes match the uninterrupted 1-process run."""
@@ -613,10 +618,7 @@ def test_fixed_teacher_shares_the_frozen_vision_tower(engine, one_vl_full_ft, ti
     trainable parameters this process holds (its shard under FSDP2), none of the frozen vision
     tower's or projector's; the run matches 1 process x batch 2."""
     args = (*VL_FULL_FT, *_common(tiny_cache, tmp_path / "run"), "trainer.batch_size=1")
-    if engine == "ddp":
-        two = _two_processes(tmp_path / "two", *args)
-    else:
-        two = _fsdp2(tmp_path / "two", *args)
+    two = _launch(engine, tmp_path / "two", *args)
     one = one_vl_full_ft["memory"]
     assert any(".visual.merger" in n for n in one["frozen_names"])
     assert any(".visual.blocks" in n for n in one["frozen_names"])
@@ -663,11 +665,7 @@ def test_view_gain_and_va_opd_match_one_process(engine, one_vl_views, tiny_cache
     all processes: 2 processes x batch 1 train as 1 process x batch 2, and report the same view
     gain; under FSDP2 the gain's forwards run on padding micro-batches too (else a hang)."""
     args = (*VL_VIEWS, *_common(tiny_cache, tmp_path / "run"), "trainer.batch_size=1")
-    two = (
-        _two_processes(tmp_path / "two", *args)
-        if engine == "ddp"
-        else _fsdp2(tmp_path / "two", *args)
-    )
+    two = _launch(engine, tmp_path / "two", *args)
     _assert_matches(one_vl_views, two)
     for m1, m0, m_1 in zip(one_vl_views["metrics"], *(r["metrics"] for r in two)):
         assert m0["view_gain/mean"] == m_1["view_gain/mean"]
@@ -759,10 +757,6 @@ def one_model_teacher(tiny_cache, tiny_text_dir, tmp_path_factory):
         *_common(tiny_cache, out / "r1", *MODEL_TEACHER),
         "trainer.batch_size=4",
     )
-
-
-def _launch(engine: str, out: Path, *args: str) -> list[dict]:
-    return _fsdp2(out, *args) if engine == "fsdp2" else _two_processes(out, *args)
 
 
 @pytest.mark.slow

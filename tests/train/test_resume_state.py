@@ -18,24 +18,11 @@ from opsd_mm.cli import main
 from opsd_mm.train import checkpoint as ckpt
 from opsd_mm.train.metrics import read_metrics
 from opsd_mm.types import Rollout
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_text.yaml"
+from tests.fixtures.train_argv import tiny_train_argv
 
 
 def _argv(tiny_cache, run_dir, *extra):
-    return [
-        "train",
-        str(TINY),
-        f"run_dir={run_dir}",
-        f"model.tiny_cache_dir={tiny_cache}",
-        "logging.progress=false",
-        "rollout.max_new_tokens=8",
-        "trainer.max_steps=3",
-        "trainer.save_every=1",
-        "trainer.keep_last=3",
-        *extra,
-    ]
+    return tiny_train_argv(tiny_cache, run_dir, "trainer.keep_last=3", *extra)
 
 
 @pytest.fixture(scope="module")
