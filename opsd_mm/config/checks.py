@@ -364,20 +364,7 @@ def _check_model_teacher(cfg: RunConfig, key: str, spec: Any) -> None:
             "is the generation server (rollout.server_url), which holds the student: serve the "
             "teacher on its own (opsd-mm serve TEACHER --port ...)",
         ),
-        (
-            "loss.temperature",
-            lo.temperature,
-            lo.temperature == 1.0,
-            f"{server} needs loss.temperature=1.0: the server returns temperature-1 "
-            "log-probabilities (set loss.temperature=1.0 explicitly to score a tempered rollout)",
-        ),
-        (
-            "loss.divergence",
-            lo.divergence,
-            lo.divergence == "sampled_pg" or lo.top_k > 0,
-            f"{server} needs loss.divergence=sampled_pg or loss.top_k > 0: a full-vocabulary "
-            "divergence needs the teacher's whole distribution, which the server does not send",
-        ),
+        *_server_scored_loss_rules(lo, server),
     ]
     for k, value, ok, allowed in rules:
         if not ok:
@@ -500,7 +487,17 @@ def _check_server_scoring(cfg: RunConfig) -> None:
                 "leave the server one optimizer step behind the weights being trained",
             ),
         ]
-    rules += [
+    rules += _server_scored_loss_rules(lo, why)
+    for key, value, ok, allowed in rules:
+        if not ok:
+            raise ConfigError(f"{key}={_show(value)}: {allowed}")
+
+
+def _server_scored_loss_rules(lo: Any, why: str) -> list[tuple[str, Any, bool, str]]:
+    """What a teacher scored on a server asks of the loss (``why``: the setting that scores it
+    there), as (key, value, ok, what is allowed) rules: the server sends temperature-1 log-probs
+    of the sampled tokens or a top-k, never the whole distribution."""
+    return [
         (
             "loss.temperature",
             lo.temperature,
@@ -516,9 +513,6 @@ def _check_server_scoring(cfg: RunConfig) -> None:
             "divergence needs the teacher's whole distribution, which the server does not send",
         ),
     ]
-    for key, value, ok, allowed in rules:
-        if not ok:
-            raise ConfigError(f"{key}={_show(value)}: {allowed}")
 
 
 def _show(value: Any) -> str:
