@@ -1,6 +1,6 @@
 """The reference forward of opsd_mm.testing.greedy on the three tiny Qwen-VL families: given a
 prompt with images (pixels, grids, token types as the processor made them) and the tokens
-generated so far, its argmax is the token HF's greedy generate chose - so the vLLM tests' near-
+generated so far, its argmax is (up to a near tie) the token HF's greedy generate chose - so the vLLM tests' near-
 tie rule judges VL completions with the model the engines ran."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from opsd_mm.rollout.hf import HFEngine
-from opsd_mm.testing.greedy import greedy_mismatch, next_token_logprobs
+from opsd_mm.testing.greedy import NEAR_TIE_NATS, greedy_mismatch, next_token_logprobs
 from opsd_mm.types import SamplingConfig
 from tests.fixtures.vl_examples import EXAMPLES
 
@@ -23,5 +23,6 @@ def test_reference_forward_follows_greedy_generate_with_images(proc, model):
         for k, tok in enumerate(r.completion_ids):
             lp_V = next_token_logprobs(model, prompt, r.completion_ids[:k])
             lp_V[list(proc.suppress_token_ids)] = -torch.inf
-            assert int(lp_V.argmax()) == tok, (k, tok)
+            # Two computations (generate's cached forward, this full one): up to a near tie.
+            assert float(lp_V.max() - lp_V[tok]) <= NEAR_TIE_NATS, (k, tok)
     assert greedy_mismatch(model, prompts, want, want) is None

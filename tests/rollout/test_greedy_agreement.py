@@ -12,7 +12,7 @@ import torch
 from opsd_mm.config import ProcessorConfig
 from opsd_mm.processors import build_processor
 from opsd_mm.rollout.hf import HFEngine
-from opsd_mm.testing.greedy import greedy_mismatch, next_token_logprobs
+from opsd_mm.testing.greedy import NEAR_TIE_NATS, greedy_mismatch, next_token_logprobs
 from opsd_mm.types import Example, Rollout, SamplingConfig
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
@@ -43,14 +43,15 @@ def _with(rollouts_P_G, p_idx, ids):
 
 def test_the_reference_forward_is_greedy_along_hf_generate(setup):
     """Every token HF's generate chose greedily is the argmax of the reference forward given
-    the prompt and the tokens before it (suppressed ids excluded, as generate excludes them)."""
+    the prompt and the tokens before it (suppressed ids excluded, as generate excludes them) -
+    up to a near tie: generate's cached forward and this full one are two computations."""
     proc, model, prompts, want = setup
     for prompt, (r,) in zip(prompts, want):
         assert len(r.completion_ids) > 1
         for k, tok in enumerate(r.completion_ids):
             lp_V = next_token_logprobs(model, prompt, r.completion_ids[:k])
             lp_V[list(proc.suppress_token_ids)] = -torch.inf
-            assert int(lp_V.argmax()) == tok
+            assert float(lp_V.max() - lp_V[tok]) <= NEAR_TIE_NATS, (k, tok)
 
 
 def test_equal_completions_agree_and_a_far_token_does_not(setup):
@@ -87,7 +88,8 @@ def test_a_made_tie_is_accepted_and_nothing_after_it_is_compared(setup):
         tied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.clone())
         tied.lm_head.weight[u] = tied.lm_head.weight[t]
     lp_V = next_token_logprobs(tied, prompts[0], [])
-    assert float(lp_V[u]) == float(lp_V[t])
+    # Equal head rows; their two dot products may still round apart in the last bits.
+    assert abs(float(lp_V[u] - lp_V[t])) < 1e-6
     got = _with(want, 0, [u] + [ids[-1]] * (len(ids) - 1))  # anything after the tie
     assert greedy_mismatch(tied, prompts, got, want) is None
     assert "apart under the reference model" in greedy_mismatch(model, prompts, got, want)
